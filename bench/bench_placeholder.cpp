@@ -1,0 +1,2 @@
+// Placeholder until the benchmark drivers land.
+namespace tmoe::bench {}

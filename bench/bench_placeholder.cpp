@@ -1,2 +1,0 @@
-// Placeholder until the benchmark drivers land.
-namespace tmoe::bench {}

@@ -387,9 +387,6 @@ TEST_F(CliTest, BenchWritesTableAndJson) {
   const fs::path json_path = dir_.path() / "bench.json";
   const CliResult r = run_cli(dir_.path(), "bench --backend cpu --shape qwen3-30b-a3b --tokens 1,2 --min-seconds 0.01 "
                                            "--json " + quoted(json_path));
-  // Transitional, while bench/cpu_bench.cpp is not on main (tools/tmoe/bench_command.cpp).
-  if (r.code == 3 && r.err.find("no CPU benchmark runner") != std::string::npos)
-    GTEST_SKIP() << "the CPU benchmark runner is not built yet";
   ASSERT_EQ(r.code, 0) << describe(r);
   EXPECT_NE(r.out.find("device: cpu"), std::string::npos) << describe(r);
   EXPECT_NE(r.out.find("baseline_us"), std::string::npos) << describe(r);

@@ -9,12 +9,8 @@
 #include "common.hpp"
 #include "tmoe/error.hpp"
 
-// The runners are written by the backend engineers in bench/cpu_bench.cpp and bench/cuda_bench.cu
-// (bench/ is on the include path). Until a runner's source exists the CLI still links and says the
-// runner is missing. Transitional: remove once both runners are on main.
-#if __has_include("cpu_bench.cpp")
-#define TMOE_CLI_HAVE_CPU_BENCH 1
-#endif
+// The CUDA runner is written in bench/cuda_bench.cu (bench/ is on the include path). Until it
+// exists the CLI still links and says the runner is missing. Transitional: remove once it is on main.
 #if defined(TMOE_HAVE_CUDA) && __has_include("cuda_bench.cu")
 #define TMOE_CLI_HAVE_CUDA_BENCH 1
 #endif
@@ -51,11 +47,7 @@ void run_bench(const BenchCommand& c) {
   std::vector<bench::BenchRow> rows;
   const BackendKind kind = parse_backend(c.backend);
   if (kind == BackendKind::cpu) {
-#if defined(TMOE_CLI_HAVE_CPU_BENCH)
     rows = bench::run_cpu_bench(config, device);
-#else
-    throw Error(ErrorKind::internal, "this build has no CPU benchmark runner (bench/cpu_bench.cpp)");
-#endif
   } else if (kind == BackendKind::cuda) {
 #if defined(TMOE_CLI_HAVE_CUDA_BENCH)
     require(cuda_available(), "--backend cuda needs a CUDA device; none was found");

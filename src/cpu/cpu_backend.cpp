@@ -11,11 +11,12 @@
 //      T-rotated, times sv and the router weight, summed straight into the fp32 output rows;
 //   5. conversion to the output dtype.
 // Every output element is computed by one thread in a fixed order, so the bits do not depend on
-// the thread count. Buffers live in the backend (the workspace) and only grow.
+// the thread count. Threads split every projection's output columns into fixed contiguous shares. Buffers live in the backend (the workspace) and only grow.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../backends.hpp"
@@ -112,37 +113,46 @@ class CpuBackend final : public MoeBackend {
         std::fill(h + inter_, h + inter_pad, 0.0f);
       }
 
+      // Each thread owns a fixed contiguous share of the column units of every projection, so
+      // it streams long runs of each expert's weights and needs no scheduling; results do not
+      // depend on the share (every output element is computed whole by one thread).
+      const int nthreads = omp_get_num_threads();
+      const auto share = [&](int64_t units) {
+        return std::pair<int64_t, int64_t>{units * me / nthreads, units * (me + 1) / nthreads};
+      };
+
       // 2. gate and up in one pass over each selected expert, SwiGLU fused
       const float* xu_base = same_input_ ? xg_.data() : xu_.data();
-      const int64_t items = static_cast<int64_t>(active_.size()) * units_i;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < items; ++item) {
-        const int e = active_[item / units_i];
-        const int64_t n0 = (item % units_i) * unit_i;
-        const int64_t columns = std::min(unit_i, round_up_tile(inter_ - n0));
-        const int64_t valid = std::min(unit_i, inter_ - n0);
-        float* g = scratch;
-        float* u = scratch + kMaxRowBlock * unit_i;
-        for (int32_t s0 = plan_.offsets[e]; s0 < plan_.offsets[e + 1]; s0 += kMaxRowBlock) {
-          const int count = std::min<int>(kMaxRowBlock, plan_.offsets[e + 1] - s0);
-          const float** gate_rows = row_ptr;
-          const float** up_rows = row_ptr + kMaxRowBlock;
-          for (int r = 0; r < count; ++r) {
-            gate_rows[r] = xg_.data() + (s0 + r) * hid_pad;
-            up_rows[r] = xu_base + (s0 + r) * hid_pad;
-          }
-          project_unit(gate_, e, n0, columns, gate_rows, count, g, unit_i);
-          project_unit(up_, e, n0, columns, up_rows, count, u, unit_i);
-          for (int r = 0; r < count; ++r) {
-            float* gr = g + r * unit_i;
-            float* ur = u + r * unit_i;
-            finish_output(gate_, e, n0, valid, gr);
-            finish_output(up_, e, n0, valid, ur);
-            cpu::swiglu(gr, ur, down_.expert_su(e) + n0, valid);
-            std::memcpy(h_.data() + (s0 + r) * inter_pad + n0, gr, valid * sizeof(float));
+      const auto [gate_begin, gate_end] = share(units_i);
+      for (const int e : active_) {
+        for (int64_t unit = gate_begin; unit < gate_end; ++unit) {
+          const int64_t n0 = unit * unit_i;
+          const int64_t columns = std::min(unit_i, round_up_tile(inter_ - n0));
+          const int64_t valid = std::min(unit_i, inter_ - n0);
+          float* g = scratch;
+          float* u = scratch + kMaxRowBlock * unit_i;
+          for (int32_t s0 = plan_.offsets[e]; s0 < plan_.offsets[e + 1]; s0 += kMaxRowBlock) {
+            const int count = std::min<int>(kMaxRowBlock, plan_.offsets[e + 1] - s0);
+            const float** gate_rows = row_ptr;
+            const float** up_rows = row_ptr + kMaxRowBlock;
+            for (int r = 0; r < count; ++r) {
+              gate_rows[r] = xg_.data() + (s0 + r) * hid_pad;
+              up_rows[r] = xu_base + (s0 + r) * hid_pad;
+            }
+            project_unit(gate_, e, n0, columns, gate_rows, count, g, unit_i);
+            project_unit(up_, e, n0, columns, up_rows, count, u, unit_i);
+            for (int r = 0; r < count; ++r) {
+              float* gr = g + r * unit_i;
+              float* ur = u + r * unit_i;
+              finish_output(gate_, e, n0, valid, gr);
+              finish_output(up_, e, n0, valid, ur);
+              cpu::swiglu(gr, ur, down_.expert_su(e) + n0, valid);
+              std::memcpy(h_.data() + (s0 + r) * inter_pad + n0, gr, valid * sizeof(float));
+            }
           }
         }
       }
+#pragma omp barrier
 
       // 3. down's input rotation
       if (down_.hadamard) {
@@ -150,15 +160,18 @@ class CpuBackend final : public MoeBackend {
         for (int64_t s = 0; s < slots; ++s) block_hadamard(h_.data() + s * inter_pad, inter_, down_.hadamard);
       }
 
-      // 4. down, weighted and summed over the token's experts into fp32 rows
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t unit = 0; unit < units_h; ++unit) {
-        const int64_t n0 = unit * unit_h;
-        const int64_t columns = std::min(unit_h, round_up_tile(hidden_ - n0));
-        const int64_t valid = std::min(unit_h, hidden_ - n0);
-        for (int64_t t = 0; t < T; ++t) std::fill_n(out32_.data() + t * hidden_ + n0, valid, 0.0f);
-        float* z = scratch;
-        for (const int e : active_) {
+      // 4. down, weighted and summed over the token's experts (in increasing id) into fp32 rows
+      const auto [down_begin, down_end] = share(units_h);
+      const int64_t col_begin = down_begin * unit_h, col_end = std::min(hidden_, down_end * unit_h);
+      if (col_begin < col_end)
+        for (int64_t t = 0; t < T; ++t)
+          std::fill(out32_.data() + t * hidden_ + col_begin, out32_.data() + t * hidden_ + col_end, 0.0f);
+      float* z = scratch;
+      for (const int e : active_) {
+        for (int64_t unit = down_begin; unit < down_end; ++unit) {
+          const int64_t n0 = unit * unit_h;
+          const int64_t columns = std::min(unit_h, round_up_tile(hidden_ - n0));
+          const int64_t valid = std::min(unit_h, hidden_ - n0);
           const float* sv = down_.expert_sv(e) + n0;
           for (int32_t s0 = plan_.offsets[e]; s0 < plan_.offsets[e + 1]; s0 += kMaxRowBlock) {
             const int count = std::min<int>(kMaxRowBlock, plan_.offsets[e + 1] - s0);
@@ -176,14 +189,17 @@ class CpuBackend final : public MoeBackend {
         }
       }
 
-      // 5. output dtype
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < T; ++t) {
-        const float* src = out32_.data() + t * hidden_;
-        if (b.out_dtype == DType::f32) {
-          std::memcpy(static_cast<float*>(b.out) + t * hidden_, src, hidden_ * sizeof(float));
-        } else {
-          for (int64_t i = 0; i < hidden_; ++i) store_from_float(b.out, t * hidden_ + i, b.out_dtype, src[i]);
+      // 5. this thread's columns to the output dtype
+      if (col_begin < col_end) {
+        for (int64_t t = 0; t < T; ++t) {
+          const float* src = out32_.data() + t * hidden_;
+          if (b.out_dtype == DType::f32) {
+            std::memcpy(static_cast<float*>(b.out) + t * hidden_ + col_begin, src + col_begin,
+                        (col_end - col_begin) * sizeof(float));
+          } else {
+            for (int64_t i = col_begin; i < col_end; ++i)
+              store_from_float(b.out, t * hidden_ + i, b.out_dtype, src[i]);
+          }
         }
       }
     }

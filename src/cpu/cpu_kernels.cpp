@@ -17,6 +17,7 @@
 
 #include "cpu/cpu_kernels.hpp"
 #include "hwy/contrib/math/math-inl.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -38,6 +39,12 @@ constexpr int kVecs = static_cast<int>(16 / kLanes);  // vectors per tile row
 // Token rows one register-blocked pass handles: the accumulators must fit the register file
 // (32 vector registers with AVX-512, 16 with AVX2/NEON) beside the decoded row.
 constexpr int kTokensPerPass = kVecs == 1 ? 8 : kVecs == 2 ? 4 : 2;
+
+// How far ahead of the tile being decoded to prefetch weights (bytes).
+#ifndef TMOE_CPU_PREFETCH_BYTES
+#define TMOE_CPU_PREFETCH_BYTES 1024
+#endif
+constexpr int kPrefetchBytes = TMOE_CPU_PREFETCH_BYTES;
 
 template <class F, int... I>
 HWY_INLINE void UnrollImpl(F&& f, std::integer_sequence<int, I...>) {
@@ -117,6 +124,9 @@ HWY_NOINLINE void ProjectBlock(const TileColumn& col, const float* const* rows, 
 
     for (; k_tile < group_end; ++k_tile, tile += kTileBytes) {
       const int64_t k0 = k_tile * 16;
+      // Weights stream from memory: ask for them early (the next columns of this thread's share
+      // follow this one contiguously). Prefetches past the end are harmless.
+      hwy::Prefetch(tile + kPrefetchBytes);
       for (int j = 0; j < kVecs; ++j) {
         const uint32_t* lo_words = reinterpret_cast<const uint32_t*>(tile) + j * kLanes;
         const VU lo = hn::LoadU(du, lo_words);

@@ -13,8 +13,8 @@
 
 namespace tmoe {
 
-// safetensors dtypes we read and write.
-enum class TensorDType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+// safetensors dtypes we read and write (F8_*: 8-bit floats, e.g. DeepSeek-V3's E4M3 weights).
+enum class TensorDType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U64, U32, U16, F8_E4M3, F8_E5M2 };
 int tensor_dtype_size(TensorDType t);
 const char* tensor_dtype_name(TensorDType t);  // "F32", ...
 
@@ -42,7 +42,7 @@ class SafetensorsReader {
   const TensorInfo* find(const std::string& name) const;  // nullptr if absent
   const TensorInfo& at(const std::string& name) const;    // throws if absent
   std::span<const uint8_t> bytes(const TensorInfo& t) const;
-  // Converts an F32/F16/BF16/F64 tensor to fp32 (throws on other dtypes).
+  // Converts an F32/F16/BF16/F64/F8_E4M3/F8_E5M2 tensor to fp32 (throws on other dtypes).
   std::vector<float> read_float(const std::string& name) const;
 
  private:
@@ -125,6 +125,8 @@ void write_file_atomically(const std::filesystem::path& path, std::span<const ui
 // The constructor finds them all, groups them per layer and projection and checks that every
 // expert 0..E-1 of each projection is present with one shape and an F32/F16/BF16 dtype, and that
 // gate/up are [I, H] and down is [H, I]; otherwise it throws tmoe::Error naming the tensor.
+// FP8 weights (F8_E4M3/F8_E5M2, DeepSeek-V3) are accepted with their `<name>_scale_inv` tensor of
+// per-128x128-block multipliers, [ceil(out/128), ceil(in/128)]; loading applies them.
 // Files stay mapped (read-only) while the object lives; loading a projection converts on demand.
 class HfCheckpoint {
  public:

@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
+#include <atomic>
 #include <vector>
 
 #include "tmoe/error.hpp"
@@ -448,6 +450,38 @@ TEST_F(IoTest, QuantizedModelRoundTripAndSecondLayer) {
   EXPECT_EQ(names, (std::vector<fs::path>{"layer-2.safetensors", "layer-5.safetensors", "trellis.json"}));
 }
 
+// Layers saved at once (as parallel quantize jobs would) all end up in trellis.json: its
+// read-modify-write is serialized by a lock on the directory (flock locks per open file, so
+// threads exercise it as processes would).
+TEST_F(IoTest, LayersSavedConcurrentlyAreAllIndexed) {
+  TRACE_SEED();
+  constexpr int kLayers = 8;
+  std::vector<MoeWeights> layers;
+  for (int l = 0; l < kLayers; ++l) {
+    SyntheticLayerOptions o;
+    o.group_size = 16;
+    o.seed = seed_ + l;
+    layers.push_back(random_moe_weights(MoeShape{"custom", 32, 16, 2, 1}, o));
+  }
+  const fs::path model = dir_ / "model";
+  fs::create_directories(model);
+  std::vector<std::thread> threads;
+  std::atomic<int> errors{0};
+  for (int l = 0; l < kLayers; ++l)
+    threads.emplace_back([&, l] {
+      try {
+        save_quantized_layer(model, l, layers[l]);
+      } catch (const Error&) {
+        ++errors;
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  QuantizedModel m(model);
+  ASSERT_EQ(m.layers().size(), static_cast<size_t>(kLayers));
+  for (int l = 0; l < kLayers; ++l) expect_weights_equal(m.load_layer(l), layers[l]);
+}
+
 // Rewrites a shard through `edit`, which gets each tensor and may add it (changed) or drop it.
 void rewrite_shard(const fs::path& path,
                    const std::function<void(SafetensorsWriter&, const SafetensorsReader&, const TensorInfo&)>& edit) {
@@ -508,6 +542,12 @@ TEST_F(IoTest, QuantizedModelErrors) {
   expect_error_containing([&] { QuantizedModel m(model); }, "has shape");
   edit_index([](json& j) { j["tensors"]["model.layers.1.mlp.experts.down_proj"]["bits"] = 5; });
   expect_error_containing([&] { QuantizedModel m(model); }, "\"bits\" = 5 is out of range");
+  edit_index([](json& j) { j["tensors"]["model.layers.1.mlp.experts.up_proj"]["hadamard"] = 3; });
+  expect_error_containing([&] { QuantizedModel m(model); }, "not a power of two");
+  edit_index([](json& j) { j["tensors"]["model.layers.1.mlp.experts.up_proj"]["K"] = "40"; });
+  expect_error_containing([&] { QuantizedModel m(model); }, "\"K\" missing or not an integer");
+  edit_index([](json& j) { j["tensors"]["model.layers.1.mlp.experts.sideways_proj"] = j["tensors"]["model.layers.1.mlp.experts.up_proj"]; });
+  expect_error_containing([&] { QuantizedModel m(model); }, "not a stacked expert projection name");
   edit_index([](json& j) { j["tensors"]["model.layers.1.mlp.experts.up_proj"]["group_size"] = 24; });
   expect_error_containing([&] { QuantizedModel m(model); }, "not a multiple of 16");
   edit_index([](json& j) { j["tensors"]["model.layers.1.mlp.experts.up_proj"]["file"] = "../layer-1.safetensors"; });
@@ -624,7 +664,10 @@ TEST_F(IoTest, HfDiscoveryQwenStyleShardedWithIndex) {
   const std::string index = json{{"metadata", json::object()}, {"weight_map", weight_map}}.dump();
   write_raw(dir_ / "model.safetensors.index.json", std::vector<uint8_t>(index.begin(), index.end()));
 
+  const std::string config = R"({"model_type": "qwen3_moe", "num_experts_per_tok": 2})";
+  write_raw(dir_ / "config.json", std::vector<uint8_t>(config.begin(), config.end()));
   HfCheckpoint ckpt(dir_);
+  EXPECT_EQ(ckpt.layer_shape(0).top_k, 2);
   EXPECT_EQ(ckpt.files().size(), 2u);
   EXPECT_EQ(ckpt.layers(), (std::vector<int>{0, 3}));
   EXPECT_EQ(ckpt.layer_shape(3).hidden, c.hidden);
@@ -657,9 +700,13 @@ TEST_F(IoTest, HfDiscoveryMixtralStyleSingleFile) {
   w.write(dir_ / "model.safetensors");
   HfCheckpoint from_file(dir_ / "model.safetensors");
   EXPECT_EQ(from_file.layers(), std::vector<int>{1});
+  EXPECT_EQ(from_file.layer_shape(1).top_k, 0);  // no config.json
   expect_loaded_transposed(from_file, c, 1);
   HfCheckpoint from_dir(dir_);  // no index: every .safetensors file of the directory
   expect_loaded_transposed(from_dir, c, 1);
+  const std::string config = R"({"num_experts_per_tok": "two"})";
+  write_raw(dir_ / "config.json", std::vector<uint8_t>(config.begin(), config.end()));
+  expect_error_containing([&] { HfCheckpoint h(dir_); }, "num_experts_per_tok is \"two\"");
 }
 
 TEST_F(IoTest, HfDiscoveryErrors) {

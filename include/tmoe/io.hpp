@@ -145,8 +145,8 @@ class HfCheckpoint {
   };
   // proj is "gate", "up" or "down"; throws tmoe::Error for an unknown layer or projection.
   ProjectionShape projection_shape(int layer, const std::string& proj) const;
-  // hidden, intermediate and experts of a layer (name "custom"; top_k is 0: the experts' weights
-  // do not say it, config.json does).
+  // hidden, intermediate and experts of a layer (name "custom"); top_k is num_experts_per_tok of
+  // the config.json beside the weights, 0 if there is none (the weights do not say it).
   MoeShape layer_shape(int layer) const;
   // The projection's weights stacked over experts and transposed to [E, K, N] = (in, out), fp32
   // (Hugging Face stores each expert as [out, in]).

@@ -104,6 +104,7 @@ struct HfCheckpoint::Impl {
   std::vector<std::unique_ptr<SafetensorsReader>> files;
   // layer -> [gate, up, down]
   std::map<int, std::array<ProjectionTensors, 3>> layers;
+  int top_k = 0;  // num_experts_per_tok of config.json, 0 if unknown
 
   const ProjectionTensors& projection(int layer, const std::string& proj) const {
     auto it = layers.find(layer);
@@ -112,8 +113,29 @@ struct HfCheckpoint::Impl {
   }
 };
 
+// num_experts_per_tok from the config.json beside the weights; 0 if there is none.
+int read_top_k(const fs::path& file_or_dir) {
+  std::error_code ec;
+  const fs::path dir = fs::is_directory(file_or_dir, ec) ? file_or_dir : file_or_dir.parent_path();
+  const fs::path path = (dir.empty() ? fs::path(".") : dir) / "config.json";
+  if (!fs::is_regular_file(path, ec)) return 0;
+  json config;
+  try {
+    std::ifstream in(path);
+    config = json::parse(in);
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON: {}", path.string(), e.what());
+  }
+  if (!config.is_object() || !config.contains("num_experts_per_tok")) return 0;
+  const json& k = config["num_experts_per_tok"];
+  require(k.is_number_integer() && k.get<int64_t>() > 0 && k.get<int64_t>() <= 1 << 16,
+          "{}: num_experts_per_tok is {}, not a positive integer", path.string(), k.dump());
+  return static_cast<int>(k.get<int64_t>());
+}
+
 HfCheckpoint::HfCheckpoint(const fs::path& file_or_dir) : impl_(std::make_unique<Impl>()) {
   impl_->paths = checkpoint_files(file_or_dir);
+  impl_->top_k = read_top_k(file_or_dir);
   static const std::regex qwen_style(R"(model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)");
   static const std::regex mixtral_style(R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight)");
   std::map<std::string, ExpertTensor> scale_tensors;  // name -> tensor, for FP8 weights
@@ -213,6 +235,7 @@ MoeShape HfCheckpoint::layer_shape(int layer) const {
   shape.hidden = gate.K;
   shape.intermediate = gate.N;
   shape.experts = static_cast<int>(gate.experts);
+  shape.top_k = impl_->top_k;
   return shape;
 }
 

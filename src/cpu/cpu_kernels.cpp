@@ -42,7 +42,7 @@ constexpr int kTokensPerPass = kVecs == 1 ? 8 : kVecs == 2 ? 4 : 2;
 
 // How far ahead of the tile being decoded to prefetch weights (bytes).
 #ifndef TMOE_CPU_PREFETCH_BYTES
-#define TMOE_CPU_PREFETCH_BYTES 1024
+#define TMOE_CPU_PREFETCH_BYTES 4096
 #endif
 constexpr int kPrefetchBytes = TMOE_CPU_PREFETCH_BYTES;
 

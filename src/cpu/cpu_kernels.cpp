@@ -5,9 +5,11 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/cpu_kernels.cpp"
 // SSSE3/SSE4 add compile time and nothing this project needs: x86 gets AVX-512, AVX2 and the
-// portable EMU128 baseline; ARM gets NEON (and SVE where the compiler offers it).
+// portable baseline; ARM gets NEON. Scalable-vector targets (SVE, RVV) are off: the kernels size
+// their register blocks from the compile-time lane count, which those targets do not fix.
 #ifndef HWY_DISABLED_TARGETS
-#define HWY_DISABLED_TARGETS (HWY_SSSE3 | HWY_SSE4)
+#define HWY_DISABLED_TARGETS \
+  (HWY_SSSE3 | HWY_SSE4 | HWY_SVE | HWY_SVE2 | HWY_SVE_256 | HWY_SVE2_128 | HWY_RVV)
 #endif
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 

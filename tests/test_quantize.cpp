@@ -90,10 +90,10 @@ TEST(Quantize, ErrorTableAndBounds) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   const int64_t E = 2, K = 512, N = 256;
   const double gaussian_bound[5] = {0, 0, 0.38, 0.215, 0.118};
-  std::printf("\nquantizer error, W = %lld experts x %lld x %lld, group 128, uniform grid\n",
+  std::printf("\nquantizer error, W = %lld experts x %lld x %lld, group 128, uniform / fitted grid\n",
               static_cast<long long>(E), static_cast<long long>(K), static_cast<long long>(N));
-  std::printf("| bits | rotation | distribution        | rel. error | SQNR dB |\n");
-  std::printf("|------|----------|---------------------|------------|---------|\n");
+  std::printf("| bits | rotation | distribution        | rel. error | SQNR dB | fit: rel. error | SQNR dB |\n");
+  std::printf("|------|----------|---------------------|------------|---------|-----------------|---------|\n");
   for (Dist dist : {Dist::gaussian, Dist::heavy}) {
     const auto w = weights(dist, E * K * N, seed);
     for (int bits : {2, 3, 4}) {
@@ -103,8 +103,12 @@ TEST(Quantize, ErrorTableAndBounds) {
         o.hadamard = hadamard;
         TrellisTensor t;
         const QuantizeReport r = run(w, E, K, N, o, &t);
-        std::printf("| %4d | %-8s | %-19s | %10.4f | %7.2f |\n", bits, hadamard ? "H128" : "none",
-                    name(dist), r.relative_error, r.sqnr_db);
+        QuantizeOptions fit = o;
+        fit.grid = GridKind::fit;
+        const QuantizeReport f = run(w, E, K, N, fit);
+        std::printf("| %4d | %-8s | %-19s | %10.4f | %7.2f | %15.4f | %7.2f |\n", bits,
+                    hadamard ? "H128" : "none", name(dist), r.relative_error, r.sqnr_db,
+                    f.relative_error, f.sqnr_db);
         // The report is the true W error, the one computed here independently.
         EXPECT_NEAR(r.relative_error, relative_error(w, t), 1e-9);
         EXPECT_NEAR(r.sqnr_db, -20 * std::log10(r.relative_error), 1e-9);

@@ -13,8 +13,8 @@
 
 namespace tmoe {
 
-// safetensors dtypes we read and write.
-enum class TensorDType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+// safetensors dtypes we read and write (F8_*: 8-bit floats, e.g. DeepSeek-V3's E4M3 weights).
+enum class TensorDType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U64, U32, U16, F8_E4M3, F8_E5M2 };
 int tensor_dtype_size(TensorDType t);
 const char* tensor_dtype_name(TensorDType t);  // "F32", ...
 
@@ -42,7 +42,7 @@ class SafetensorsReader {
   const TensorInfo* find(const std::string& name) const;  // nullptr if absent
   const TensorInfo& at(const std::string& name) const;    // throws if absent
   std::span<const uint8_t> bytes(const TensorInfo& t) const;
-  // Converts an F32/F16/BF16/F64 tensor to fp32 (throws on other dtypes).
+  // Converts an F32/F16/BF16/F64/F8_E4M3/F8_E5M2 tensor to fp32 (throws on other dtypes).
   std::vector<float> read_float(const std::string& name) const;
 
  private:
@@ -125,6 +125,8 @@ void write_file_atomically(const std::filesystem::path& path, std::span<const ui
 // The constructor finds them all, groups them per layer and projection and checks that every
 // expert 0..E-1 of each projection is present with one shape and an F32/F16/BF16 dtype, and that
 // gate/up are [I, H] and down is [H, I]; otherwise it throws tmoe::Error naming the tensor.
+// FP8 weights (F8_E4M3/F8_E5M2, DeepSeek-V3) are accepted with their `<name>_scale_inv` tensor of
+// per-128x128-block multipliers, [ceil(out/128), ceil(in/128)]; loading applies them.
 // Files stay mapped (read-only) while the object lives; loading a projection converts on demand.
 class HfCheckpoint {
  public:
@@ -143,8 +145,8 @@ class HfCheckpoint {
   };
   // proj is "gate", "up" or "down"; throws tmoe::Error for an unknown layer or projection.
   ProjectionShape projection_shape(int layer, const std::string& proj) const;
-  // hidden, intermediate and experts of a layer (name "custom"; top_k is 0: the experts' weights
-  // do not say it, config.json does).
+  // hidden, intermediate and experts of a layer (name "custom"); top_k is num_experts_per_tok of
+  // the config.json beside the weights, 0 if there is none (the weights do not say it).
   MoeShape layer_shape(int layer) const;
   // The projection's weights stacked over experts and transposed to [E, K, N] = (in, out), fp32
   // (Hugging Face stores each expert as [out, in]).

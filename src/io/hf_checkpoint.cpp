@@ -40,9 +40,17 @@ int small_number(const std::string& digits) {
   return std::stoi(digits);
 }
 
+// FP8 checkpoints (DeepSeek-V3) scale each 128 x 128 block of [out, in] by `<name>_scale_inv`
+// ([ceil(out/128), ceil(in/128)], despite its name a multiplier: w = fp8 * scale_inv).
+constexpr int64_t kFp8ScaleBlock = 128;
+
+bool is_fp8(TensorDType t) { return t == TensorDType::F8_E4M3 || t == TensorDType::F8_E5M2; }
+
 struct ExpertTensor {
   const SafetensorsReader* file = nullptr;
   const TensorInfo* info = nullptr;
+  const SafetensorsReader* scale_file = nullptr;  // FP8 only: its block scales
+  const TensorInfo* scale = nullptr;
 };
 
 // One projection of one layer: expert number -> tensor.
@@ -96,6 +104,7 @@ struct HfCheckpoint::Impl {
   std::vector<std::unique_ptr<SafetensorsReader>> files;
   // layer -> [gate, up, down]
   std::map<int, std::array<ProjectionTensors, 3>> layers;
+  int top_k = 0;  // num_experts_per_tok of config.json, 0 if unknown
 
   const ProjectionTensors& projection(int layer, const std::string& proj) const {
     auto it = layers.find(layer);
@@ -104,21 +113,46 @@ struct HfCheckpoint::Impl {
   }
 };
 
+// num_experts_per_tok from the config.json beside the weights; 0 if there is none.
+int read_top_k(const fs::path& file_or_dir) {
+  std::error_code ec;
+  const fs::path dir = fs::is_directory(file_or_dir, ec) ? file_or_dir : file_or_dir.parent_path();
+  const fs::path path = (dir.empty() ? fs::path(".") : dir) / "config.json";
+  if (!fs::is_regular_file(path, ec)) return 0;
+  json config;
+  try {
+    std::ifstream in(path);
+    config = json::parse(in);
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON: {}", path.string(), e.what());
+  }
+  if (!config.is_object() || !config.contains("num_experts_per_tok")) return 0;
+  const json& k = config["num_experts_per_tok"];
+  require(k.is_number_integer() && k.get<int64_t>() > 0 && k.get<int64_t>() <= 1 << 16,
+          "{}: num_experts_per_tok is {}, not a positive integer", path.string(), k.dump());
+  return static_cast<int>(k.get<int64_t>());
+}
+
 HfCheckpoint::HfCheckpoint(const fs::path& file_or_dir) : impl_(std::make_unique<Impl>()) {
   impl_->paths = checkpoint_files(file_or_dir);
+  impl_->top_k = read_top_k(file_or_dir);
   static const std::regex qwen_style(R"(model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)");
   static const std::regex mixtral_style(R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight)");
+  std::map<std::string, ExpertTensor> scale_tensors;  // name -> tensor, for FP8 weights
   for (const fs::path& path : impl_->paths) {
     impl_->files.push_back(std::make_unique<SafetensorsReader>(path));
     const SafetensorsReader& file = *impl_->files.back();
     for (const TensorInfo& t : file.tensors()) {
+      if (t.name.ends_with("_scale_inv")) scale_tensors.emplace(t.name, ExpertTensor{&file, &t});
       std::smatch m;
       if (!std::regex_match(t.name, m, qwen_style) && !std::regex_match(t.name, m, mixtral_style)) continue;
       const std::string where = fmt::format("{}: tensor '{}'", path.string(), t.name);
       const int layer = small_number(m[1]), expert = small_number(m[2]);
       require(layer >= 0 && expert >= 0, "{}: layer or expert number out of range", where);
-      require(t.dtype == TensorDType::F32 || t.dtype == TensorDType::F16 || t.dtype == TensorDType::BF16,
-              "{}: dtype {} (expected F32, F16 or BF16)", where, tensor_dtype_name(t.dtype));
+      require(t.dtype == TensorDType::F32 || t.dtype == TensorDType::F16 || t.dtype == TensorDType::BF16 ||
+                  is_fp8(t.dtype),
+              "{}: dtype {} (expected F32, F16, BF16 or F8_E4M3/F8_E5M2 with _scale_inv)", where,
+              tensor_dtype_name(t.dtype));
       require(t.shape.size() == 2 && t.shape[0] > 0 && t.shape[1] > 0,
               "{}: shape [{}] is not a non-empty matrix", where, fmt::join(t.shape, ", "));
       auto& slot = impl_->layers[layer][hf_projection_slot(m[3])];
@@ -126,6 +160,26 @@ HfCheckpoint::HfCheckpoint(const fs::path& file_or_dir) : impl_(std::make_unique
       require(inserted, "{}: found twice (also in {})", where, it->second.file->path().string());
     }
   }
+
+  for (auto& [layer, projections] : impl_->layers)
+    for (auto& tensors : projections)
+      for (auto& [e, t] : tensors) {
+        if (!is_fp8(t.info->dtype)) continue;
+        const std::string name = t.info->name + "_scale_inv";
+        auto it = scale_tensors.find(name);
+        require(it != scale_tensors.end(), "{}: tensor '{}' is {} but its block scales '{}' are missing",
+                t.file->path().string(), t.info->name, tensor_dtype_name(t.info->dtype), name);
+        const TensorInfo& scale = *it->second.info;
+        const std::vector<int64_t> want{ceil_div(t.info->shape[0], kFp8ScaleBlock),
+                                        ceil_div(t.info->shape[1], kFp8ScaleBlock)};
+        require(scale.shape == want && (scale.dtype == TensorDType::F32 || scale.dtype == TensorDType::BF16 ||
+                                        scale.dtype == TensorDType::F16),
+                "{}: tensor '{}' is {} of shape [{}], expected F32/BF16/F16 [{}] (blocks of {})",
+                it->second.file->path().string(), name, tensor_dtype_name(scale.dtype),
+                fmt::join(scale.shape, ", "), fmt::join(want, ", "), kFp8ScaleBlock);
+        t.scale_file = it->second.file;
+        t.scale = &scale;
+      }
 
   for (const auto& [layer, projections] : impl_->layers) {
     int64_t experts = -1;
@@ -181,6 +235,7 @@ MoeShape HfCheckpoint::layer_shape(int layer) const {
   shape.hidden = gate.K;
   shape.intermediate = gate.N;
   shape.experts = static_cast<int>(gate.experts);
+  shape.top_k = impl_->top_k;
   return shape;
 }
 
@@ -188,26 +243,49 @@ std::vector<float> HfCheckpoint::load_stacked(int layer, const std::string& proj
   const ProjectionTensors& tensors = impl_->projection(layer, proj);
   const ProjectionShape s = projection_shape(layer, proj);
   std::vector<float> out(static_cast<size_t>(s.experts * s.K * s.N));
-  // Transposes in square blocks so both the [N, K] source and the [K, N] destination are walked
-  // along cache lines; each block is converted to fp32 first.
-  constexpr int64_t kBlock = 64;
+
+  // Everything that may throw happens here, before the parallel region.
+  struct Source {
+    const uint8_t* bytes;
+    TensorDType dtype;  // F32, F16, BF16 or F8_* (checked by the constructor)
+    size_t size;
+    std::vector<float> block_scales;  // FP8 only
+  };
+  std::vector<Source> sources;
   for (const auto& [e, t] : tensors) {
     const std::span<const uint8_t> bytes = t.file->bytes(*t.info);
     const size_t size = static_cast<size_t>(tensor_dtype_size(t.info->dtype));
-    const TensorDType dtype = t.info->dtype;  // F32, F16 or BF16 (checked by the constructor)
-    require(bytes.size() == static_cast<size_t>(s.K * s.N) * size, "{}: internal size mismatch",
-            t.info->name);
-    float* expert_out = out.data() + static_cast<size_t>(e) * s.K * s.N;
-    const int64_t n_blocks = ceil_div(s.N, kBlock);
-#pragma omp parallel for schedule(dynamic)
-    for (int64_t nb = 0; nb < n_blocks; ++nb) {
-      const int64_t n0 = nb * kBlock, n1 = std::min(s.N, n0 + kBlock);
-      std::vector<float> rows(static_cast<size_t>(kBlock * kBlock));
+    require(bytes.size() == static_cast<size_t>(s.K * s.N) * size, "{}: internal size mismatch", t.info->name);
+    sources.push_back({bytes.data(), t.info->dtype, size,
+                       t.scale ? t.scale_file->read_float(t.scale->name) : std::vector<float>{}});
+  }
+
+  // Transposes in square blocks so both the [N, K] source and the [K, N] destination are walked
+  // along cache lines; each block is converted to fp32 first. One parallel loop over all experts'
+  // blocks: a region per expert would pay a barrier per expert.
+  constexpr int64_t kBlock = 64;
+  static_assert(kFp8ScaleBlock % kBlock == 0);  // a block row lies in one FP8 scale block
+  const int64_t scale_columns = ceil_div(s.K, kFp8ScaleBlock);
+  const int64_t n_blocks = ceil_div(s.N, kBlock);
+#pragma omp parallel
+  {
+    std::vector<float> rows(static_cast<size_t>(kBlock * kBlock));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < s.experts * n_blocks; ++job) {
+      const int64_t e = job / n_blocks, n0 = (job % n_blocks) * kBlock, n1 = std::min(s.N, n0 + kBlock);
+      const Source& src = sources[static_cast<size_t>(e)];
+      float* expert_out = out.data() + static_cast<size_t>(e * s.K * s.N);
       for (int64_t k0 = 0; k0 < s.K; k0 += kBlock) {
         const int64_t k1 = std::min(s.K, k0 + kBlock), width = k1 - k0;
-        for (int64_t n = n0; n < n1; ++n)
-          decode_float_values(bytes.data() + static_cast<size_t>(n * s.K + k0) * size, dtype,
-                              rows.data() + (n - n0) * kBlock, static_cast<size_t>(width));
+        for (int64_t n = n0; n < n1; ++n) {
+          float* row = rows.data() + (n - n0) * kBlock;
+          decode_float_values(src.bytes + static_cast<size_t>(n * s.K + k0) * src.size, src.dtype, row,
+                              static_cast<size_t>(width));
+          if (!src.block_scales.empty()) {
+            const float scale = src.block_scales[(n / kFp8ScaleBlock) * scale_columns + k0 / kFp8ScaleBlock];
+            for (int64_t k = 0; k < width; ++k) row[k] *= scale;
+          }
+        }
         for (int64_t k = k0; k < k1; ++k)
           for (int64_t n = n0; n < n1; ++n) expert_out[k * s.N + n] = rows[(n - n0) * kBlock + (k - k0)];
       }

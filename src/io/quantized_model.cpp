@@ -4,7 +4,12 @@
 // "group_size", "hadamard", "experts", "K", "N", "file"}}}. The shards hold, per stacked name,
 // .indices (U8 [E, tiles_k, tiles_n, B]), .scales ([E, G, N]), .su ([E, K]), .sv ([E, N]) as F16
 // (F32 accepted on load, FORMAT.md) and .grid ([2^bits], F32 or F16).
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <bit>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <optional>
@@ -127,6 +132,28 @@ std::vector<uint16_t> read_half(const SafetensorsReader& file, const TensorInfo&
   return out;
 }
 
+// An exclusive flock(2) on a directory, held for the object's lifetime.
+class DirectoryLock {
+ public:
+  explicit DirectoryLock(const fs::path& dir) : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+    require(fd_ >= 0, "{}: cannot open the model directory: {}", dir.string(), std::strerror(errno));
+    int result;
+    while ((result = ::flock(fd_, LOCK_EX)) != 0 && errno == EINTR) {
+    }
+    if (result != 0) {
+      const std::string reason = std::strerror(errno);
+      ::close(fd_);
+      fail("{}: cannot lock the model directory: {}", dir.string(), reason);
+    }
+  }
+  ~DirectoryLock() { ::close(fd_); }  // closing releases the lock
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  int fd_;
+};
+
 }  // namespace
 
 std::string stacked_name(int layer, const std::string& proj) {
@@ -143,6 +170,9 @@ void save_quantized_layer(const fs::path& dir, int layer, const MoeWeights& weig
   fs::create_directories(dir, ec);
   require(!ec && fs::is_directory(dir), "{}: cannot create the model directory: {}", dir.string(),
           ec.message());
+  // Several processes may save layers of one model at once (one per layer): the read-modify-write
+  // of trellis.json happens under an exclusive lock on the directory.
+  DirectoryLock lock(dir);
   // Read the index first so that a malformed trellis.json fails before anything is written.
   const fs::path index_path = dir / kIndexFile;
   json index = read_index(index_path, /*must_exist=*/false);

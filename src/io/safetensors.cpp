@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -43,7 +44,8 @@ constexpr DTypeName kDTypes[] = {
     {TensorDType::F64, "F64", 8}, {TensorDType::F32, "F32", 4},   {TensorDType::F16, "F16", 2},
     {TensorDType::BF16, "BF16", 2}, {TensorDType::I64, "I64", 8}, {TensorDType::I32, "I32", 4},
     {TensorDType::I16, "I16", 2}, {TensorDType::I8, "I8", 1},     {TensorDType::U8, "U8", 1},
-    {TensorDType::BOOL, "BOOL", 1},
+    {TensorDType::BOOL, "BOOL", 1}, {TensorDType::U64, "U64", 8},   {TensorDType::U32, "U32", 4},
+    {TensorDType::U16, "U16", 2}, {TensorDType::F8_E4M3, "F8_E4M3", 1}, {TensorDType::F8_E5M2, "F8_E5M2", 1},
 };
 
 const DTypeName& dtype_entry(TensorDType t) {
@@ -247,6 +249,19 @@ std::vector<float> SafetensorsReader::read_float(const std::string& name) const 
   return out;
 }
 
+float fp8_e4m3_to_float(uint8_t v) noexcept {
+  // OCP "E4M3FN": bias 7, no infinities, S.1111.111 is NaN.
+  const float sign = v & 0x80 ? -1.0f : 1.0f;
+  const int exponent = (v >> 3) & 0xf, mantissa = v & 0x7;
+  if (exponent == 0xf && mantissa == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -9);  // subnormal: m/8 * 2^-6
+  return sign * std::ldexp(static_cast<float>(8 + mantissa), exponent - 10);      // (1 + m/8) * 2^(e-7)
+}
+
+float fp8_e5m2_to_float(uint8_t v) noexcept {
+  return half_to_float(static_cast<uint16_t>(v << 8));  // E5M2 is the top byte of an fp16
+}
+
 bool decode_float_values(const uint8_t* bytes, TensorDType dtype, float* out, size_t count) noexcept {
   switch (dtype) {  // the bytes may be unaligned: memcpy each value
     case TensorDType::F32:
@@ -260,12 +275,24 @@ bool decode_float_values(const uint8_t* bytes, TensorDType dtype, float* out, si
       }
       return true;
     case TensorDType::F16:
+      for (size_t i = 0; i < count; ++i) {
+        uint16_t v;
+        std::memcpy(&v, bytes + 2 * i, 2);
+        out[i] = half_to_float(v);
+      }
+      return true;
     case TensorDType::BF16:
       for (size_t i = 0; i < count; ++i) {
         uint16_t v;
         std::memcpy(&v, bytes + 2 * i, 2);
-        out[i] = dtype == TensorDType::F16 ? half_to_float(v) : bf16_to_float(v);
+        out[i] = bf16_to_float(v);
       }
+      return true;
+    case TensorDType::F8_E4M3:
+      for (size_t i = 0; i < count; ++i) out[i] = fp8_e4m3_to_float(bytes[i]);
+      return true;
+    case TensorDType::F8_E5M2:
+      for (size_t i = 0; i < count; ++i) out[i] = fp8_e5m2_to_float(bytes[i]);
       return true;
     default:
       return false;
@@ -278,7 +305,7 @@ void convert_to_float(std::span<const uint8_t> bytes, TensorDType dtype, std::sp
   require(bytes.size() == out.size() * size, "{}: {} bytes of {} do not make {} values", what,
           bytes.size(), tensor_dtype_name(dtype), out.size());
   require(decode_float_values(bytes.data(), dtype, out.data(), out.size()),
-          "{}: dtype {} is not a floating-point type (F32, F16, BF16 or F64 expected)", what,
+          "{}: dtype {} is not a floating-point type (F32, F16, BF16, F64 or F8_* expected)", what,
           tensor_dtype_name(dtype));
 }
 

@@ -109,22 +109,24 @@ GroupChoice choose_scale(const float* v, int len, const Levels<L>& grid, bool se
   for (int i = 0; i < len; ++i) max_abs = std::max(max_abs, std::fabs(v[i]));
   const float base = std::min(max_abs / grid.max_abs, kMaxHalf);
   GroupChoice best{0.0f, std::numeric_limits<float>::infinity()};
-  auto consider = [&](float candidate) -> quant::RoundingError {
+  quant::RoundingError best_sums;  // of the best scale so far: seeds the least-squares step
+  auto consider = [&](float candidate) {
     const float scale = round_to_half(std::min(candidate, kMaxHalf));
     const quant::RoundingError e = evaluate(v, len, grid.scaled(scale));
-    if (e.error < best.error) best = {scale, e.error};
-    return e;
+    if (e.error < best.error) {
+      best = {scale, e.error};
+      best_sums = e;
+    }
   };
   consider(base);  // plain max-abs scaling: the baseline the search must beat
   if (!search || base == 0) return best;
   for (int c = 0; c < kCandidates; ++c)
     consider(base * (kLowest + (kHighest - kLowest) * c / (kCandidates - 1)));
-  // Least squares with the assignment fixed: scale' = sum(v q) / sum(q q) over unit-scale q.
-  for (int r = 0; r < kRefinements; ++r) {
+  // Least squares with the assignment fixed: with q the scaled levels, the best unit-scale factor
+  // is sum(v q) / sum(q q), i.e. scale' = scale * vq / qq. Repeat while it improves.
+  for (int r = 0; r < kRefinements && best_sums.qq > 0 && best_sums.vq > 0; ++r) {
     const float current = best.scale;
-    const quant::RoundingError e = evaluate(v, len, grid.scaled(current));
-    if (e.qq <= 0) break;
-    consider(current * e.vq / e.qq);
+    consider(current * best_sums.vq / best_sums.qq);
     if (best.scale == current) break;
   }
   return best;
@@ -259,8 +261,27 @@ std::vector<float> fit_grid(const Problem& p, std::vector<float> grid, int threa
   return best_grid;
 }
 
+// Squared error ||W_e - W_hat_e||^2 and ||W_e||^2 of expert e, W_hat the effective weight
+// (format.cpp) of what was stored: the true error, rotation included.
+void expert_error(const Problem& p, const TrellisTensor& t, int64_t e, std::vector<double>& w_hat,
+                  double& error, double& norm) {
+  effective_weight(t, e, w_hat);
+  const float* we = p.w.data() + e * p.K * p.N;
+  error = norm = 0;
+  for (int64_t i = 0; i < p.K * p.N; ++i) {
+    const double d = we[i] - w_hat[i];
+    error += d * d;
+    norm += static_cast<double>(we[i]) * we[i];
+  }
+}
+
+// Per-expert sums, added in expert order at the end: the same totals for any thread count.
+struct ErrorSums {
+  std::vector<double> error, norm;
+};
+
 template <int L>
-void quantize_all(const Problem& p, TrellisTensor& t, int threads,
+void quantize_all(const Problem& p, TrellisTensor& t, int threads, ErrorSums* sums,
                   const std::function<void(int64_t, int64_t)>& progress) {
   if (p.options.grid == GridKind::fit) t.grid = fit_grid<L>(p, t.grid, threads);
   const Levels<L> grid(t.grid);
@@ -273,6 +294,12 @@ void quantize_all(const Problem& p, TrellisTensor& t, int threads,
   const int64_t blocks = t.tiles_n();  // a column block = the 16 columns of one tile column
   for (int64_t first = 0; first < p.experts; first += chunk) {
     const int64_t count = std::min(chunk, p.experts - first);
+    std::vector<float> su, sv;
+    for (int64_t e = first; e < first + count; ++e) {
+      p.signs(e, su, sv);
+      for (int64_t k = 0; k < p.K; ++k) t.su[e * p.K + k] = float_to_half(su[k]);
+      for (int64_t n = 0; n < p.N; ++n) t.sv[e * p.N + n] = float_to_half(sv[n]);
+    }
 #pragma omp parallel num_threads(threads)
     {
       // Targets: one expert per thread (the transforms need the whole matrix).
@@ -285,44 +312,16 @@ void quantize_all(const Problem& p, TrellisTensor& t, int threads,
         for (int64_t n = block * kTileDim; n < std::min(p.N, (block + 1) * kTileDim); ++n)
           quantize_column(p, rotated.data() + (i * p.N + n) * p.K, grid, first + i, n, t, idx.data());
       }
-    }
-    std::vector<float> su, sv;
-    for (int64_t i = 0; i < count; ++i) {
-      p.signs(first + i, su, sv);
-      for (int64_t k = 0; k < p.K; ++k) t.su[(first + i) * p.K + k] = float_to_half(su[k]);
-      for (int64_t n = 0; n < p.N; ++n) t.sv[(first + i) * p.N + n] = float_to_half(sv[n]);
-      if (progress) progress(first + i + 1, p.experts);
-    }
-  }
-}
-
-// ||W - W_hat||^2 and ||W||^2 with W_hat the effective weight (format.cpp) of the stored tensor.
-void measure(const Problem& p, const TrellisTensor& t, int threads, QuantizeReport& report) {
-  std::vector<double> error(p.experts), norm(p.experts);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<double> w_hat(p.K * p.N);
+      if (sums) {
+        std::vector<double> w_hat(p.K * p.N);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t e = 0; e < p.experts; ++e) {
-      effective_weight(t, e, w_hat);
-      const float* we = p.w.data() + e * p.K * p.N;
-      double err = 0, nrm = 0;
-      for (int64_t i = 0; i < p.K * p.N; ++i) {
-        const double d = we[i] - w_hat[i];
-        err += d * d;
-        nrm += static_cast<double>(we[i]) * we[i];
+        for (int64_t e = first; e < first + count; ++e)
+          expert_error(p, t, e, w_hat, sums->error[e], sums->norm[e]);
       }
-      error[e] = err;
-      norm[e] = nrm;
     }
+    if (progress)
+      for (int64_t e = first; e < first + count; ++e) progress(e + 1, p.experts);
   }
-  double err = 0, nrm = 0;
-  for (int64_t e = 0; e < p.experts; ++e) {  // fixed order: the same sum for any thread count
-    err += error[e];
-    nrm += norm[e];
-  }
-  report.relative_error = nrm > 0 ? std::sqrt(err / nrm) : (err > 0 ? INFINITY : 0.0);
-  report.sqnr_db = err > 0 ? 10.0 * std::log10(nrm / err) : INFINITY;
 }
 
 void validate(std::span<const float> w, int64_t experts, int64_t K, int64_t N,
@@ -359,8 +358,19 @@ TrellisTensor quantize(std::span<const float> w, int64_t experts, int64_t K, int
   const Problem p{w, experts, K, N, options};
   TrellisTensor t = TrellisTensor::zeros(experts, K, N, options.bits, options.group_size,
                                          options.hadamard);
-  dispatch_bits(options.bits, [&](auto bits) { quantize_all<1 << bits>(p, t, threads, progress); });
-  if (report) measure(p, t, threads, *report);
+  ErrorSums sums{std::vector<double>(report ? experts : 0), std::vector<double>(report ? experts : 0)};
+  dispatch_bits(options.bits, [&](auto bits) {
+    quantize_all<1 << bits>(p, t, threads, report ? &sums : nullptr, progress);
+  });
+  if (report) {
+    double error = 0, norm = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      error += sums.error[e];
+      norm += sums.norm[e];
+    }
+    report->relative_error = norm > 0 ? std::sqrt(error / norm) : (error > 0 ? INFINITY : 0.0);
+    report->sqnr_db = error > 0 ? 10.0 * std::log10(norm / error) : INFINITY;
+  }
   return t;
 }
 

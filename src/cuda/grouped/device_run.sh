@@ -22,8 +22,13 @@ fi
 if [[ $MODE == all || $MODE == profile ]]; then
   cuobjdump -sass ./tmoe_cuda_tests > $OUT/sass.txt 2>/dev/null; gzip -f $OUT/sass.txt
   TMOE_GROUPED_BENCH=1 TMOE_GROUPED_BENCH_SHAPES=mixtral-8x7b TMOE_GROUPED_BENCH_TOKENS=4096 timeout 150 \
-    ncu --kernel-name-base mangled --kernel-name regex:Li2ELb0ELi128 --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+    ncu --kernel-name-base mangled --kernel-name regex:${NCU_KERNEL:-Li2ELb0ELi256} --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section InstructionStats --section SchedulerStats \
     ./tmoe_cuda_tests --gtest_filter='GroupedBench.*' > $OUT/ncu.txt 2>&1
   echo "ncu rc=$?"; grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Occupancy|Registers|Eligible|Active Warps" $OUT/ncu.txt | head -40
+fi
+if [[ $MODE == all || $MODE == bench128 ]]; then
+  TMOE_GROUPED_BENCH=1 TMOE_GROUPED_BENCH_TILE_ROWS=128 TMOE_GROUPED_BENCH_SHAPES=mixtral-8x7b,deepseek-v3 TMOE_GROUPED_BENCH_TOKENS=1024,4096,16384 \
+    TMOE_GROUPED_BENCH_CSV=$OUT/bench128.csv timeout 120 ./tmoe_cuda_tests --gtest_filter='GroupedBench.*' > $OUT/bench128.log 2>&1
+  echo "bench128 rc=$?"; sed -n '/^shape /,$p' $OUT/bench128.log | head -8
 fi

@@ -28,10 +28,15 @@ namespace {
 // projections it runs: gate+up get 64 columns each, so SwiGLU pairs stay in one thread's
 // registers). kBK = 64 gives each pipeline stage 4 tiles of K; 8 warps as 2 (rows) x 4 (columns),
 // each warp 64 rows x 32 columns = 4 x 4 mma tiles of 16x8: 64 fp32 accumulators per thread.
-// Two row-tile heights: kBigRows for well-filled experts, kSmallRows when the average expert has
-// few rows (small token counts, many experts), where a 128-row tile would mostly multiply padding.
-constexpr int kBN = 128, kBK = 64, kThreads = 256, kStages = 3;
-constexpr int kBigRows = 128, kSmallRows = 32;
+// Three row-tile heights, chosen from the average rows per expert: kSmallRows (32) when experts
+// hold few rows (a taller tile would mostly multiply padding), kMidRows (128), and kHugeRows (256,
+// 16 warps as 4 x 4, one block per SM) for well-filled experts: the decode of a stage costs the
+// same for any height, so taller tiles spend fewer instructions per flop (the kernel is issue
+// bound, not tensor bound: see docs/notes-grouped.md).
+constexpr int kBN = 128, kBK = 64, kStages = 3;
+constexpr int kSmallRows = 32, kMidRows = 128, kHugeRows = 256;
+constexpr int threads_for(int rows) { return rows == kHugeRows ? 512 : 256; }
+constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : 2; }
 constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
@@ -112,9 +117,9 @@ struct GemmSmem {
   uint16_t scales[kStages][NUM_PROJ][kKTiles][kProjCols];
   uint16_t su[kStages][NUM_PROJ][kBK];
   __nv_bfloat16 b[kBN * kBStride];
-  float grid[NUM_PROJ][kMaxGrid];
+  alignas(16) float grid[NUM_PROJ][kMaxGrid];
   // grid[level] * su[k] for the stage being decoded: one lookup + one multiply per weight.
-  float level_su[NUM_PROJ][kBK][kMaxGrid];
+  alignas(16) float level_su[NUM_PROJ][kBK][kMaxGrid];
   const __nv_bfloat16* a_src[kNumA][BM];
 };
 
@@ -139,9 +144,12 @@ __device__ __forceinline__ void decode_column(const uint8_t* tile, int n_in_tile
 // synchronisation is needed to know how many tiles the routing produced). Two blocks per SM
 // (<= 128 registers) so one block's decode overlaps the other's MMAs.
 template <int NUM_PROJ, bool SEPARATE_A, int BM>
-__global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) {
+__global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
+    grouped_gemm(const GemmParams p) {
   constexpr int kBM = BM;
-  constexpr int kWarpRows = BM / 2;
+  constexpr int kThreads = threads_for(BM);
+  constexpr int kWarpsM = kThreads / 128;  // warps: kWarpsM (rows) x 4 (columns)
+  constexpr int kWarpRows = BM / kWarpsM;
   using Smem = GemmSmem<NUM_PROJ, SEPARATE_A, BM>;
   constexpr int kNumA = Smem::kNumA;
   constexpr int kProjCols = Smem::kProjCols;
@@ -162,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
   const int row0 = p.items[2 * item + 1];
   const int rows_valid = min(kBM, p.offsets[expert + 1] - row0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int warp_m = warp >> 2, warp_n = warp & 3;  // warp_m < kWarpsM
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
   const int tiles_k = K / kTileDim;
 
@@ -184,12 +192,14 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
   // Each thread's share of a stage's copies is fixed; its global addresses are computed once here
   // and advance by one stage per k-step (the k loop then costs a few instructions per copy).
   // Packed tiles: exactly one 16-byte chunk per thread (NUM_PROJ * kProjNTiles * kKTiles * 8 = 256).
-  static_assert(NUM_PROJ * kProjNTiles * kKTiles * (kMaxTileBytes / 16) == kThreads);
-  const int tile_chunk = tid % 8, tile_kt = (tid / 8) % kKTiles;
-  const int tile_nt = (tid / (8 * kKTiles)) % kProjNTiles, tile_q = tid / (8 * kKTiles * kProjNTiles);
+  static_assert(NUM_PROJ * kProjNTiles * kKTiles * (kMaxTileBytes / 16) == 256);
+  const int tile_tid = tid & 255;  // threads >= 256 (16-warp blocks) copy no tiles
+  const int tile_chunk = tile_tid % 8, tile_kt = (tile_tid / 8) % kKTiles;
+  const int tile_nt = (tile_tid / (8 * kKTiles)) % kProjNTiles;
+  const int tile_q = tile_tid / (8 * kKTiles * kProjNTiles);
   const uint8_t* tile_src = nullptr;
   int64_t tile_step = 0;  // bytes per stage along K
-  {
+  if (tid < 256) {
     const DeviceProjection& w = p.proj[tile_q];
     const int gn = n0 / kTileDim + tile_nt;
     if (tile_chunk * 16 < tile_bytes(w.bits) && gn < N / kTileDim)
@@ -255,22 +265,30 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
 
   // Decodes buffer `buf` (stage kb) into s.b: row = output column of the block, k contiguous.
   // Thread: one column `col` of the block, tiles of K dec_kt and dec_kt + 2.
-  static_assert(2 * kBN == kThreads);
+  constexpr int kDecodeColumns = kBN * kKTiles / kThreads;  // column words per thread: 2 or 1
   const int dec_col = tid % kBN, dec_kt = tid / kBN;
   const int dec_q = dec_col / kProjCols, dec_qcol = dec_col % kProjCols;
   const int dec_bits = p.proj[dec_q].bits;
+  const int level_q = tid < NUM_PROJ * kBK ? tid / kBK : 0;  // table row owner's projection
+  const bool level_fold_su = p.fold_su[level_q];
+  const int level_count = 1 << p.proj[level_q].bits;
   const bool dec_col_ok = n0 + dec_qcol < N;
   auto decode_stage = [&](int buf, int kb) {
-    for (int i = tid; i < NUM_PROJ * kBK * kMaxGrid; i += kThreads) {
-      const int q = i / (kBK * kMaxGrid), k = (i / kMaxGrid) % kBK, level = i % kMaxGrid;
-      s.level_su[q][k][level] = s.grid[q][level] * (p.fold_su[q] ? h2f(s.su[buf][q][k]) : 1.0f);
+    if (tid < NUM_PROJ * kBK) {  // one k row of the table per thread, 4 levels per store
+      const int q = tid / kBK, k = tid % kBK;
+      const float su = level_fold_su ? h2f(s.su[buf][q][k]) : 1.0f;
+      for (int level = 0; level < level_count; level += 4) {
+        const float4 g = *reinterpret_cast<const float4*>(&s.grid[q][level]);
+        *reinterpret_cast<float4*>(&s.level_su[q][k][level]) =
+            make_float4(g.x * su, g.y * su, g.z * su, g.w * su);
+      }
     }
     __syncthreads();
     auto columns = [&](auto bits_constant) {
       constexpr int BITS = decltype(bits_constant)::value;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int kt = dec_kt + 2 * j;
+      for (int j = 0; j < kDecodeColumns; ++j) {
+        const int kt = dec_kt + (kThreads / kBN) * j;
         uint32_t out[8];
         if (dec_col_ok && kb * kKTiles + kt < tiles_k) {
           decode_column<BITS>(s.packed[buf][dec_q][dec_qcol / kTileDim][kt], dec_qcol % kTileDim,
@@ -584,11 +602,13 @@ int64_t max_work_items(const GroupedMoeArgs& a, int tile_rows) {
   const int64_t pairs = a.tokens * a.top_k;
   return ceil_div(pairs, tile_rows) + std::min<int64_t>(a.gate.experts, pairs);
 }
-// Row tiles of kSmallRows when the average expert holds at most 64 rows (and no Hadamard path,
-// which keeps one configuration).
+// Row tile height from the average rows per expert (the Hadamard path keeps one configuration).
 int tile_rows_for(const GroupedMoeArgs& a) {
-  if (any_hadamard(a)) return kBigRows;
-  return a.tokens * a.top_k <= 64 * a.gate.experts ? kSmallRows : kBigRows;
+  if (any_hadamard(a)) return kMidRows;
+  if (a.tile_rows) return a.tile_rows;
+  const int64_t pairs = a.tokens * a.top_k;
+  if (pairs <= 64 * a.gate.experts) return kSmallRows;
+  return pairs >= 256 * a.gate.experts ? kHugeRows : kMidRows;
 }
 
 // Workspace carve-up; the same function sizes and places the buffers.
@@ -669,6 +689,9 @@ void validate(const GroupedMoeArgs& a, bool check_pointers) {
         std::to_string(g.N) + ", up " + std::to_string(u.K) + "x" + std::to_string(u.N) +
         ", down " + std::to_string(d.K) + "x" + std::to_string(d.N) + ")");
   if (a.tokens < 0 || a.top_k <= 0) bad("tokens must be >= 0 and top_k > 0");
+  if (a.tile_rows != 0 && a.tile_rows != kSmallRows && a.tile_rows != kMidRows &&
+      a.tile_rows != kHugeRows)
+    bad("tile_rows must be 0, 32, 128 or 256, got " + std::to_string(a.tile_rows));
   if (a.tokens * a.top_k >= (int64_t{1} << 31)) bad("too many (token, slot) pairs");
   if (max_work_items(a, tile_rows_for(a)) > 65535) bad("too many row tiles for one launch's grid");
   if (any_hadamard(a)) {
@@ -696,7 +719,7 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items));
-  grouped_gemm<NUM_PROJ, SEPARATE_A, BM><<<grid, kThreads, smem, stream>>>(p);
+  grouped_gemm<NUM_PROJ, SEPARATE_A, BM><<<grid, threads_for(BM), smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
 
@@ -729,7 +752,6 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   const int64_t T = a.tokens, pairs = T * a.top_k, H = a.gate.K, I = a.gate.N;
   const int tile_rows = tile_rows_for(a);
   const int64_t max_items = max_work_items(a, tile_rows);
-  const bool small = tile_rows == kSmallRows;
   const bool hadamard = any_hadamard(a);
   const bool fixed_order = a.deterministic || hadamard;
 
@@ -750,6 +772,15 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.order = a.order;
   p.probs = a.probs;
   p.top_k = a.top_k;
+  // Launches grouped_gemm<NUM_PROJ, false, tile_rows>.
+  auto launch = [&](auto num_proj) {
+    constexpr int kNumProj = decltype(num_proj)::value;
+    switch (tile_rows) {
+      case kSmallRows: launch_gemm<kNumProj, false, kSmallRows>(p, max_items, stream); break;
+      case kHugeRows: launch_gemm<kNumProj, false, kHugeRows>(p, max_items, stream); break;
+      default: launch_gemm<kNumProj, false, kMidRows>(p, max_items, stream); break;
+    }
+  };
 
   // gate + up
   p.proj[0] = a.gate;
@@ -768,8 +799,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.fold_su[0] = p.fold_su[1] = true;
     p.epilogue = kSwiglu;
     p.h = ws.h;
-    if (small) launch_gemm<2, false, kSmallRows>(p, max_items, stream);
-    else launch_gemm<2, false, kBigRows>(p, max_items, stream);
+    launch(std::integral_constant<int, 2>{});
   } else {
     const size_t row_bytes = H * sizeof(float);
     allow_shared(transform_pair_rows, row_bytes);
@@ -783,7 +813,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.epilogue = kRawPair;
     p.g_raw = ws.g_raw;
     p.u_raw = ws.u_raw;
-    launch_gemm<2, true, kBigRows>(p, max_items, stream);
+    launch_gemm<2, true, kMidRows>(p, max_items, stream);
     const size_t mid_bytes = 2 * I * sizeof(float);
     allow_shared(transform_intermediate, mid_bytes);
     transform_intermediate<<<static_cast<unsigned>(pairs), kRowThreads, mid_bytes, stream>>>(
@@ -805,8 +835,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     check_cuda(cudaMemsetAsync(acc, 0, T * H * sizeof(float), stream), "memset");
     p.epilogue = kAtomic;
     p.out_acc = acc;
-    if (small) launch_gemm<1, false, kSmallRows>(p, max_items, stream);
-    else launch_gemm<1, false, kBigRows>(p, max_items, stream);
+    launch(std::integral_constant<int, 1>{});
     if (a.out_dtype != DType::f32) {
       convert_from_f32<<<elementwise_blocks(T * H), 256, 0, stream>>>(acc, T * H, a.out,
                                                                       a.out_dtype);
@@ -816,8 +845,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   }
   p.epilogue = hadamard ? kRowsRaw : kRowsScaled;
   p.rows = ws.rows;
-  if (small) launch_gemm<1, false, kSmallRows>(p, max_items, stream);
-  else launch_gemm<1, false, kBigRows>(p, max_items, stream);
+  launch(std::integral_constant<int, 1>{});
   if (hadamard) {
     const size_t row_bytes = H * sizeof(float);
     allow_shared(finish_rows, row_bytes);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "tmoe/backend.hpp"
 #include "tmoe/io.hpp"
 #include "tmoe/moe.hpp"
 
@@ -320,6 +321,15 @@ TEST_F(CliTest, BadModelExits1) {
   const CliResult j = run_cli(dir_.path(), "quantize --in " + quoted(dir_.path() / "junk.safetensors") + " --out " +
                                                quoted(dir_.path() / "m"));
   EXPECT_EQ(j.code, 1) << describe(j);
+}
+
+TEST_F(CliTest, CudaWithoutDeviceExits1Early) {
+  if (tmoe::cuda_available()) GTEST_SKIP() << "a CUDA device is present";
+  // Fails before quantizing anything (a full-size demo would take a minute to get there).
+  const CliResult r = run_cli(dir_.path(), "demo --backend cuda");
+  EXPECT_EQ(r.code, 1) << describe(r);
+  EXPECT_NE(r.err.find("tmoe: error: the cuda backend is not available"), std::string::npos) << describe(r);
+  EXPECT_EQ(r.err.find("quantizing"), std::string::npos) << describe(r);
 }
 
 TEST_F(CliTest, MalformedRunInputExits1) {

@@ -252,6 +252,29 @@ TEST(CpuBackend, BadExpertIdIsACleanError) {
   EXPECT_LT(relative_error(run(*backend, in, c.hidden), reference(w, in)), kF32Tolerance);
 }
 
+TEST(CpuBackend, ZeroTokensIsANoOpAndMissingPointersAreErrors) {
+  Case c;
+  const MoeWeights w = make_weights(c, fresh_seed());
+  auto backend = make_backend(BackendKind::cpu, w, {});
+  MoeBatch empty;
+  empty.top_k = 2;
+  EXPECT_NO_THROW(backend->forward(empty));  // nothing to read or write
+  std::mt19937_64 rng(fresh_seed());
+  const Inputs in = random_inputs(2, c.hidden, c.experts, c.top_k, false, rng);
+  std::vector<float> out(2 * c.hidden);
+  MoeBatch b;
+  b.tokens = 2;
+  b.top_k = 2;
+  b.x = in.x.data();
+  b.expert_ids = in.ids.data();
+  b.expert_probs = in.probs.data();
+  b.out = nullptr;
+  EXPECT_THROW(backend->forward(b), Error);
+  b.out = out.data();
+  b.top_k = 0;
+  EXPECT_THROW(backend->forward(b), Error);
+}
+
 TEST(CpuBackend, HalfPrecisionActivations) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));

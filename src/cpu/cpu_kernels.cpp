@@ -5,9 +5,11 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/cpu_kernels.cpp"
 // SSSE3/SSE4 add compile time and nothing this project needs: x86 gets AVX-512, AVX2 and the
-// portable EMU128 baseline; ARM gets NEON (and SVE where the compiler offers it).
+// portable baseline; ARM gets NEON. Scalable-vector targets (SVE, RVV) are off: the kernels size
+// their register blocks from the compile-time lane count, which those targets do not fix.
 #ifndef HWY_DISABLED_TARGETS
-#define HWY_DISABLED_TARGETS (HWY_SSSE3 | HWY_SSE4)
+#define HWY_DISABLED_TARGETS \
+  (HWY_SSSE3 | HWY_SSE4 | HWY_SVE | HWY_SVE2 | HWY_SVE_256 | HWY_SVE2_128 | HWY_RVV)
 #endif
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
@@ -38,11 +40,20 @@ constexpr int kVecs = static_cast<int>(16 / kLanes);  // vectors per tile row
 
 // Token rows one register-blocked pass handles: the accumulators must fit the register file
 // (32 vector registers with AVX-512, 16 with AVX2/NEON) beside the decoded row.
-constexpr int kTokensPerPass = kVecs == 1 ? 8 : kVecs == 2 ? 4 : 2;
+#ifndef TMOE_CPU_AVX3_TOKENS
+#define TMOE_CPU_AVX3_TOKENS 8
+#endif
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+constexpr int kTokensPerPass = TMOE_CPU_AVX3_TOKENS;
+#else
+constexpr int kTokensPerPass = kVecs == 2 ? 4 : 2;
+#endif
+static_assert(kTokensPerPass <= kMaxRowBlock, "callers pass at most kMaxRowBlock rows");
 
-// How far ahead of the tile being decoded to prefetch weights (bytes).
+// How far ahead of the tile being decoded to prefetch weights (bytes): 4 KB measured best of
+// 0 / 1 / 2 / 4 / 8 KB (docs/notes-cpu.md).
 #ifndef TMOE_CPU_PREFETCH_BYTES
-#define TMOE_CPU_PREFETCH_BYTES 1024
+#define TMOE_CPU_PREFETCH_BYTES 4096
 #endif
 constexpr int kPrefetchBytes = TMOE_CPU_PREFETCH_BYTES;
 
@@ -172,26 +183,22 @@ HWY_INLINE void ProjectBlockFor(const TileColumn& col, const float* const* rows,
   ProjectBlock<BITS, TOKENS, kChains>(col, rows, out, out_stride);
 }
 
+// Calls ProjectBlockFor<BITS, n> for a runtime n in [1, kTokensPerPass].
+template <int BITS, int N = 1>
+HWY_INLINE void ProjectBlockOf(int n, const TileColumn& col, const float* const* rows, float* out,
+                               int64_t out_stride) {
+  if constexpr (N <= kTokensPerPass) {
+    if (n == N) return ProjectBlockFor<BITS, N>(col, rows, out, out_stride);
+    ProjectBlockOf<BITS, N + 1>(n, col, rows, out, out_stride);
+  }
+}
+
 template <int BITS>
 void ProjectColumnBits(const TileColumn& col, const float* const* rows, int count, float* out,
                        int64_t out_stride) {
   while (count > 0) {
     const int n = std::min(count, kTokensPerPass);
-    switch (n) {
-      case 1: ProjectBlockFor<BITS, 1>(col, rows, out, out_stride); break;
-      case 2: ProjectBlockFor<BITS, 2>(col, rows, out, out_stride); break;
-#if HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR
-      case 3: ProjectBlockFor<BITS, 3>(col, rows, out, out_stride); break;
-      case 4: ProjectBlockFor<BITS, 4>(col, rows, out, out_stride); break;
-#endif
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-      case 5: ProjectBlockFor<BITS, 5>(col, rows, out, out_stride); break;
-      case 6: ProjectBlockFor<BITS, 6>(col, rows, out, out_stride); break;
-      case 7: ProjectBlockFor<BITS, 7>(col, rows, out, out_stride); break;
-      case 8: ProjectBlockFor<BITS, 8>(col, rows, out, out_stride); break;
-#endif
-      default: break;  // unreachable: n <= kTokensPerPass
-    }
+    ProjectBlockOf<BITS>(n, col, rows, out, out_stride);
     rows += n;
     out += n * out_stride;
     count -= n;

@@ -14,7 +14,17 @@
 namespace tmoe::cli {
 
 BackendKind backend_from_option(const std::string& name) {
-  return name == "auto" ? best_backend() : parse_backend(name);
+  const BackendKind kind = name == "auto" ? best_backend() : parse_backend(name);
+  // Say so before any slow work (loading, quantizing) rather than when the backend is made.
+  require(kind != BackendKind::cuda || cuda_available(),
+          "the cuda backend is not available: {}",
+#if defined(TMOE_HAVE_CUDA)
+          "no CUDA device was found"
+#else
+          "this build of tmoe has no CUDA backend (configure with TMOE_CUDA=ON where nvcc exists)"
+#endif
+  );
+  return kind;
 }
 
 double error_bound(BackendKind kind) {

@@ -23,7 +23,8 @@ void register_model_commands(CLI::App& app);  // quantize, inspect, dequantize
 void register_run_commands(CLI::App& app);    // run, verify
 void register_bench(CLI::App& app);
 
-// "auto" -> best_backend(), else parse_backend(name).
+// "auto" -> best_backend(), else parse_backend(name); throws tmoe::Error (bad input) for cuda where
+// no CUDA device is usable.
 BackendKind backend_from_option(const std::string& name);
 
 // The largest relative error (vs the fp64 reference over the same quantized weights) a backend may

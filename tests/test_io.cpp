@@ -199,6 +199,30 @@ TEST_F(IoTest, WriterRejectsBadTensors) {
   EXPECT_THROW(w.add("x", TensorDType::U8, {8}, std::span<const uint8_t>(eight)), Error);  // duplicate
 }
 
+// add() copies (later changes to the source do not show, and a copied writer stays valid);
+// add_borrowed() writes the caller's bytes as they are at write().
+TEST_F(IoTest, WriterCopiesOrBorrows) {
+  TRACE_SEED();
+  std::vector<uint8_t> copied = random_bytes(16), borrowed = random_bytes(16);
+  const std::vector<uint8_t> copied_original = copied;
+  std::optional<SafetensorsWriter> first(std::in_place);
+  first->add("copied", TensorDType::U8, {16}, std::span<const uint8_t>(copied));
+  first->add_borrowed("borrowed", TensorDType::U8, {4, 4}, borrowed);
+  EXPECT_THROW(first->add_borrowed("copied", TensorDType::U8, {16}, borrowed), Error);
+  copied.assign(16, 0);
+  borrowed[3] ^= 0xff;
+  const SafetensorsWriter second = *first;
+  first.reset();
+  second.write(dir_ / "w.safetensors");
+  SafetensorsReader r(dir_ / "w.safetensors");
+  auto bytes = [&](const char* name) {
+    const auto span = r.bytes(r.at(name));
+    return std::vector<uint8_t>(span.begin(), span.end());
+  };
+  EXPECT_EQ(bytes("copied"), copied_original);
+  EXPECT_EQ(bytes("borrowed"), borrowed);
+}
+
 TEST_F(IoTest, AtomicWriteReplacesAndLeavesNoTempFile) {
   const fs::path path = dir_ / "m.safetensors";
   const std::vector<uint8_t> one(4, 1), two(12, 2);

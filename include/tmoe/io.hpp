@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -66,6 +67,10 @@ class SafetensorsWriter {
     add(name, dtype, std::move(shape),
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(values.data()), values.size_bytes()));
   }
+  // Like add, without a copy: `bytes` must stay alive and unchanged until write() returns (saves
+  // a second copy of a large shard in memory).
+  void add_borrowed(const std::string& name, TensorDType dtype, std::vector<int64_t> shape,
+                    std::span<const uint8_t> bytes);
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
   void write(const std::filesystem::path& path) const;
 
@@ -74,9 +79,13 @@ class SafetensorsWriter {
     std::string name;
     TensorDType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
+    bool borrowed = false;
+    std::vector<uint8_t> owned;         // add(): the copy
+    std::span<const uint8_t> borrowed_bytes;  // add_borrowed(): the caller's bytes
+    std::span<const uint8_t> bytes() const { return borrowed ? borrowed_bytes : std::span<const uint8_t>(owned); }
   };
   std::vector<Entry> entries_;
+  std::set<std::string> names_;
   std::map<std::string, std::string> metadata_;
 };
 

@@ -185,11 +185,11 @@ void save_quantized_layer(const fs::path& dir, int layer, const MoeWeights& weig
     const TrellisTensor& t = *tensors[p];
     const std::string name = stacked_name(layer, kProjections[p]);
     IndexEntry e{layer, p, t.experts, t.K, t.N, t.bits, t.group_size, t.hadamard, file};
-    writer.add(name + ".indices", TensorDType::U8, expected_shape(e, 0), as_bytes(t.indices));
-    writer.add(name + ".scales", TensorDType::F16, expected_shape(e, 1), as_bytes(t.scales));
-    writer.add(name + ".su", TensorDType::F16, expected_shape(e, 2), as_bytes(t.su));
-    writer.add(name + ".sv", TensorDType::F16, expected_shape(e, 3), as_bytes(t.sv));
-    writer.add(name + ".grid", TensorDType::F32, expected_shape(e, 4), as_bytes(t.grid));
+    writer.add_borrowed(name + ".indices", TensorDType::U8, expected_shape(e, 0), as_bytes(t.indices));
+    writer.add_borrowed(name + ".scales", TensorDType::F16, expected_shape(e, 1), as_bytes(t.scales));
+    writer.add_borrowed(name + ".su", TensorDType::F16, expected_shape(e, 2), as_bytes(t.su));
+    writer.add_borrowed(name + ".sv", TensorDType::F16, expected_shape(e, 3), as_bytes(t.sv));
+    writer.add_borrowed(name + ".grid", TensorDType::F32, expected_shape(e, 4), as_bytes(t.grid));
     index["tensors"][name] = {{"bits", t.bits},       {"group_size", t.group_size},
                               {"hadamard", t.hadamard}, {"experts", t.experts},
                               {"K", t.K},             {"N", t.N},

@@ -347,15 +347,25 @@ void write_file_atomically(const std::filesystem::path& path,
   if (dir.fd >= 0) ::fsync(dir.fd);
 }
 
-void SafetensorsWriter::add(const std::string& name, TensorDType dtype, std::vector<int64_t> shape,
-                            std::span<const uint8_t> bytes) {
+void SafetensorsWriter::add_borrowed(const std::string& name, TensorDType dtype, std::vector<int64_t> shape,
+                                     std::span<const uint8_t> bytes) {
   const std::string what = fmt::format("safetensors writer: tensor '{}'", name);
   require(!name.empty() && name != "__metadata__", "{}: invalid tensor name", what);
-  for (const Entry& e : entries_) require(e.name != name, "{} added twice", what);
+  require(!names_.contains(name), "{} added twice", what);
   const uint64_t size = checked_byte_size(shape, dtype, what);
   require(size == bytes.size(), "{}: shape {} of {} needs {} bytes, got {}", what, shape_string(shape),
           tensor_dtype_name(dtype), size, bytes.size());
-  entries_.push_back(Entry{name, dtype, std::move(shape), {bytes.begin(), bytes.end()}});
+  names_.insert(name);
+  entries_.push_back(Entry{name, dtype, std::move(shape), true, {}, bytes});
+}
+
+void SafetensorsWriter::add(const std::string& name, TensorDType dtype, std::vector<int64_t> shape,
+                            std::span<const uint8_t> bytes) {
+  add_borrowed(name, dtype, std::move(shape), bytes);  // validates
+  Entry& e = entries_.back();
+  e.owned.assign(bytes.begin(), bytes.end());
+  e.borrowed = false;
+  e.borrowed_bytes = {};
 }
 
 void SafetensorsWriter::write(const std::filesystem::path& path) const {
@@ -365,8 +375,8 @@ void SafetensorsWriter::write(const std::filesystem::path& path) const {
   for (const Entry& e : entries_) {  // data in the order the tensors were added
     header[e.name] = {{"dtype", tensor_dtype_name(e.dtype)},
                       {"shape", e.shape},
-                      {"data_offsets", {offset, offset + e.bytes.size()}}};
-    offset += e.bytes.size();
+                      {"data_offsets", {offset, offset + e.bytes().size()}}};
+    offset += e.bytes().size();
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // data section starts 8-byte aligned
@@ -377,7 +387,7 @@ void SafetensorsWriter::write(const std::filesystem::path& path) const {
   // Written piece by piece: a shard may be hundreds of MB, so no second copy in memory.
   std::vector<std::span<const uint8_t>> pieces{
       length, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}};
-  for (const Entry& e : entries_) pieces.emplace_back(e.bytes);
+  for (const Entry& e : entries_) pieces.push_back(e.bytes());
   write_file_atomically(path, pieces);
 }
 

@@ -12,27 +12,9 @@
 namespace tmoe {
 namespace {
 
-// Q of expert e as doubles, row-major [K][N], decoded a tile column word at a time.
 std::vector<double> decode_q(const TrellisTensor& t, int64_t e) {
-  const TrellisView v = t.view();
   std::vector<double> q(t.K * t.N);
-  dispatch_bits(t.bits, [&](auto bits_constant) {
-    constexpr int kBits = decltype(bits_constant)::value;
-    for (int64_t kt = 0; kt < t.tiles_k(); ++kt) {
-      for (int64_t nt = 0; nt < t.tiles_n(); ++nt) {
-        const uint8_t* tile = v.expert_indices(e) + tile_offset(kt, nt, t.tiles_n(), kBits);
-        for (int nn = 0; nn < kTileDim && nt * kTileDim + nn < t.N; ++nn) {
-          const int64_t n = nt * kTileDim + nn;
-          const uint64_t word = load_column_word<kBits>(tile, nn);
-          for (int kk = 0; kk < kTileDim && kt * kTileDim + kk < t.K; ++kk) {
-            const int64_t k = kt * kTileDim + kk;
-            const double scale = half_to_float(v.expert_scales(e)[(k / t.group_size) * t.N + n]);
-            q[k * t.N + n] = static_cast<double>(t.grid[column_index<kBits>(word, kk)]) * scale;
-          }
-        }
-      }
-    }
-  });
+  tmoe::decode_q(t, e, q);
   return q;
 }
 

@@ -137,6 +137,33 @@ TEST_F(IoTest, RoundTripEveryDtypeWithMetadataAndEmptyTensors) {
   EXPECT_EQ(reader.at("scalar").elements(), 1);
 }
 
+// A file written by the reference implementation (Python safetensors 0.8.0, numpy): guards against
+// a reader and writer that agree with each other but not with the format.
+TEST_F(IoTest, ReadsFileWrittenByReferenceImplementation) {
+  const std::string header =
+      R"({"__metadata__":{"format":"pt"},"weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
+      R"("ids":{"dtype":"I32","shape":[2],"data_offsets":[16,24]},"half":{"dtype":"F16","shape":[3],)"
+      R"("data_offsets":[24,30]}})";
+  ASSERT_EQ(header.size(), 0xd0u);
+  const std::vector<uint8_t> data = {0x00, 0x00, 0xc0, 0x3f, 0x00, 0x00, 0x00, 0xc0, 0x00, 0x00,
+                                     0x80, 0x3e, 0x00, 0x00, 0x80, 0x44, 0x07, 0x00, 0x00, 0x00,
+                                     0xff, 0xff, 0xff, 0xff, 0x00, 0x3c, 0x00, 0xb8, 0xff, 0x7b};
+  std::vector<uint8_t> file = raw_file(header, 0);
+  file.insert(file.end(), data.begin(), data.end());
+  write_raw(dir_ / "golden.safetensors", file);
+
+  SafetensorsReader r(dir_ / "golden.safetensors");
+  EXPECT_EQ(r.metadata().at("format"), "pt");
+  EXPECT_EQ(r.at("weight").shape, (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(r.read_float("weight"), (std::vector<float>{1.5f, -2.0f, 0.25f, 1024.0f}));
+  EXPECT_EQ(r.read_float("half"), (std::vector<float>{1.0f, -0.5f, 65504.0f}));
+  const auto ids = r.bytes(r.at("ids"));
+  int32_t id[2];
+  std::memcpy(id, ids.data(), 8);
+  EXPECT_EQ(id[0], 7);
+  EXPECT_EQ(id[1], -1);
+}
+
 TEST_F(IoTest, ZeroTensorsAndNoMetadata) {
   const fs::path path = dir_ / "none.safetensors";
   SafetensorsWriter().write(path);

@@ -93,8 +93,14 @@ class SafetensorsWriter {
 // suffixes .indices .scales .su .sv .grid. proj is "gate", "up" or "down".
 std::string stacked_name(int layer, const std::string& proj);
 
-// A quantized model directory: safetensors shards plus trellis.json (bits, group size, hadamard and
-// shape per tensor). Layers load on demand.
+// A quantized model directory:
+//   layer-<L>.safetensors  per stacked name: .indices U8 [E, tiles_k, tiles_n, B], .scales F16
+//                          [E, G, N], .su F16 [E, K], .sv F16 [E, N], .grid F32 [2^bits]
+//                          (scales/su/sv may be F32 and grid F16 in files written by others)
+//   trellis.json           {"format": "trellis", "version": 1, "tensors": {<stacked name>: {"bits",
+//                          "group_size", "hadamard", "experts", "K", "N", "file"}}}
+// The constructor checks trellis.json against every shard (names, dtypes, shapes implied by
+// bits/K/N/group_size, grid of 2^bits) and keeps the shards mapped; layers load on demand.
 class QuantizedModel {
  public:
   explicit QuantizedModel(const std::filesystem::path& dir);  // validates; throws tmoe::Error

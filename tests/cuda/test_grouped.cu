@@ -50,6 +50,7 @@ struct Case {
   DType x_dtype = DType::bf16;
   DType out_dtype = DType::f32;
   bool deterministic = false;
+  int tile_rows = 0;  // 0: automatic
 };
 
 // Expert ids [T, k]: distinct experts per token for the routed slots.
@@ -111,6 +112,7 @@ std::vector<float> run_grouped(const Case& c, const MoeWeights& weights,
   args.out = out.ptr;
   args.out_dtype = c.out_dtype;
   args.deterministic = c.deterministic;
+  args.tile_rows = c.tile_rows;
   DeviceBuffer<uint8_t> workspace(grouped_moe_workspace_bytes(args));
   args.workspace = workspace.ptr;
 
@@ -158,7 +160,8 @@ Inputs make_inputs(Case& c, uint64_t seed) {
 void expect_matches_reference(Case c) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed) + ", tokens " + std::to_string(c.tokens));
+  SCOPED_TRACE("seed " + std::to_string(seed) + ", tokens " + std::to_string(c.tokens) +
+               ", tile rows " + std::to_string(c.tile_rows));
   Inputs in = make_inputs(c, seed);
   const std::vector<float> got = run_grouped(c, in.weights, in.x, in.ids, in.probs);
   const std::vector<double> ref = reference_forward(in.weights, c.tokens, in.x, in.ids, in.probs);
@@ -187,6 +190,32 @@ TEST_P(GroupedTokens, MatchesReferenceDeterministic) {
   expect_matches_reference(c);
 }
 INSTANTIATE_TEST_SUITE_P(Sizes, GroupedTokens, ::testing::Values(1, 65, 128, 257, 1000, 4096));
+
+// Every row-tile height on ragged routings (automatic choice picks one per token count).
+class GroupedTileRows : public ::testing::TestWithParam<int> {};
+TEST_P(GroupedTileRows, RaggedRoutings) {
+  for (Routing routing : {Routing::uniform, Routing::one_hot, Routing::half_empty,
+                          Routing::some_skipped}) {
+    Case c;
+    c.shape = small_shape();
+    c.tokens = 700;
+    c.routing = routing;
+    c.tile_rows = GetParam();
+    c.deterministic = routing == Routing::half_empty;
+    expect_matches_reference(c);
+  }
+}
+TEST_P(GroupedTileRows, PartialTiles) {
+  Case c;
+  c.shape = {"odd", 208, 80, 12, 3};
+  c.tokens = 1100;
+  c.layer.group_size = 48;
+  c.layer.gate_bits = 2;
+  c.layer.down_bits = 4;
+  c.tile_rows = GetParam();
+  expect_matches_reference(c);
+}
+INSTANTIATE_TEST_SUITE_P(Heights, GroupedTileRows, ::testing::Values(32, 128, 256));
 
 TEST(Grouped, OneHotExpert) {
   Case c;
@@ -313,6 +342,9 @@ TEST(Grouped, RejectsBadShapes) {
   EXPECT_THROW(grouped_moe_workspace_bytes(args), Error);
   args.gate.group_size = 32;
   EXPECT_NO_THROW(grouped_moe_workspace_bytes(args));
+  args.tile_rows = 64;  // not a supported tile height
+  EXPECT_THROW(grouped_moe_workspace_bytes(args), Error);
+  args.tile_rows = 0;
   args.up.K = 80;  // gate and up disagree
   EXPECT_THROW(grouped_moe_workspace_bytes(args), Error);
 }

@@ -240,6 +240,7 @@ TEST(GroupedBench, VersusCublas) {
       args.probs = probs_d;
       args.out = out;
       args.out_dtype = DType::bf16;
+      if (const char* rows = std::getenv("TMOE_GROUPED_BENCH_TILE_ROWS")) args.tile_rows = std::atoi(rows);
       GroupedMoeArgs det_args = args;
       det_args.deterministic = true;
       const size_t ws_bytes =

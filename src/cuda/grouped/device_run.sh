@@ -1,29 +1,27 @@
 #!/bin/bash
-# Device-side driver for the grouped engineer's runs: tests, memcheck, benchmark.
+# Device-side driver for the grouped engineer's runs: tests, memcheck, benchmarks, ncu, for each
+# test binary named on the command line (tmoe_cuda_tests built with -DTMOE_CUDA_ARCHITECTURES=90).
+# Usage (device): bash run.sh BINARY [BINARY...]; results under $OUT/<binary>.*
 cd "$(dirname "$0")"
 CUBLAS_DIR=$(dirname "$(find /usr/local/cuda* /opt /usr/lib -name 'libcublas.so.1*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH=$PWD/lib:$CUBLAS_DIR:$LD_LIBRARY_PATH
-echo "cublas dir: $CUBLAS_DIR"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
-MODE=${1:-all}
-if [[ $MODE == all || $MODE == test ]]; then
-  timeout ${TEST_TIMEOUT:-300} ./tmoe_cuda_tests --gtest_filter="${TEST_FILTER:-*Grouped*:-GroupedBench.*}" > $OUT/tests.log 2>&1
-  echo "tests rc=$?"
-  grep -E "^\[  (PASSED|FAILED) |Failure|seed|Expected|Which is|actual|error" $OUT/tests.log | head -60
-fi
-if [[ $MODE == all || $MODE == memcheck ]]; then
-  timeout 150 compute-sanitizer --tool memcheck ./tmoe_cuda_tests --gtest_filter="${MEMCHECK_FILTER:-Grouped.PartialTilesFp32:Grouped.HadamardRotation:Sizes/GroupedTokens.MatchesReference/1}" > $OUT/memcheck.log 2>&1
-  echo "memcheck rc=$?"; tail -6 $OUT/memcheck.log
-fi
-if [[ $MODE == all || $MODE == bench ]]; then
-  TMOE_GROUPED_BENCH=1 TMOE_GROUPED_BENCH_CSV=$OUT/bench.csv timeout ${BENCH_TIMEOUT:-240} ./tmoe_cuda_tests --gtest_filter='GroupedBench.*' > $OUT/bench.log 2>&1
-  echo "bench rc=$?"; grep -E "Failure|error|Expected" $OUT/bench.log | head; sed -n '/^shape /,$p' $OUT/bench.log
-fi
-if [[ $MODE == all || $MODE == profile ]]; then
-  cuobjdump -sass ./tmoe_cuda_tests > $OUT/sass.txt 2>/dev/null; gzip -f $OUT/sass.txt
-  TMOE_GROUPED_BENCH=1 TMOE_GROUPED_BENCH_SHAPES=mixtral-8x7b TMOE_GROUPED_BENCH_TOKENS=4096 timeout 150 \
-    ncu --kernel-name-base mangled --kernel-name regex:Li2ELb0ELi128 --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
-    ./tmoe_cuda_tests --gtest_filter='GroupedBench.*' > $OUT/ncu.txt 2>&1
-  echo "ncu rc=$?"; grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Occupancy|Registers|Eligible|Active Warps" $OUT/ncu.txt | head -40
-fi
+for BIN in "$@"; do
+  echo "=== $BIN"; ldd ./$BIN | grep "not found"
+  timeout 200 ./$BIN --gtest_filter='*Grouped*:-GroupedBench.*' > $OUT/$BIN.tests.log 2>&1
+  echo "tests rc=$?"; grep -E "^\[  (PASSED|FAILED) |Failure|seed|Expected|Which is|actual" $OUT/$BIN.tests.log | head -30
+  timeout 150 compute-sanitizer --tool memcheck ./$BIN --gtest_filter='Heights/GroupedTileRows.PartialTiles/*:Grouped.HadamardRotation:Sizes/GroupedTokens.MatchesReference/1' > $OUT/$BIN.memcheck.log 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" $OUT/$BIN.memcheck.log | head -5
+  TMOE_GROUPED_BENCH=1 timeout 150 ./$BIN --gtest_filter='GroupedBench.*' > $OUT/$BIN.bench.log 2>&1
+  echo "bench rc=$?"; sed -n '/^shape /,/^\[/p' $OUT/$BIN.bench.log
+done
+BIN=$1
+TMOE_GROUPED_BENCH=1 TMOE_GROUPED_BENCH_TILE_ROWS=128 TMOE_GROUPED_BENCH_SHAPES=mixtral-8x7b,deepseek-v3 TMOE_GROUPED_BENCH_TOKENS=1024,4096,16384 \
+  timeout 100 ./$BIN --gtest_filter='GroupedBench.*' > $OUT/bench128.log 2>&1
+echo "bench tile_rows=128 ($BIN) rc=$?"; sed -n '/^shape /,/^\[/p' $OUT/bench128.log
+TMOE_GROUPED_BENCH=1 TMOE_GROUPED_BENCH_SHAPES=mixtral-8x7b TMOE_GROUPED_BENCH_TOKENS=4096 timeout 120 \
+  ncu --kernel-name-base mangled --kernel-name regex:Li2ELb0ELi256 --launch-count 1 \
+  --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy \
+  --section LaunchStats --section InstructionStats --section SchedulerStats \
+  ./$BIN --gtest_filter='GroupedBench.*' > $OUT/ncu.txt 2>&1
+echo "ncu rc=$?"; grep -E "Duration|Issue Slots|Issued Ipc|Warp Cycles Per Issued|Achieved Active|Dynamic Shared" $OUT/ncu.txt | head

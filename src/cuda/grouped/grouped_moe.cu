@@ -28,10 +28,18 @@ namespace {
 // projections it runs: gate+up get 64 columns each, so SwiGLU pairs stay in one thread's
 // registers). kBK = 64 gives each pipeline stage 4 tiles of K; 8 warps as 2 (rows) x 4 (columns),
 // each warp 64 rows x 32 columns = 4 x 4 mma tiles of 16x8: 64 fp32 accumulators per thread.
-// Two row-tile heights: kBigRows for well-filled experts, kSmallRows when the average expert has
-// few rows (small token counts, many experts), where a 128-row tile would mostly multiply padding.
-constexpr int kBN = 128, kBK = 64, kThreads = 256, kStages = 3;
-constexpr int kBigRows = 128, kSmallRows = 32;
+// Three row-tile heights, chosen from the average rows per expert: kSmallRows (32) when experts
+// hold few rows (a taller tile would mostly multiply padding), kMidRows (128), and kHugeRows (256,
+// 16 warps as 4 x 4, one block per SM) for well-filled experts: the decode of a stage costs the
+// same for any height, so taller tiles spend fewer instructions per flop (the kernel is issue
+// bound, not tensor bound: see docs/notes-grouped.md).
+constexpr int kBN = 128, kBK = 64;
+constexpr int kSmallRows = 32, kMidRows = 128, kHugeRows = 256;
+constexpr int threads_for(int rows) { return rows == kHugeRows ? 512 : 256; }
+constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : 2; }
+// cp.async stages in flight: 4 where one block owns the SM (more latency to cover per block), 3
+// where two blocks share it (two blocks' shared memory must fit in 227 KB).
+constexpr int stages_for(int rows) { return rows == kHugeRows ? 4 : 3; }
 constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
@@ -50,6 +58,7 @@ enum Epilogue : int {
 struct GemmParams {
   DeviceProjection proj[2];
   bool fold_su[2];              // multiply decoded rows by su (hadamard = 0)
+  const __nv_bfloat16* su16[2]; // su as bf16 [E, K] (fold_su only)
   const __nv_bfloat16* a[2];    // A sources (a[1] used only with separate A operands)
   bool gather_tokens;           // A row of pair row r is order[r] / top_k (else r)
   int top_k;
@@ -104,33 +113,46 @@ __device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(__usho
 // ---- shared memory of grouped_gemm ----------------------------------------------------------
 template <int NUM_PROJ, bool SEPARATE_A, int BM>
 struct GemmSmem {
+  static constexpr int kStages = stages_for(BM);
   static constexpr int kNumA = SEPARATE_A ? 2 : 1;
   static constexpr int kProjCols = kBN / NUM_PROJ;          // columns per projection
   static constexpr int kProjNTiles = kProjCols / kTileDim;  // tiles of N per projection
   __nv_bfloat16 a[kStages][kNumA][BM * kAStride];
   uint8_t packed[kStages][NUM_PROJ][kProjNTiles][kKTiles][kMaxTileBytes];
   uint16_t scales[kStages][NUM_PROJ][kKTiles][kProjCols];
-  uint16_t su[kStages][NUM_PROJ][kBK];
-  __nv_bfloat16 b[kBN * kBStride];
-  float grid[NUM_PROJ][kMaxGrid];
-  // grid[level] * su[k] for the stage being decoded: one lookup + one multiply per weight.
-  float level_su[NUM_PROJ][kBK][kMaxGrid];
+  uint16_t su[kStages][NUM_PROJ][kBK];  // bf16 bits
+  // Decoded B, double-buffered: stage kb+1 is decoded while the MMAs consume stage kb, so
+  // decode (ALU) and MMA (tensor) warps overlap between the same two barriers.
+  __nv_bfloat16 b[2][kBN * kBStride];
+  // (grid[i], grid[j]) for the pair of indices (i, j) of two consecutive k: one lookup per two
+  // weights. A pair of BITS-bit fields is one 2*BITS-bit field of the column word.
+  float2 grid_pairs[NUM_PROJ][kMaxGrid * kMaxGrid];
   const __nv_bfloat16* a_src[kNumA][BM];
 };
 
 // Decodes one tile column (16 k-values of output column n_in_tile) to bf16:
-// w[k] = level_su[k][index] * scale, level_su[k][i] = grid[i] * su[k] (FORMAT.md, su folded into
-// the weights; su = 1 where the caller applied it to the activations).
+// w[k] = bf16(grid[index] * scale) * su[k] (FORMAT.md, su folded into the weights; su is +-1 in
+// practice, so the bf16 product is exact; null su: the caller applied it to the activations).
 template <int BITS>
 __device__ __forceinline__ void decode_column(const uint8_t* tile, int n_in_tile,
-                                              const float* level_su, float scale,
-                                              uint32_t (&out)[8]) {
+                                              const float2* grid_pairs, float scale,
+                                              const uint16_t* su, uint32_t (&out)[8]) {
   const uint64_t word = load_column_word<BITS>(tile, n_in_tile);
 #pragma unroll
   for (int k = 0; k < kTileDim; k += 2) {
-    const float w0 = level_su[k * kMaxGrid + column_index<BITS>(word, k)] * scale;
-    const float w1 = level_su[(k + 1) * kMaxGrid + column_index<BITS>(word, k + 1)] * scale;
-    out[k / 2] = pack_bf16(w0, w1);
+    const float2 g = grid_pairs[column_index<2 * BITS>(word, k / 2)];
+    out[k / 2] = pack_bf16(g.x * scale, g.y * scale);
+  }
+  if (su) {
+    uint32_t signs[8];
+    *reinterpret_cast<uint4*>(&signs[0]) = *reinterpret_cast<const uint4*>(su);
+    *reinterpret_cast<uint4*>(&signs[4]) = *reinterpret_cast<const uint4*>(su + 8);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&out[i]),
+                                       *reinterpret_cast<const __nv_bfloat162*>(&signs[i]));
+      out[i] = *reinterpret_cast<const uint32_t*>(&v);
+    }
   }
 }
 
@@ -139,9 +161,13 @@ __device__ __forceinline__ void decode_column(const uint8_t* tile, int n_in_tile
 // synchronisation is needed to know how many tiles the routing produced). Two blocks per SM
 // (<= 128 registers) so one block's decode overlaps the other's MMAs.
 template <int NUM_PROJ, bool SEPARATE_A, int BM>
-__global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) {
+__global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
+    grouped_gemm(const GemmParams p) {
   constexpr int kBM = BM;
-  constexpr int kWarpRows = BM / 2;
+  constexpr int kThreads = threads_for(BM);
+  constexpr int kStages = stages_for(BM);
+  constexpr int kWarpsM = kThreads / 128;  // warps: kWarpsM (rows) x 4 (columns)
+  constexpr int kWarpRows = BM / kWarpsM;
   using Smem = GemmSmem<NUM_PROJ, SEPARATE_A, BM>;
   constexpr int kNumA = Smem::kNumA;
   constexpr int kProjCols = Smem::kProjCols;
@@ -162,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
   const int row0 = p.items[2 * item + 1];
   const int rows_valid = min(kBM, p.offsets[expert + 1] - row0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int warp_m = warp >> 2, warp_n = warp & 3;  // warp_m < kWarpsM
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
   const int tiles_k = K / kTileDim;
 
@@ -176,20 +202,24 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
     }
     s.a_src[which][r] = src;
   }
-  for (int i = tid; i < NUM_PROJ * kMaxGrid; i += kThreads) {
-    const int q = i / kMaxGrid, level = i % kMaxGrid;
-    s.grid[q][level] = level < (1 << p.proj[q].bits) ? p.proj[q].grid[level] : 0.0f;
+  for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += kThreads) {
+    const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
+    const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
+    if (pair < (1 << (2 * bits)))
+      s.grid_pairs[q][pair] = make_float2(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
   }
 
   // Each thread's share of a stage's copies is fixed; its global addresses are computed once here
   // and advance by one stage per k-step (the k loop then costs a few instructions per copy).
   // Packed tiles: exactly one 16-byte chunk per thread (NUM_PROJ * kProjNTiles * kKTiles * 8 = 256).
-  static_assert(NUM_PROJ * kProjNTiles * kKTiles * (kMaxTileBytes / 16) == kThreads);
-  const int tile_chunk = tid % 8, tile_kt = (tid / 8) % kKTiles;
-  const int tile_nt = (tid / (8 * kKTiles)) % kProjNTiles, tile_q = tid / (8 * kKTiles * kProjNTiles);
+  static_assert(NUM_PROJ * kProjNTiles * kKTiles * (kMaxTileBytes / 16) == 256);
+  const int tile_tid = tid & 255;  // threads >= 256 (16-warp blocks) copy no tiles
+  const int tile_chunk = tile_tid % 8, tile_kt = (tile_tid / 8) % kKTiles;
+  const int tile_nt = (tile_tid / (8 * kKTiles)) % kProjNTiles;
+  const int tile_q = tile_tid / (8 * kKTiles * kProjNTiles);
   const uint8_t* tile_src = nullptr;
   int64_t tile_step = 0;  // bytes per stage along K
-  {
+  if (tid < 256) {
     const DeviceProjection& w = p.proj[tile_q];
     const int gn = n0 / kTileDim + tile_nt;
     if (tile_chunk * 16 < tile_bytes(w.bits) && gn < N / kTileDim)
@@ -215,7 +245,9 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
   } else if (tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
     const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
     meta_kt = chunk;  // su: chunk of 8 k-values
-    if (p.fold_su[q]) meta_src = p.proj[q].su + static_cast<int64_t>(expert) * K + chunk * 8;
+    if (p.fold_su[q])
+      meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K +
+                 chunk * 8;
     meta_dst = &s.su[0][q][chunk * 8];
   }
   __syncthreads();
@@ -253,34 +285,30 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
     }
   };
 
-  // Decodes buffer `buf` (stage kb) into s.b: row = output column of the block, k contiguous.
-  // Thread: one column `col` of the block, tiles of K dec_kt and dec_kt + 2.
-  static_assert(2 * kBN == kThreads);
+  // Decodes buffer `buf` (stage kb) into s.b[b_index]: row = output column, k contiguous.
+  // Thread: one column `col` of the block, tiles of K dec_kt (+ 2 with 256 threads).
+  constexpr int kDecodeColumns = kBN * kKTiles / kThreads;  // column words per thread: 2 or 1
   const int dec_col = tid % kBN, dec_kt = tid / kBN;
   const int dec_q = dec_col / kProjCols, dec_qcol = dec_col % kProjCols;
   const int dec_bits = p.proj[dec_q].bits;
+  const bool dec_fold_su = p.fold_su[dec_q];
   const bool dec_col_ok = n0 + dec_qcol < N;
-  auto decode_stage = [&](int buf, int kb) {
-    for (int i = tid; i < NUM_PROJ * kBK * kMaxGrid; i += kThreads) {
-      const int q = i / (kBK * kMaxGrid), k = (i / kMaxGrid) % kBK, level = i % kMaxGrid;
-      s.level_su[q][k][level] = s.grid[q][level] * (p.fold_su[q] ? h2f(s.su[buf][q][k]) : 1.0f);
-    }
-    __syncthreads();
+  auto decode_stage = [&](int buf, int kb, int b_index) {
     auto columns = [&](auto bits_constant) {
       constexpr int BITS = decltype(bits_constant)::value;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int kt = dec_kt + 2 * j;
+      for (int j = 0; j < kDecodeColumns; ++j) {
+        const int kt = dec_kt + (kThreads / kBN) * j;
         uint32_t out[8];
         if (dec_col_ok && kb * kKTiles + kt < tiles_k) {
           decode_column<BITS>(s.packed[buf][dec_q][dec_qcol / kTileDim][kt], dec_qcol % kTileDim,
-                              &s.level_su[dec_q][kt * kTileDim][0],
-                              h2f(s.scales[buf][dec_q][kt][dec_qcol]), out);
+                              s.grid_pairs[dec_q], h2f(s.scales[buf][dec_q][kt][dec_qcol]),
+                              dec_fold_su ? &s.su[buf][dec_q][kt * kTileDim] : nullptr, out);
         } else {
 #pragma unroll
           for (int i = 0; i < 8; ++i) out[i] = 0;
         }
-        uint4* dst = reinterpret_cast<uint4*>(&s.b[dec_col * kBStride + kt * kTileDim]);
+        uint4* dst = reinterpret_cast<uint4*>(&s.b[b_index][dec_col * kBStride + kt * kTileDim]);
         dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
         dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
       }
@@ -300,24 +328,30 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
+  // Pipeline: copies run kStages-1 stages ahead; stage kb+1 is decoded in the same barrier
+  // interval as stage kb's MMAs (decode one ahead), so there is one barrier per K step.
   const int num_kb = (K + kBK - 1) / kBK;
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < num_kb) load_stage(st, st);
     cp_async_commit();
   }
+  cp_async_wait<kStages - 2>();
+  __syncthreads();
+  decode_stage(0, 0, 0);
 
   for (int kb = 0; kb < num_kb; ++kb) {
     const int buf = kb % kStages;
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage kb landed for all threads; every warp is done with stage kb-1
+    cp_async_wait<kStages - 3>();  // stage kb+1 landed (this thread's copies)
+    // All copies of stage kb+1 visible; stage kb decoded; every warp is done with the MMAs of
+    // stage kb-1, so its A buffer and decoded-B buffer may be overwritten.
+    __syncthreads();
     {
       const int next = kb + kStages - 1;
       if (next < num_kb) load_stage(next % kStages, next);
       cp_async_commit();
     }
-    decode_stage(buf, kb);
-    __syncthreads();
+    if (kb + 1 < num_kb) decode_stage((kb + 1) % kStages, kb + 1, (kb + 1) & 1);
 
 #pragma unroll
     for (int ks = 0; ks < kKTiles; ++ks) {
@@ -337,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm(const GemmParams p) 
         for (int jj = 0; jj < kWarpNFrags / 2; ++jj) {
           const int col = q * kProjCols + warp_n * kWarpCols + jj * 16 + (lane >> 4) * 8 + (lane & 7);
           uint32_t r[4];
-          ldmatrix_x4(r, &s.b[col * kBStride + ks * kTileDim + ((lane >> 3) & 1) * 8]);
+          ldmatrix_x4(r, &s.b[kb & 1][col * kBStride + ks * kTileDim + ((lane >> 3) & 1) * 8]);
           bfrag[q * kWarpNFrags + jj * 2][0] = r[0];
           bfrag[q * kWarpNFrags + jj * 2][1] = r[1];
           bfrag[q * kWarpNFrags + jj * 2 + 1][0] = r[2];
@@ -452,6 +486,12 @@ __global__ void convert_to_bf16(const void* x, DType dtype, int64_t count, __nv_
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16_rn(load_as_float(x, i, dtype));
+}
+
+__global__ void su_to_bf16(const uint16_t* su, int64_t count, __nv_bfloat16* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(h2f(su[i]));
 }
 
 __global__ void convert_from_f32(const float* in, int64_t count, void* out, DType dtype) {
@@ -584,11 +624,13 @@ int64_t max_work_items(const GroupedMoeArgs& a, int tile_rows) {
   const int64_t pairs = a.tokens * a.top_k;
   return ceil_div(pairs, tile_rows) + std::min<int64_t>(a.gate.experts, pairs);
 }
-// Row tiles of kSmallRows when the average expert holds at most 64 rows (and no Hadamard path,
-// which keeps one configuration).
+// Row tile height from the average rows per expert (the Hadamard path keeps one configuration).
 int tile_rows_for(const GroupedMoeArgs& a) {
-  if (any_hadamard(a)) return kBigRows;
-  return a.tokens * a.top_k <= 64 * a.gate.experts ? kSmallRows : kBigRows;
+  if (any_hadamard(a)) return kMidRows;
+  if (a.tile_rows) return a.tile_rows;
+  const int64_t pairs = a.tokens * a.top_k;
+  if (pairs <= 64 * a.gate.experts) return kSmallRows;
+  return pairs >= 256 * a.gate.experts ? kHugeRows : kMidRows;
 }
 
 // Workspace carve-up; the same function sizes and places the buffers.
@@ -604,6 +646,7 @@ struct Workspace {
   float* u_raw = nullptr;
   float* rows = nullptr;            // [pairs, H] fixed-order combine / Hadamard path
   float* out_acc = nullptr;         // [T, H]   atomic combine into a 16-bit output
+  __nv_bfloat16* su16[3] = {};      // gate, up, down su as bf16 (hadamard = 0)
   size_t bytes = 0;
 };
 
@@ -632,6 +675,12 @@ Workspace carve(const GroupedMoeArgs& a, uint8_t* base) {
   take(w.h, pairs * I);
   if (fixed_order) take(w.rows, pairs * H);
   if (!fixed_order && a.out_dtype != DType::f32) take(w.out_acc, T * H);
+  if (!hadamard) {
+    const int64_t E = a.gate.experts;
+    take(w.su16[0], E * H);
+    take(w.su16[1], E * H);
+    take(w.su16[2], E * I);
+  }
   w.bytes = (at + 255) / 256 * 256;
   return w;
 }
@@ -669,6 +718,9 @@ void validate(const GroupedMoeArgs& a, bool check_pointers) {
         std::to_string(g.N) + ", up " + std::to_string(u.K) + "x" + std::to_string(u.N) +
         ", down " + std::to_string(d.K) + "x" + std::to_string(d.N) + ")");
   if (a.tokens < 0 || a.top_k <= 0) bad("tokens must be >= 0 and top_k > 0");
+  if (a.tile_rows != 0 && a.tile_rows != kSmallRows && a.tile_rows != kMidRows &&
+      a.tile_rows != kHugeRows)
+    bad("tile_rows must be 0, 32, 128 or 256, got " + std::to_string(a.tile_rows));
   if (a.tokens * a.top_k >= (int64_t{1} << 31)) bad("too many (token, slot) pairs");
   if (max_work_items(a, tile_rows_for(a)) > 65535) bad("too many row tiles for one launch's grid");
   if (any_hadamard(a)) {
@@ -696,7 +748,7 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items));
-  grouped_gemm<NUM_PROJ, SEPARATE_A, BM><<<grid, kThreads, smem, stream>>>(p);
+  grouped_gemm<NUM_PROJ, SEPARATE_A, BM><<<grid, threads_for(BM), smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
 
@@ -729,7 +781,6 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   const int64_t T = a.tokens, pairs = T * a.top_k, H = a.gate.K, I = a.gate.N;
   const int tile_rows = tile_rows_for(a);
   const int64_t max_items = max_work_items(a, tile_rows);
-  const bool small = tile_rows == kSmallRows;
   const bool hadamard = any_hadamard(a);
   const bool fixed_order = a.deterministic || hadamard;
 
@@ -750,6 +801,15 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.order = a.order;
   p.probs = a.probs;
   p.top_k = a.top_k;
+  // Launches grouped_gemm<NUM_PROJ, false, tile_rows>.
+  auto launch = [&](auto num_proj) {
+    constexpr int kNumProj = decltype(num_proj)::value;
+    switch (tile_rows) {
+      case kSmallRows: launch_gemm<kNumProj, false, kSmallRows>(p, max_items, stream); break;
+      case kHugeRows: launch_gemm<kNumProj, false, kHugeRows>(p, max_items, stream); break;
+      default: launch_gemm<kNumProj, false, kMidRows>(p, max_items, stream); break;
+    }
+  };
 
   // gate + up
   p.proj[0] = a.gate;
@@ -766,10 +826,18 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.a[0] = p.a[1] = x16;
     p.gather_tokens = true;
     p.fold_su[0] = p.fold_su[1] = true;
+    const DeviceProjection* projections[3] = {&a.gate, &a.up, &a.down};
+    for (int q = 0; q < 3; ++q) {
+      const int64_t count = projections[q]->experts * projections[q]->K;
+      su_to_bf16<<<elementwise_blocks(count), 256, 0, stream>>>(projections[q]->su, count,
+                                                                ws.su16[q]);
+      check_cuda(cudaGetLastError(), "su_to_bf16 launch");
+    }
+    p.su16[0] = ws.su16[0];
+    p.su16[1] = ws.su16[1];
     p.epilogue = kSwiglu;
     p.h = ws.h;
-    if (small) launch_gemm<2, false, kSmallRows>(p, max_items, stream);
-    else launch_gemm<2, false, kBigRows>(p, max_items, stream);
+    launch(std::integral_constant<int, 2>{});
   } else {
     const size_t row_bytes = H * sizeof(float);
     allow_shared(transform_pair_rows, row_bytes);
@@ -783,7 +851,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.epilogue = kRawPair;
     p.g_raw = ws.g_raw;
     p.u_raw = ws.u_raw;
-    launch_gemm<2, true, kBigRows>(p, max_items, stream);
+    launch_gemm<2, true, kMidRows>(p, max_items, stream);
     const size_t mid_bytes = 2 * I * sizeof(float);
     allow_shared(transform_intermediate, mid_bytes);
     transform_intermediate<<<static_cast<unsigned>(pairs), kRowThreads, mid_bytes, stream>>>(
@@ -798,6 +866,8 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.gather_tokens = false;
   p.fold_su[0] = !hadamard;
   p.fold_su[1] = false;
+  p.su16[0] = ws.su16[2];
+  p.su16[1] = nullptr;
   p.K = I;
   p.N = H;
   if (!fixed_order) {
@@ -805,8 +875,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     check_cuda(cudaMemsetAsync(acc, 0, T * H * sizeof(float), stream), "memset");
     p.epilogue = kAtomic;
     p.out_acc = acc;
-    if (small) launch_gemm<1, false, kSmallRows>(p, max_items, stream);
-    else launch_gemm<1, false, kBigRows>(p, max_items, stream);
+    launch(std::integral_constant<int, 1>{});
     if (a.out_dtype != DType::f32) {
       convert_from_f32<<<elementwise_blocks(T * H), 256, 0, stream>>>(acc, T * H, a.out,
                                                                       a.out_dtype);
@@ -816,8 +885,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   }
   p.epilogue = hadamard ? kRowsRaw : kRowsScaled;
   p.rows = ws.rows;
-  if (small) launch_gemm<1, false, kSmallRows>(p, max_items, stream);
-  else launch_gemm<1, false, kBigRows>(p, max_items, stream);
+  launch(std::integral_constant<int, 1>{});
   if (hadamard) {
     const size_t row_bytes = H * sizeof(float);
     allow_shared(finish_rows, row_bytes);

@@ -14,6 +14,7 @@
 #include "cpu/cpu_kernels.hpp"
 #include "tmoe/backend.hpp"
 #include "tmoe/error.hpp"
+#include "tmoe/hadamard.hpp"
 #include "tmoe/moe.hpp"
 
 namespace tmoe {
@@ -329,6 +330,33 @@ TEST(CpuBackend, BitwiseEqualForAnyThreadCountAndRepeatCalls) {
     const auto again = run(*single, in, c.hidden);
     EXPECT_EQ(0, std::memcmp(again.data(), expected.data(), again.size() * sizeof(float)));
   }
+}
+
+TEST(CpuKernels, SimdHadamardHasTheBitsOfTheScalarOne) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  struct Context {
+    uint64_t seed;
+  } context{seed};
+  cpu::for_each_simd_target(
+      [](const char* target, void* ctx) {
+        SCOPED_TRACE(std::string("target ") + target);
+        std::mt19937_64 rng(static_cast<Context*>(ctx)->seed);
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        for (int block : {1, 2, 4, 8, 16, 32, 128, 256}) {
+          for (int64_t blocks : {1, 3, 5}) {
+            const int64_t n = block * blocks;
+            std::vector<float> expected(n);
+            for (float& v : expected) v = normal(rng);
+            std::vector<float> got = expected;
+            block_hadamard(expected.data(), n, block);
+            cpu::hadamard(got.data(), n, block);
+            EXPECT_EQ(0, std::memcmp(got.data(), expected.data(), n * sizeof(float)))
+                << "block " << block << ", n " << n;
+          }
+        }
+      },
+      &context);
 }
 
 TEST(CpuBackend, EverySimdTargetMatchesReference) {

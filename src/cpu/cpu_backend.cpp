@@ -157,7 +157,7 @@ class CpuBackend final : public MoeBackend {
       // 3. down's input rotation
       if (down_.hadamard) {
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < slots; ++s) block_hadamard(h_.data() + s * inter_pad, inter_, down_.hadamard);
+        for (int64_t s = 0; s < slots; ++s) cpu::hadamard(h_.data() + s * inter_pad, inter_, down_.hadamard);
       }
 
       // 4. down, weighted and summed over the token's experts (in increasing id) into fp32 rows
@@ -180,7 +180,7 @@ class CpuBackend final : public MoeBackend {
             for (int r = 0; r < count; ++r) {
               const int32_t pair = plan_.order[s0 + r];
               float* zr = z + r * unit_h;
-              if (down_.hadamard) block_hadamard(zr, valid, down_.hadamard);
+              if (down_.hadamard) cpu::hadamard(zr, valid, down_.hadamard);
               const float p = b.expert_probs[pair];
               float* o = out32_.data() + (pair / k) * hidden_ + n0;
               for (int64_t i = 0; i < valid; ++i) o[i] += p * sv[i] * zr[i];
@@ -214,12 +214,12 @@ class CpuBackend final : public MoeBackend {
     const float* su = p.expert_su(e);
     for (int64_t i = 0; i < p.K; ++i) dst[i] = load_as_float(x, t * p.K + i, x_dtype) * su[i];
     std::fill(dst + p.K, dst + p.padded_K(), 0.0f);
-    if (p.hadamard) block_hadamard(dst, p.K, p.hadamard);
+    if (p.hadamard) cpu::hadamard(dst, p.K, p.hadamard);
   }
 
   // An output row of `valid` columns starting at n0: y <- T(y) . sv.
   static void finish_output(const PackedProjection& p, int e, int64_t n0, int64_t valid, float* y) {
-    if (p.hadamard) block_hadamard(y, valid, p.hadamard);
+    if (p.hadamard) cpu::hadamard(y, valid, p.hadamard);
     const float* sv = p.expert_sv(e) + n0;
     for (int64_t i = 0; i < valid; ++i) y[i] *= sv[i];
   }

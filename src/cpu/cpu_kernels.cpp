@@ -14,10 +14,12 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <utility>
 
 #include "cpu/cpu_kernels.hpp"
+#include "tmoe/hadamard.hpp"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
@@ -234,6 +236,45 @@ void SwiGlu(float* gate, const float* up, const float* post, int64_t n) {
   }
 }
 
+// The normalized block Walsh-Hadamard transform of hadamard.hpp, same butterflies in the same
+// order (so the same bits), vectorized: stages whose pairs are `len` < kLanes apart run inside a
+// vector (lane i meets lane i ^ len), wider stages pair whole vectors.
+void Hadamard(float* v, int64_t n, int block) {
+  const DF d;
+  const DI di;
+  const int64_t whole = block >= static_cast<int>(kLanes) ? n / block * block
+                                                          : n / kLanes * kLanes;
+  for (int len = 1; len < block && len < static_cast<int>(kLanes); len <<= 1) {
+    HWY_ALIGN int32_t partner[kLanes];
+    HWY_ALIGN float sign[kLanes];
+    for (size_t i = 0; i < kLanes; ++i) {
+      partner[i] = static_cast<int32_t>(i ^ static_cast<size_t>(len));
+      sign[i] = (i & static_cast<size_t>(len)) ? -1.0f : 1.0f;
+    }
+    const auto lanes = hn::IndicesFromVec(d, hn::Load(di, partner));
+    const VF signs = hn::Load(d, sign);
+    for (int64_t i = 0; i < whole; i += kLanes) {
+      const VF x = hn::LoadU(d, v + i);
+      // lower lane: x + partner; upper lane: partner - x (a - c with a the lower element)
+      hn::StoreU(hn::MulAdd(signs, x, hn::TableLookupLanes(x, lanes)), d, v + i);
+    }
+  }
+  for (int len = static_cast<int>(kLanes); len < block; len <<= 1) {
+    for (int64_t base = 0; base < whole; base += block) {
+      for (int i = 0; i < block; i += 2 * len) {
+        for (int j = i; j < i + len; j += static_cast<int>(kLanes)) {
+          const VF a = hn::LoadU(d, v + base + j), c = hn::LoadU(d, v + base + j + len);
+          hn::StoreU(hn::Add(a, c), d, v + base + j);
+          hn::StoreU(hn::Sub(a, c), d, v + base + j + len);
+        }
+      }
+    }
+  }
+  const VF norm = hn::Set(d, static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))));
+  for (int64_t i = 0; i < whole; i += kLanes) hn::StoreU(hn::Mul(hn::LoadU(d, v + i), norm), d, v + i);
+  if (whole < n) block_hadamard(v + whole, n - whole, block);  // blocks < kLanes past the last vector
+}
+
 const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
 
 }  // namespace HWY_NAMESPACE
@@ -244,6 +285,7 @@ HWY_AFTER_NAMESPACE();
 namespace tmoe::cpu {
 HWY_EXPORT(ProjectColumn);
 HWY_EXPORT(SwiGlu);
+HWY_EXPORT(Hadamard);
 HWY_EXPORT(TargetName);
 
 void project_column(const TileColumn& column, const float* const* rows, int count, float* out,
@@ -253,6 +295,7 @@ void project_column(const TileColumn& column, const float* const* rows, int coun
 void swiglu(float* gate, const float* up, const float* post, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SwiGlu)(gate, up, post, n);
 }
+void hadamard(float* v, int64_t n, int block) { HWY_DYNAMIC_DISPATCH(Hadamard)(v, n, block); }
 const char* simd_target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
 
 void for_each_simd_target(void (*f)(const char* target, void* context), void* context) {

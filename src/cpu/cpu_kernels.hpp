@@ -26,6 +26,10 @@ void project_column(const TileColumn& column, const float* const* rows, int coun
 // gate[i] = silu(gate[i]) * up[i] * post[i], silu(v) = v / (1 + exp(-v)).
 void swiglu(float* gate, const float* up, const float* post, int64_t n);
 
+// block_hadamard (tmoe/hadamard.hpp) with SIMD: the same butterflies in the same order, so the
+// same bits. n is a multiple of block (FORMAT.md); block a power of two.
+void hadamard(float* v, int64_t n, int block);
+
 // Name of the SIMD target the dispatcher picks on this CPU ("AVX3", "AVX2", ...).
 const char* simd_target_name();
 

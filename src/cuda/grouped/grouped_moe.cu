@@ -624,13 +624,34 @@ int64_t max_work_items(const GroupedMoeArgs& a, int tile_rows) {
   const int64_t pairs = a.tokens * a.top_k;
   return ceil_div(pairs, tile_rows) + std::min<int64_t>(a.gate.experts, pairs);
 }
-// Row tile height from the average rows per expert (the Hadamard path keeps one configuration).
+// Shared memory one block of the current device may opt in to (227 KB on H100, 163 KB on A100).
+size_t device_shared_limit() {
+  int device = 0, bytes = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  return static_cast<size_t>(bytes);
+}
+// Row tile height from the average rows per expert (the Hadamard path keeps one configuration);
+// the 256-row tile only where the device's shared memory holds it (Hopper).
 int tile_rows_for(const GroupedMoeArgs& a) {
-  if (any_hadamard(a)) return kMidRows;
-  if (a.tile_rows) return a.tile_rows;
+  const size_t limit = device_shared_limit();
+  if (any_hadamard(a)) {
+    if (sizeof(GemmSmem<2, true, kMidRows>) > limit)
+      bad("the Hadamard path needs " + std::to_string(sizeof(GemmSmem<2, true, kMidRows>)) +
+          " bytes of shared memory per block; this device allows " + std::to_string(limit));
+    return kMidRows;
+  }
+  const bool huge_fits = sizeof(GemmSmem<2, false, kHugeRows>) <= limit &&
+                         sizeof(GemmSmem<1, false, kHugeRows>) <= limit;
+  if (a.tile_rows) {
+    if (a.tile_rows == kHugeRows && !huge_fits)
+      bad("tile_rows = 256 needs more shared memory per block than this device allows");
+    return a.tile_rows;
+  }
   const int64_t pairs = a.tokens * a.top_k;
   if (pairs <= 64 * a.gate.experts) return kSmallRows;
-  return pairs >= 256 * a.gate.experts ? kHugeRows : kMidRows;
+  return pairs >= 256 * a.gate.experts && huge_fits ? kHugeRows : kMidRows;
 }
 
 // Workspace carve-up; the same function sizes and places the buffers.
@@ -662,7 +683,7 @@ Workspace carve(const GroupedMoeArgs& a, uint8_t* base) {
   const int64_t T = a.tokens, pairs = a.tokens * a.top_k, H = a.gate.K, I = a.gate.N;
   const bool hadamard = any_hadamard(a);
   const bool fixed_order = a.deterministic || hadamard;
-  take(w.items, 2 * max_work_items(a, tile_rows_for(a)));
+  take(w.items, 2 * max_work_items(a, kSmallRows));  // the longest list of any tile height
   take(w.num_items, 1);
   if (fixed_order) take(w.inverse, pairs);
   if (!hadamard && a.x_dtype != DType::bf16) take(w.x16, T * H);
@@ -722,7 +743,7 @@ void validate(const GroupedMoeArgs& a, bool check_pointers) {
       a.tile_rows != kHugeRows)
     bad("tile_rows must be 0, 32, 128 or 256, got " + std::to_string(a.tile_rows));
   if (a.tokens * a.top_k >= (int64_t{1} << 31)) bad("too many (token, slot) pairs");
-  if (max_work_items(a, tile_rows_for(a)) > 65535) bad("too many row tiles for one launch's grid");
+  if (max_work_items(a, kSmallRows) > 65535) bad("too many row tiles for one launch's grid");
   if (any_hadamard(a)) {
     const int64_t max_row = std::max(2 * g.N, g.K) * int64_t(sizeof(float));
     if (max_row > 200 * 1024) bad("Hadamard path: rows too long for shared memory");

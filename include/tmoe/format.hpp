@@ -50,6 +50,9 @@ void pack_indices(std::span<const uint8_t> indices, int64_t K, int64_t N, int bi
 void unpack_indices(std::span<const uint8_t> packed, int64_t K, int64_t N, int bits,
                     std::span<uint8_t> indices);
 
+// Q of expert e (grid[index] * scale: no signs, no T), row-major [K][N] in doubles: what the
+// kernels multiply with. Decoded a tile column word at a time.
+void decode_q(const TrellisTensor& t, int64_t e, std::span<double> q);
 // Element values of expert e as FORMAT.md defines them (grid * scale * su * sv), row-major [K][N].
 void decode_expert(const TrellisTensor& t, int64_t e, std::span<float> out);
 // The effective weight W of expert e, row-major [K][N], such that y = x . W equals the computation

@@ -131,16 +131,37 @@ void decode_expert(const TrellisTensor& t, int64_t e, std::span<float> out) {
     for (int64_t n = 0; n < t.N; ++n) out[k * t.N + n] = v.element(e, k, n);
 }
 
+void decode_q(const TrellisTensor& t, int64_t e, std::span<double> q) {
+  require(e >= 0 && e < t.experts, "expert {} out of range [0, {})", e, t.experts);
+  require(q.size() == static_cast<size_t>(t.K * t.N), "decode_q: output holds {}, needs {}", q.size(),
+          t.K * t.N);
+  const TrellisView v = t.view();
+  dispatch_bits(t.bits, [&](auto bits_constant) {
+    constexpr int kBits = decltype(bits_constant)::value;
+    for (int64_t kt = 0; kt < t.tiles_k(); ++kt) {
+      for (int64_t nt = 0; nt < t.tiles_n(); ++nt) {
+        const uint8_t* tile = v.expert_indices(e) + tile_offset(kt, nt, t.tiles_n(), kBits);
+        for (int nn = 0; nn < kTileDim && nt * kTileDim + nn < t.N; ++nn) {
+          const int64_t n = nt * kTileDim + nn;
+          const uint64_t word = load_column_word<kBits>(tile, nn);
+          for (int kk = 0; kk < kTileDim && kt * kTileDim + kk < t.K; ++kk) {
+            const int64_t k = kt * kTileDim + kk;
+            const double scale = half_to_float(v.expert_scales(e)[(k / t.group_size) * t.N + n]);
+            q[k * t.N + n] = static_cast<double>(t.grid[column_index<kBits>(word, kk)]) * scale;
+          }
+        }
+      }
+    }
+  });
+}
+
 void effective_weight(const TrellisTensor& t, int64_t e, std::span<double> out) {
   require(e >= 0 && e < t.experts, "expert {} out of range [0, {})", e, t.experts);
   require(out.size() == static_cast<size_t>(t.K * t.N), "effective_weight: output holds {}, needs {}",
           out.size(), t.K * t.N);
   const TrellisView v = t.view();
   // W = diag(su) H_K Q H_N diag(sv): transform Q's columns (along K), then its rows (along N).
-  for (int64_t k = 0; k < t.K; ++k)
-    for (int64_t n = 0; n < t.N; ++n)
-      out[k * t.N + n] = static_cast<double>(t.grid[v.index(e, k, n)]) *
-                         half_to_float(v.expert_scales(e)[(k / t.group_size) * t.N + n]);
+  decode_q(t, e, out);
   if (t.hadamard) {
     std::vector<double> column(t.K);
     for (int64_t n = 0; n < t.N; ++n) {
@@ -152,7 +173,8 @@ void effective_weight(const TrellisTensor& t, int64_t e, std::span<double> out) 
   }
   for (int64_t k = 0; k < t.K; ++k) {
     const double su = half_to_float(v.expert_su(e)[k]);
-    for (int64_t n = 0; n < t.N; ++n) out[k * t.N + n] *= su * half_to_float(v.expert_sv(e)[n]);
+    const uint16_t* sv = v.expert_sv(e);
+    for (int64_t n = 0; n < t.N; ++n) out[k * t.N + n] *= su * half_to_float(sv[n]);
   }
 }
 

@@ -12,15 +12,9 @@
 namespace tmoe {
 namespace {
 
-// Q of expert e as doubles, row-major [K][N].
 std::vector<double> decode_q(const TrellisTensor& t, int64_t e) {
-  const TrellisView v = t.view();
   std::vector<double> q(t.K * t.N);
-  for (int64_t k = 0; k < t.K; ++k) {
-    const uint16_t* scale_row = v.expert_scales(e) + (k / t.group_size) * t.N;
-    for (int64_t n = 0; n < t.N; ++n)
-      q[k * t.N + n] = static_cast<double>(t.grid[v.index(e, k, n)]) * half_to_float(scale_row[n]);
-  }
+  tmoe::decode_q(t, e, q);
   return q;
 }
 

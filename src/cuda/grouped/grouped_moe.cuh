@@ -1,0 +1,66 @@
+// The grouped tensor-core path of the CUDA backend (issue 5): the MoE forward for large token
+// counts (prefill). Tokens are grouped per expert by the routing plan (FORMAT.md), and each
+// expert's rows run through tiled GEMMs on tensor cores (mma.sync m16n8k16, bf16 operands, fp32
+// accumulation) whose B operand is decoded from the packed Trellis tiles straight into shared
+// memory. See docs/notes-grouped.md for the design, the measurements and what is left.
+//
+// Contract (what the caller, CudaMoe's dispatcher, provides):
+//   - x: the raw activations [tokens, H] in x_dtype (f32, f16 or bf16); nothing applied yet.
+//     This path applies su, the Hadamard transforms T and sv itself (FORMAT.md):
+//       * hadamard = 0 on every projection (the fast, fused path): su is folded into the decoded
+//         weights (x.su . Q = x . diag(su) Q), sv and SwiGLU into the gate/up epilogue (the
+//         intermediate is written once, as bf16), sv, the router weight and the combine into the
+//         down epilogue;
+//       * any projection with hadamard = b > 0: per-pair activations are transformed first, the
+//         GEMMs write fp32 rows and row-wise kernels apply T, sv, SwiGLU and the combine.
+//   - counts, offsets, order: the routing plan on the device (order holds pair ids t*k+j).
+//     Only offsets and order are read; counts is accepted for symmetry with the plan.
+//   - probs [tokens, k] (fp32), out [tokens, H] in out_dtype: every element is written.
+//   - workspace: grouped_moe_workspace_bytes(args) bytes, 256-byte aligned.
+// Graph-safe: no allocation, no host synchronisation; everything runs on `stream`.
+// Operands are bf16 whatever x_dtype is (f16 / f32 activations are converted once, [T, H]).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/device_weights.cuh"
+#include "tmoe/half.hpp"
+
+namespace tmoe::cuda::grouped {
+
+struct GroupedMoeArgs {
+  DeviceProjection gate, up, down;
+  int64_t tokens = 0;
+  int top_k = 0;
+  const void* x = nullptr;
+  DType x_dtype = DType::bf16;
+  const int32_t* counts = nullptr;   // [E] (unused, see above)
+  const int32_t* offsets = nullptr;  // [E+1]
+  const int32_t* order = nullptr;    // [offsets[E]]
+  const float* probs = nullptr;      // [tokens, top_k]
+  void* out = nullptr;               // [tokens, H]
+  DType out_dtype = DType::f32;
+  void* workspace = nullptr;
+  // Bitwise repeatable results: per-pair rows are combined in slot order by one kernel instead of
+  // float atomics. Paths with a Hadamard transform are always deterministic.
+  bool deterministic = false;
+  // Row-tile height of the GEMMs: 0 picks it from the average rows per expert; 32, 128 or 256
+  // force one (tests cover each, benchmarks compare them). The Hadamard path always uses 128.
+  int tile_rows = 0;
+};
+
+// Throws tmoe::Error (bad input) naming the first thing this path cannot run: shapes that do not
+// form one MoE layer, K or N not a multiple of 16, bad bits / group size / Hadamard block,
+// misaligned device pointers, or more tokens than the scheduler's grid can hold.
+void validate_grouped_moe(const GroupedMoeArgs& args);
+
+// Workspace for a call with these shapes, tokens, top_k, dtypes and options (pointers unused).
+size_t grouped_moe_workspace_bytes(const GroupedMoeArgs& args);
+
+// Runs the layer; see the contract above. Validates args first.
+void grouped_moe_forward(const GroupedMoeArgs& args, cudaStream_t stream);
+
+}  // namespace tmoe::cuda::grouped

@@ -87,13 +87,12 @@ class CpuBackend final : public MoeBackend {
     const int64_t unit_h = unit_columns(down_.hadamard);
     const int64_t units_i = ceil_div(inter_, unit_i), units_h = ceil_div(hidden_, unit_h);
     grow(xg_, slots * hid_pad);
-    grow(xu_, slots * hid_pad);
+    if (!same_input_) grow(xu_, slots * hid_pad);
     grow(h_, slots * inter_pad);
     grow(out32_, T * hidden_);
     const int64_t scratch_per_thread = 2 * kMaxRowBlock * unit_i + kMaxRowBlock * unit_h;
     grow(scratch_, threads_ * scratch_per_thread);
     grow(row_ptrs_, static_cast<size_t>(threads_) * 2 * kMaxRowBlock);
-
 
 #pragma omp parallel num_threads(threads_)
     {

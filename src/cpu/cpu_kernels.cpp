@@ -127,6 +127,10 @@ HWY_NOINLINE void ProjectBlock(const TileColumn& col, const float* const* rows, 
   for (int t = 0; t < TOKENS; ++t)
     for (int j = 0; j < kVecs; ++j) hn::StoreU(hn::Zero(d), d, out + t * out_stride + j * kLanes);
 
+  // One pointer per token row, advanced a tile at a time, so the 16 row reads of a tile are
+  // constant offsets from it (GCC otherwise keeps 16 induction pointers and spills them).
+  const float* x[TOKENS];
+  for (int t = 0; t < TOKENS; ++t) x[t] = rows[t];
   const uint8_t* tile = col.words;
   for (int64_t k_tile = 0, group = 0; k_tile < col.tiles_k; ++group) {
     const int64_t group_end = std::min(col.tiles_k, k_tile + col.tiles_per_group);
@@ -136,7 +140,6 @@ HWY_NOINLINE void ProjectBlock(const TileColumn& col, const float* const* rows, 
         for (int j = 0; j < kVecs; ++j) sum[c][t][j] = hn::Zero(d);
 
     for (; k_tile < group_end; ++k_tile, tile += kTileBytes) {
-      const int64_t k0 = k_tile * 16;
       // Weights stream from memory: ask for them early (the next columns of this thread's share
       // follow this one contiguously). Prefetches past the end are harmless.
       hwy::Prefetch(tile + kPrefetchBytes);
@@ -158,10 +161,11 @@ HWY_NOINLINE void ProjectBlock(const TileColumn& col, const float* const* rows, 
           const VF w = Lookup<BITS>(grid, col.grid16, hn::ShiftRight<kShift>(word));
           for (int t = 0; t < TOKENS; ++t) {
             VF& s = sum[kRow % CHAINS][t][j];
-            s = hn::MulAdd(w, hn::Set(d, rows[t][k0 + kRow]), s);
+            s = hn::MulAdd(w, hn::Set(d, x[t][kRow]), s);
           }
         });
       }
+      for (int t = 0; t < TOKENS; ++t) x[t] += 16;
     }
     const uint16_t* scales = col.scales + (group * 16);
     for (int j = 0; j < kVecs; ++j) {
@@ -180,8 +184,10 @@ HWY_NOINLINE void ProjectBlock(const TileColumn& col, const float* const* rows, 
 template <int BITS, int TOKENS>
 HWY_INLINE void ProjectBlockFor(const TileColumn& col, const float* const* rows, float* out,
                                 int64_t out_stride) {
-  // Enough independent FMA chains to cover the FMA latency (about 8 in flight).
-  constexpr int kChains = TOKENS * kVecs >= 8 ? 1 : TOKENS * kVecs >= 4 ? 2 : 4;
+  // Enough independent FMA chains to cover the FMA latency: 2 FMA pipes x 4 cycles = 8 in flight.
+  // (With 4 chains, one token ran at one tile row per FMA latency: 16 cycles a tile.)
+  constexpr int kAccumulators = TOKENS * kVecs;
+  constexpr int kChains = kAccumulators >= 8 ? 1 : kAccumulators >= 4 ? 2 : kAccumulators >= 2 ? 4 : 8;
   ProjectBlock<BITS, TOKENS, kChains>(col, rows, out, out_stride);
 }
 

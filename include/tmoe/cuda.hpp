@@ -1,0 +1,68 @@
+// The CUDA MoE layer: weights uploaded once, forward() on a stream over device pointers.
+//
+//   CudaMoe moe(weights);                                   // uploads (validates, throws tmoe::Error)
+//   void* ws; cudaMalloc(&ws, moe.workspace_bytes(T, k));   // fixed size for up to T tokens
+//   moe.forward(batch, ws, bytes, stream);                  // async; no sync, no allocation:
+//                                                           // capturable in a CUDA graph
+//   moe.check_errors();                                     // after the stream: bad expert ids?
+//
+// forward() runs four kernels: device routing (counts, offsets, stable order, work items), the
+// gate+up pass (SwiGLU fused in its finishing step), the down pass, and the fixed-order combine
+// over the k slots of each token. Results are always bitwise repeatable run to run (all float
+// reductions run in a fixed order; the only atomics count integers), so `deterministic` costs
+// nothing and changes nothing today; it is kept so a faster non-deterministic path can be added.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "tmoe/moe.hpp"
+
+namespace tmoe::cuda {
+
+struct DeviceProjection;  // src/cuda/device_weights.cuh: the view every kernel path reads
+
+struct CudaMoeOptions {
+  bool deterministic = false;  // see the header comment: every path is deterministic today
+};
+
+class CudaMoe {
+ public:
+  // Uploads gate, up and down to the current device. Throws tmoe::Error (bad input) for shapes the
+  // kernels do not take: K or N not a multiple of 16, Hadamard blocks over 256, more than 4096
+  // experts.
+  explicit CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options = {});
+  ~CudaMoe();
+  CudaMoe(const CudaMoe&) = delete;
+  CudaMoe& operator=(const CudaMoe&) = delete;
+
+  MoeShape shape() const;       // hidden, intermediate, experts (top_k 0: it is per call)
+  int64_t device_bytes() const;  // bytes of the uploaded weights
+
+  // Workspace forward() needs for up to `tokens` tokens with `top_k` slots each.
+  size_t workspace_bytes(int64_t tokens, int top_k) const;
+
+  // out = MoE(x) for the device tensors of `batch`, enqueued on `stream`. Host-side checks only
+  // (throws tmoe::Error on a bad batch or a too small workspace); nothing waits for the device.
+  // Expert ids outside [0, E) other than -1 are skipped and flagged: check_errors() reports them.
+  void forward(const MoeBatch& batch, void* workspace, size_t workspace_bytes,
+               cudaStream_t stream) const;
+
+  // Waits for the device, then throws tmoe::Error (bad input) if any forward() since the last
+  // check saw an expert id outside [0, E) other than -1, and clears the flag.
+  void check_errors() const;
+
+  // The uploaded projections (for other kernel paths, e.g. src/cuda/grouped/).
+  const DeviceProjection& gate() const;
+  const DeviceProjection& up() const;
+  const DeviceProjection& down() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tmoe::cuda

@@ -1,0 +1,318 @@
+// CudaMoe: upload, workspace plan and the four launches of forward().
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cuda_check.hpp"
+#include "device_weights.cuh"
+#include "projection.cuh"
+#include "routing.hpp"
+#include "tmoe/cuda.hpp"
+#include "tmoe/error.hpp"
+
+namespace tmoe::cuda {
+namespace {
+
+[[noreturn]] void bad_input(const std::string& what) { throw Error(ErrorKind::bad_input, what); }
+
+template <typename T>
+T* upload(const std::vector<T>& host, std::vector<void*>& owned) {
+  void* p = nullptr;
+  const size_t bytes = std::max<size_t>(host.size() * sizeof(T), 16);
+  TMOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+  owned.push_back(p);
+  if (!host.empty()) TMOE_CUDA_CHECK(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return static_cast<T*>(p);
+}
+
+// grid[i] == grid[0] + step * i to within 1e-6 of the largest level: the affine fast path. (The
+// default grid is affine; the error of treating it so is ~1e-7 relative, far below any output
+// rounding.)
+PassProjection describe(const TrellisTensor& t, const DeviceProjection& w) {
+  PassProjection p;
+  p.w = w;
+  const int levels = 1 << t.bits;
+  const double step = (static_cast<double>(t.grid[levels - 1]) - t.grid[0]) / (levels - 1);
+  double largest = 0;
+  for (float g : t.grid) largest = std::max(largest, std::fabs(static_cast<double>(g)));
+  bool affine = step != 0.0;
+  for (int i = 0; i < levels && affine; ++i)
+    affine = std::fabs(t.grid[i] - (t.grid[0] + step * i)) <= 1e-6 * largest;
+  p.affine = affine;
+  p.step = affine ? static_cast<float>(step) : 1.0f;
+  p.grid0_over_step = affine ? static_cast<float>(t.grid[0] / step) : 0.0f;
+  return p;
+}
+
+void check_projection(const TrellisTensor& t, const char* name) {
+  if (t.K % kTileDim || t.N % kTileDim)
+    bad_input(std::string("cuda backend: ") + name + " is " + std::to_string(t.K) + "x" + std::to_string(t.N) +
+              "; K and N must be multiples of 16");
+  if (t.hadamard > kMaxHadamard)
+    bad_input(std::string("cuda backend: ") + name + " uses Hadamard blocks of " + std::to_string(t.hadamard) +
+              "; the CUDA kernels take blocks up to " + std::to_string(kMaxHadamard));
+}
+
+size_t align_up(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
+
+// Launch geometry and workspace layout of one forward call; a function of (T, k) and the shape
+// only, so a captured graph replays the same launches.
+struct PassPlan {
+  int k_splits = 1, k_tiles_per_block = 1, col_groups = 1, finish_cols = kColsPerBlock,
+      num_finish_groups = 1;
+  size_t shared = 0;
+};
+
+struct ForwardPlan {
+  int tokens_per_item = 1;
+  int64_t pairs = 0, max_items = 0;
+  PassPlan gate_up, down;
+  size_t counts = 0, offsets = 0, order = 0, inverse = 0, items = 0, num_items = 0, counters = 0,
+         h = 0, y = 0, partial_gate_up = 0, partial_down = 0, total = 0;
+  int64_t num_counters = 0;
+};
+
+PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int64_t busy_items,
+                   int tokens_per_item, int sms) {
+  PassPlan p;
+  const int64_t tiles_k = w.tiles_k();
+  p.col_groups = static_cast<int>(ceil_div(w.tiles_n(), kTilesPerStepRow));
+  const int align = std::max(1, w.hadamard / kTileDim);  // K ranges hold whole Hadamard blocks
+  // Activations of a block stay under 32 KB of shared memory.
+  const int64_t max_kr = std::max<int64_t>(align, (8192 / tokens_per_item / kTileDim) / align * align);
+  // Enough blocks to fill the GPU about 4 times over with the items that will be busy, but each
+  // block at least 16 k-tile rows (one step for each of its warps) where K allows.
+  const int64_t per_split = std::max<int64_t>(1, busy_items * p.col_groups * nproj);
+  int64_t ks = ceil_div(4LL * sms, per_split);
+  ks = std::min(ks, std::max<int64_t>(1, tiles_k / 16));
+  ks = std::max(ks, ceil_div(tiles_k, max_kr));
+  int64_t kr = ceil_div(tiles_k, ks);
+  kr = ceil_div(kr, align) * align;
+  p.k_tiles_per_block = static_cast<int>(kr);
+  p.k_splits = static_cast<int>(ceil_div(tiles_k, kr));
+  p.finish_cols = std::max(kColsPerBlock, hadamard_out);
+  p.num_finish_groups = static_cast<int>(ceil_div(p.col_groups, p.finish_cols / kColsPerBlock));
+  p.shared = pass_shared_bytes(tokens_per_item, p.k_tiles_per_block, p.finish_cols);
+  return p;
+}
+
+}  // namespace
+
+struct CudaMoe::Impl {
+  MoeShape shape;
+  CudaMoeOptions options;
+  std::vector<void*> owned;
+  DeviceProjection gate, up, down;
+  PassProjection gate_pass, up_pass, down_pass;
+  int32_t* error = nullptr;  // [3], see routing.hpp
+  int sms = 132;
+  int64_t bytes = 0;
+
+  ~Impl() {
+    for (void* p : owned) cudaFree(p);
+  }
+
+  DeviceProjection upload_projection(const TrellisTensor& t) {
+    DeviceProjection d;
+    d.tiles = upload(t.indices, owned);
+    d.k_tile_stride = t.tiles_n() * tile_bytes(t.bits);  // FORMAT.md order: no repacking
+    d.n_tile_stride = tile_bytes(t.bits);
+    d.expert_stride = t.tiles_k() * d.k_tile_stride;
+    d.scales = upload(t.scales, owned);
+    d.su = upload(t.su, owned);
+    d.sv = upload(t.sv, owned);
+    d.grid = upload(t.grid, owned);
+    d.experts = t.experts;
+    d.K = t.K;
+    d.N = t.N;
+    d.bits = t.bits;
+    d.group_size = t.group_size;
+    d.hadamard = t.hadamard;
+    bytes += static_cast<int64_t>(t.indices.size() + 2 * (t.scales.size() + t.su.size() + t.sv.size()));
+    return d;
+  }
+
+  ForwardPlan plan(int64_t tokens, int top_k) const {
+    ForwardPlan f;
+    f.pairs = tokens * top_k;
+    f.tokens_per_item = tokens <= 1 ? 1 : tokens <= 2 ? 2 : kMaxItemTokens;
+    f.max_items = max_work_items(f.pairs, shape.experts, f.tokens_per_item);
+    const int64_t busy = std::min<int64_t>(f.max_items, std::min<int64_t>(f.pairs, shape.experts));
+    f.gate_up = plan_pass(gate, 2, std::max(gate.hadamard, up.hadamard), busy, f.tokens_per_item, sms);
+    f.down = plan_pass(down, 1, down.hadamard, busy, f.tokens_per_item, sms);
+    const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
+    f.num_counters = f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups);
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t here = at;
+      at = align_up(at + std::max<size_t>(bytes, 4));
+      return here;
+    };
+    f.counts = take(E * 4);
+    f.offsets = take((E + 1) * 4);
+    f.order = take(P * 4);
+    f.inverse = take(P * 4);
+    f.items = take(f.max_items * kWorkItemInts * 4);
+    f.num_items = take(4);
+    f.counters = take(f.num_counters * 4);
+    f.h = take(P * I * 4);
+    f.y = take(P * H * 4);
+    f.partial_gate_up = take(2 * static_cast<size_t>(f.gate_up.k_splits) * P * I * 4);
+    f.partial_down = take(static_cast<size_t>(f.down.k_splits) * P * H * 4);
+    f.total = at;
+    return f;
+  }
+};
+
+namespace {
+
+// out[t] = sum_j p[t,j] * y[inverse[t,j]] in slot order (deterministic), converted to out_dtype.
+__global__ void combine_kernel(const float* __restrict__ y, const int32_t* __restrict__ inverse,
+                               const float* __restrict__ probs, int64_t tokens, int top_k, int64_t H, void* out,
+                               DType out_dtype) {
+  for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y)
+  for (int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; n < H;
+       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+      const int32_t pos = inverse[t * top_k + j];
+      if (pos >= 0) sum = fmaf(probs[t * top_k + j], y[static_cast<int64_t>(pos) * H + n], sum);
+    }
+    store_from_float(out, t * H + n, out_dtype, sum);
+  }
+}
+
+}  // namespace
+
+CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : impl_(std::make_unique<Impl>()) {
+  weights.validate();
+  check_projection(weights.gate, "gate");
+  check_projection(weights.up, "up");
+  check_projection(weights.down, "down");
+  Impl& m = *impl_;
+  m.shape = weights.shape();
+  m.options = options;
+  if (m.shape.experts > kMaxRoutingExperts)
+    bad_input("cuda backend: " + std::to_string(m.shape.experts) + " experts; at most " +
+              std::to_string(kMaxRoutingExperts));
+  int device = 0;
+  TMOE_CUDA_CHECK(cudaGetDevice(&device));
+  TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, device));
+  prepare_projection_kernels();
+  m.gate = m.upload_projection(weights.gate);
+  m.up = m.upload_projection(weights.up);
+  m.down = m.upload_projection(weights.down);
+  m.gate_pass = describe(weights.gate, m.gate);
+  m.up_pass = describe(weights.up, m.up);
+  m.down_pass = describe(weights.down, m.down);
+  m.error = upload(std::vector<int32_t>{0, INT_MAX, 0}, m.owned);
+}
+
+CudaMoe::~CudaMoe() = default;
+
+MoeShape CudaMoe::shape() const { return impl_->shape; }
+int64_t CudaMoe::device_bytes() const { return impl_->bytes; }
+const DeviceProjection& CudaMoe::gate() const { return impl_->gate; }
+const DeviceProjection& CudaMoe::up() const { return impl_->up; }
+const DeviceProjection& CudaMoe::down() const { return impl_->down; }
+
+size_t CudaMoe::workspace_bytes(int64_t tokens, int top_k) const {
+  if (tokens < 0 || top_k < 1) bad_input("workspace_bytes: tokens must be >= 0 and top_k >= 1");
+  // Splits shrink as tokens grow, so take the largest plan up to `tokens` (small counts first).
+  size_t most = impl_->plan(tokens, top_k).total;
+  for (int64_t t = 1; t < std::min<int64_t>(tokens, 1024); ++t) most = std::max(most, impl_->plan(t, top_k).total);
+  return most;
+}
+
+void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStream_t stream) const {
+  const Impl& m = *impl_;
+  if (b.tokens < 0 || b.top_k < 1)
+    bad_input("forward: tokens = " + std::to_string(b.tokens) + ", top_k = " + std::to_string(b.top_k));
+  if (b.tokens == 0) return;
+  if (!b.x || !b.expert_ids || !b.expert_probs || !b.out) bad_input("forward: a batch pointer is null");
+  for (DType d : {b.x_dtype, b.out_dtype})
+    if (d != DType::f32 && d != DType::f16 && d != DType::bf16) bad_input("forward: unknown dtype");
+  const ForwardPlan f = m.plan(b.tokens, b.top_k);
+  if (!workspace || bytes < f.total)
+    bad_input("forward: the workspace holds " + std::to_string(bytes) + " bytes; " +
+              std::to_string(b.tokens) + " tokens need " + std::to_string(f.total) +
+              " (workspace_bytes())");
+  char* ws = static_cast<char*>(workspace);
+  auto at = [&](size_t offset) { return reinterpret_cast<int32_t*>(ws + offset); };
+  auto at_f = [&](size_t offset) { return reinterpret_cast<float*>(ws + offset); };
+
+  RoutingOutputs r;
+  r.counts = at(f.counts);
+  r.offsets = at(f.offsets);
+  r.order = at(f.order);
+  r.inverse = at(f.inverse);
+  r.items = at(f.items);
+  r.num_items = at(f.num_items);
+  r.counters = at(f.counters);
+  r.num_counters = f.num_counters;
+  r.error = m.error;
+  launch_routing(b.expert_ids, b.tokens, b.top_k, m.shape.experts, f.tokens_per_item, r, stream);
+
+  PassArgs gu;
+  gu.proj[0] = m.gate_pass;
+  gu.proj[1] = m.up_pass;
+  gu.nproj = 2;
+  gu.src = b.x;
+  gu.src_dtype = b.x_dtype;
+  gu.src_by_token = 1;
+  gu.top_k = b.top_k;
+  gu.items = r.items;
+  gu.num_items = r.num_items;
+  gu.order = r.order;
+  gu.pairs = f.pairs;
+  gu.k_splits = f.gate_up.k_splits;
+  gu.k_tiles_per_block = f.gate_up.k_tiles_per_block;
+  gu.col_groups = f.gate_up.col_groups;
+  gu.finish_groups_cols = f.gate_up.finish_cols;
+  gu.num_finish_groups = f.gate_up.num_finish_groups;
+  gu.partial = at_f(f.partial_gate_up);
+  gu.counters = r.counters;
+  gu.dst = at_f(f.h);
+  launch_projection_pass(gu, f.tokens_per_item, f.max_items, f.gate_up.shared, stream);
+
+  PassArgs dn = gu;
+  dn.proj[0] = m.down_pass;
+  dn.proj[1] = m.down_pass;
+  dn.nproj = 1;
+  dn.src = at_f(f.h);
+  dn.src_dtype = DType::f32;
+  dn.src_by_token = 0;
+  dn.k_splits = f.down.k_splits;
+  dn.k_tiles_per_block = f.down.k_tiles_per_block;
+  dn.col_groups = f.down.col_groups;
+  dn.finish_groups_cols = f.down.finish_cols;
+  dn.num_finish_groups = f.down.num_finish_groups;
+  dn.partial = at_f(f.partial_down);
+  dn.counters = r.counters + f.max_items * f.gate_up.num_finish_groups;
+  dn.dst = at_f(f.y);
+  launch_projection_pass(dn, f.tokens_per_item, f.max_items, f.down.shared, stream);
+
+  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>(ceil_div(m.shape.hidden, threads)), static_cast<unsigned>(std::min<int64_t>(b.tokens, 65535)));
+  combine_kernel<<<grid, threads, 0, stream>>>(at_f(f.y), r.inverse, b.expert_probs, b.tokens, b.top_k,
+                                               m.shape.hidden, b.out, b.out_dtype);
+  TMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaMoe::check_errors() const {
+  TMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  int32_t error[3];
+  TMOE_CUDA_CHECK(cudaMemcpy(error, impl_->error, sizeof error, cudaMemcpyDeviceToHost));
+  if (error[0] == 0) return;
+  const int32_t reset[3] = {0, INT_MAX, 0};
+  TMOE_CUDA_CHECK(cudaMemcpy(impl_->error, reset, sizeof reset, cudaMemcpyHostToDevice));
+  const int top_k = std::max(1, error[2]);
+  bad_input("expert_ids: " + std::to_string(error[0]) + " id(s) outside [0, " +
+            std::to_string(impl_->shape.experts) + ") other than -1 (first at token " +
+            std::to_string(error[1] / top_k) + ", slot " + std::to_string(error[1] % top_k) +
+            "); those slots were skipped");
+}
+
+}  // namespace tmoe::cuda

@@ -1,0 +1,320 @@
+// The decode / small-batch projection pass (see projection.cuh for the scheme).
+#include <cuda_fp16.h>
+
+#include "cuda_check.hpp"
+#include "projection.cuh"
+
+namespace tmoe::cuda {
+namespace {
+
+// 2^e for |e| < 127, built from its bits (a constant once e is).
+__device__ __forceinline__ float pow2(int e) { return __uint_as_float(static_cast<uint32_t>(127 + e) << 23); }
+
+// A tile column is 16 fields of BITS bits. The affine decode ORs a field, left where it sits in a
+// 32-bit word, into the mantissa of 2^23 (bits 0..22) and turns it back into its exact index with
+// one FMA: (2^23 + idx * 2^s) * 2^-s - 2^(23-s) = idx. So a field must lie in bits [0, 23) of the
+// word it is read from: the column is cut into "segments" of 23 / BITS whole fields, each read with
+// one funnel shift. (Closed forms, not loops: they must fold to constants in the unrolled code.)
+template <int BITS>
+__device__ __forceinline__ constexpr int segment_base(int j) {
+  return j / (23 / BITS) * (23 / BITS) * BITS;
+}
+
+// 32 bits starting at bit `bit` of a thread's register array (bit is a compile-time constant after
+// unrolling, so this is one funnel shift or a plain register read).
+template <int WORDS>
+__device__ __forceinline__ uint32_t bits_at(const uint32_t (&r)[WORDS], int bit) {
+  const int w = bit >> 5, shift = bit & 31;
+  const uint32_t lo = r[w];
+  const uint32_t hi = w + 1 < WORDS ? r[w + 1] : 0u;
+  return shift == 0 ? lo : __funnelshift_r(lo, hi, shift);
+}
+
+__device__ __forceinline__ float half_bits_to_float(uint16_t h) {
+  return __half2float(__ushort_as_half(h));
+}
+
+// Normalized block Walsh-Hadamard transform of `rows` rows (row_len values each, `stride` apart)
+// in shared memory, blocks of `block`; every thread of the block calls it.
+__device__ void shared_block_hadamard(float* data, int rows, int row_len, int stride, int block) {
+  const int half_len = row_len / 2;
+  for (int len = 1; len < block; len <<= 1) {
+    for (int i = threadIdx.x; i < rows * half_len; i += blockDim.x) {
+      const int row = i / half_len, q = i % half_len;
+      const int lo = (q / len) * 2 * len + (q % len);
+      float* d = data + row * stride;
+      const float a = d[lo], b = d[lo + len];
+      d[lo] = a + b;
+      d[lo + len] = a - b;
+    }
+    __syncthreads();
+  }
+  const float norm = rsqrtf(static_cast<float>(block));
+  for (int i = threadIdx.x; i < rows * row_len; i += blockDim.x) data[(i / row_len) * stride + i % row_len] *= norm;
+  __syncthreads();
+}
+
+// One warp's share of a block: all k-tile rows of the block's K range that belong to this warp,
+// for the 4 n-tiles of the column group; total[c][t] gets the sums of the thread's 8 columns.
+template <int BITS, int TC, bool AFFINE>
+__device__ __forceinline__ void stream_tiles(const PassProjection& pp, int expert, int k_tile0,
+                                             int k_tiles, int n_tile, bool column_active,
+                                             const float* xs, int xs_stride, const float* tile_sums,
+                                             int sums_stride, const float* grid,
+                                             float (&total)[8][TC]) {
+  constexpr int kWords = 4 * BITS;      // 8 tile columns = 16 * BITS bytes
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const DeviceProjection& w = pp.w;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kq = lane >> 3, half = lane & 1;
+  const int steps = (k_tiles + kRowsPerStep - 1) / kRowsPerStep;
+  const int64_t groups = w.groups();
+  const uint16_t* scale_base = w.scales + static_cast<int64_t>(expert) * groups * w.N + n_tile * kTileDim + half * 8;
+
+  for (int s0 = warp; s0 < steps; s0 += kProjWarps * kUnroll) {
+    uint32_t r[kUnroll][kWords];
+    uint4 scale_bits[kUnroll];
+    int row[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      row[u] = (s0 + u * kProjWarps) * kRowsPerStep + kq;
+      valid[u] = column_active && row[u] < k_tiles;
+      if (valid[u]) {
+        const uint4* src = reinterpret_cast<const uint4*>(w.tile(expert, k_tile0 + row[u], n_tile)) + half * BITS;
+#pragma unroll
+        for (int v = 0; v < BITS; ++v) {
+          const uint4 q = __ldg(src + v);
+          r[u][4 * v + 0] = q.x;
+          r[u][4 * v + 1] = q.y;
+          r[u][4 * v + 2] = q.z;
+          r[u][4 * v + 3] = q.w;
+        }
+        const int64_t group = static_cast<int64_t>(k_tile0 + row[u]) * kTileDim / w.group_size;
+        scale_bits[u] = __ldg(reinterpret_cast<const uint4*>(scale_base + group * w.N));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+      // The 16 activations of this k-tile row for each row of the item.
+      float x[TC][16];
+#pragma unroll
+      for (int t = 0; t < TC; ++t) {
+        const float4* xv = reinterpret_cast<const float4*>(xs + t * xs_stride + row[u] * kTileDim);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 v = xv[q];
+          x[t][4 * q + 0] = v.x;
+          x[t][4 * q + 1] = v.y;
+          x[t][4 * q + 2] = v.z;
+          x[t][4 * q + 3] = v.w;
+        }
+      }
+      const uint32_t scale_words[4] = {scale_bits[u].x, scale_bits[u].y, scale_bits[u].z, scale_bits[u].w};
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        float acc[TC];
+#pragma unroll
+        for (int t = 0; t < TC; ++t) acc[t] = AFFINE ? tile_sums[t * sums_stride + row[u]] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int base = segment_base<BITS>(j);
+          const int s = j * BITS - base;
+          const uint32_t segment = bits_at(r[u], c * 16 * BITS + base);
+          float value;
+          if constexpr (AFFINE) {
+            const uint32_t m = (segment & (kMask << s)) | 0x4B000000u;
+            value = fmaf(__uint_as_float(m), pow2(-s), -pow2(23 - s));  // the index, exactly
+          } else {
+            value = grid[(segment >> s) & kMask];
+          }
+#pragma unroll
+          for (int t = 0; t < TC; ++t) acc[t] = fmaf(x[t][j], value, acc[t]);
+        }
+        const float scale = half_bits_to_float(
+            static_cast<uint16_t>(c & 1 ? scale_words[c / 2] >> 16 : scale_words[c / 2] & 0xffffu));
+#pragma unroll
+        for (int t = 0; t < TC; ++t) total[c][t] = fmaf(scale, acc[t], total[c][t]);
+      }
+    }
+  }
+}
+
+template <int TC, bool AFFINE>
+__global__ void __launch_bounds__(kProjThreads)
+projection_kernel(const __grid_constant__ PassArgs a) {
+  const int item_index = blockIdx.x;
+  if (item_index >= *a.num_items) return;
+  const int32_t* item = a.items + static_cast<int64_t>(item_index) * kWorkItemInts;
+  const int expert = item[0], first = item[1], count = item[2];
+  const int col_group = blockIdx.y;
+  const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
+  const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
+  const DeviceProjection& w = pp.w;
+  const int64_t K = w.K, N = w.N;
+
+  extern __shared__ float shared[];
+  const int kr = a.k_tiles_per_block;
+  const int xs_stride = kr * kTileDim;
+  float* xs = shared;                              // [TC][kr * 16]
+  float* tile_sums = xs + TC * xs_stride;          // [TC][kr]
+  float* warp_partials = tile_sums + TC * kr;      // [warps][64][TC]
+  float* grid = warp_partials + kProjWarps * kColsPerBlock * TC;  // [16]
+  float* finish = grid + 16;                       // [2][TC][finish cols]
+  int* flag = reinterpret_cast<int*>(finish + 2 * TC * a.finish_groups_cols);
+
+  // --- stage the activations of this K range: a[k] * su[k], then the input Hadamard.
+  const int k_tile0 = split * kr;
+  const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
+  const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
+  const int k_len = k_tiles * kTileDim;
+  const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
+  for (int i = threadIdx.x; i < TC * xs_stride; i += blockDim.x) {
+    const int t = i / xs_stride, k = i % xs_stride;
+    float v = 0.0f;
+    if (t < count && k < k_len) {
+      const int64_t pos = first + t;
+      const int64_t row = a.src_by_token ? a.order[pos] / a.top_k : pos;
+      v = load_as_float(a.src, row * K + k0 + k, a.src_dtype) * half_bits_to_float(su[k0 + k]);
+    }
+    xs[i] = v;
+  }
+  if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
+  __syncthreads();
+  if (w.hadamard) shared_block_hadamard(xs, TC, k_len, xs_stride, w.hadamard);
+  if (AFFINE) {
+    for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
+      const int t = i / kr, kt = i % kr;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) sum += xs[t * xs_stride + kt * kTileDim + j];
+      tile_sums[t * kr + kt] = sum * pp.grid0_over_step;
+    }
+    __syncthreads();
+  }
+
+  // --- stream the tiles.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (lane >> 1) & 3, half = lane & 1;
+  const int n_tile = col_group * kTilesPerStepRow + nt;
+  const bool column_active = n_tile < w.tiles_n();
+  float total[8][TC];
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int t = 0; t < TC; ++t) total[c][t] = 0.0f;
+  switch (w.bits) {
+    case 2: stream_tiles<2, TC, AFFINE>(pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, total); break;
+    case 4: stream_tiles<4, TC, AFFINE>(pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, total); break;
+    default: stream_tiles<3, TC, AFFINE>(pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, total); break;
+  }
+  // Sum over the 4 k-tile rows of the warp (lanes 8 and 16 apart), then over warps in order.
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int t = 0; t < TC; ++t) {
+      total[c][t] += __shfl_xor_sync(0xffffffffu, total[c][t], 8);
+      total[c][t] += __shfl_xor_sync(0xffffffffu, total[c][t], 16);
+    }
+  if (lane < 8) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+      for (int t = 0; t < TC; ++t)
+        warp_partials[(warp * kColsPerBlock + nt * kTileDim + half * 8 + c) * TC + t] = total[c][t];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kColsPerBlock * TC; i += blockDim.x) {
+    const int col = i / TC, t = i % TC;
+    const int64_t n = static_cast<int64_t>(col_group) * kColsPerBlock + col;
+    if (t >= count || n >= N) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int wp = 0; wp < kProjWarps; ++wp) v += warp_partials[wp * kColsPerBlock * TC + i];
+    a.partial[((static_cast<int64_t>(p) * a.k_splits + split) * a.pairs + first + t) * N + n] = v * (AFFINE ? pp.step : 1.0f);
+  }
+
+  // --- the last block of this finish group (all splits, projections and its column groups) ends it.
+  const int groups_per_finish = a.finish_groups_cols / kColsPerBlock;
+  const int fg = col_group / groups_per_finish;
+  const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int arrivals = a.nproj * a.k_splits * fg_groups;
+    const int done = atomicAdd(&a.counters[static_cast<int64_t>(item_index) * a.num_finish_groups + fg], 1);
+    *flag = done == arrivals - 1;
+  }
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+
+  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
+  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
+  const int fcols = a.finish_groups_cols;
+  for (int i = threadIdx.x; i < a.nproj * TC * cols; i += blockDim.x) {
+    const int pr = i / (TC * cols), t = (i / cols) % TC, c = i % cols;
+    float v = 0.0f;
+    if (t < count) {
+      for (int sp = 0; sp < a.k_splits; ++sp)
+        v += __ldcg(&a.partial[((static_cast<int64_t>(pr) * a.k_splits + sp) * a.pairs + first + t) * N + col0 + c]);
+    }
+    finish[(pr * TC + t) * fcols + c] = v;
+  }
+  __syncthreads();
+  for (int pr = 0; pr < a.nproj; ++pr) {
+    const int b = a.proj[pr].w.hadamard;
+    if (b) shared_block_hadamard(finish + pr * TC * fcols, TC, cols, fcols, b);
+  }
+  const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
+  const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;
+  for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
+    const int t = i / cols, c = i % cols;
+    const int64_t n = col0 + c;
+    float v = finish[t * fcols + c] * half_bits_to_float(sv0[n]);
+    if (a.nproj == 2) {
+      const float u = finish[(TC + t) * fcols + c] * half_bits_to_float(sv1[n]);
+      v = v / (1.0f + expf(-v)) * u;  // SwiGLU
+    }
+    a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
+  }
+}
+
+template <int TC, bool AFFINE>
+void launch_one(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
+                  static_cast<unsigned>(args.nproj * args.k_splits));
+  projection_kernel<TC, AFFINE><<<grid, kProjThreads, shared_bytes, stream>>>(args);
+}
+
+template <int TC, bool AFFINE>
+void raise_shared_limit() {
+  TMOE_CUDA_CHECK(cudaFuncSetAttribute(projection_kernel<TC, AFFINE>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+}
+
+}  // namespace
+
+void prepare_projection_kernels() {
+  raise_shared_limit<1, false>();
+  raise_shared_limit<1, true>();
+  raise_shared_limit<2, false>();
+  raise_shared_limit<2, true>();
+  raise_shared_limit<4, false>();
+  raise_shared_limit<4, true>();
+}
+
+void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t max_items,
+                            size_t shared_bytes, cudaStream_t stream) {
+  bool affine = true;
+  for (int p = 0; p < args.nproj; ++p) affine = affine && args.proj[p].affine;
+  switch (tokens_per_item) {
+    case 1: affine ? launch_one<1, true>(args, max_items, shared_bytes, stream) : launch_one<1, false>(args, max_items, shared_bytes, stream); break;
+    case 2: affine ? launch_one<2, true>(args, max_items, shared_bytes, stream) : launch_one<2, false>(args, max_items, shared_bytes, stream); break;
+    default: affine ? launch_one<4, true>(args, max_items, shared_bytes, stream) : launch_one<4, false>(args, max_items, shared_bytes, stream); break;
+  }
+  TMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace tmoe::cuda

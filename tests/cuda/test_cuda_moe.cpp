@@ -1,0 +1,339 @@
+// CudaMoe against the fp64 reference, device routing against the host plan, errors, determinism
+// and graph capture. Each test draws fresh random inputs (seed printed on failure) and poisons the
+// outputs with NaN first, so an unwritten element fails.
+//
+// Error bound: the kernels accumulate in fp32 (h and the pair outputs stay fp32 in the workspace);
+// over K <= 2048 terms with random signs that costs ~1e-6 relative, so 1e-4 is a wide margin.
+// The output is then rounded once to its dtype, a relative error of at most its unit roundoff per
+// element (so also in Frobenius norm). Bound = unit_roundoff(out) + 1e-4. A wrong index, scale,
+// sign, group or transform gives errors of order 0.1 to 1.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+
+#include "cuda/routing.hpp"
+#include "cuda_test_util.hpp"
+#include "tmoe/cuda.hpp"
+#include "tmoe/error.hpp"
+#include "tmoe/routing.hpp"
+
+namespace tmoe::testing {
+namespace {
+
+struct MoeCase {
+  int64_t H = 256, I = 160;
+  int E = 16, k = 4;
+  int gate_bits = 3, up_bits = 3, down_bits = 3;
+  int group = 96;  // 256 and 160 are not multiples: partial last groups
+  int hadamard = 0;
+  bool custom_grid = false;
+  DType x_dtype = DType::f32, out_dtype = DType::f32;
+  RoutingKind routing = RoutingKind::distinct;
+};
+
+std::string describe(const MoeCase& c, int64_t T, uint64_t seed) {
+  return "H=" + std::to_string(c.H) + " I=" + std::to_string(c.I) + " E=" + std::to_string(c.E) +
+         " k=" + std::to_string(c.k) + " bits=" + std::to_string(c.gate_bits) + "/" +
+         std::to_string(c.up_bits) + "/" + std::to_string(c.down_bits) + " group=" +
+         std::to_string(c.group) + " hadamard=" + std::to_string(c.hadamard) +
+         (c.custom_grid ? " custom-grid" : "") + " x=" + dtype_name(c.x_dtype) + " out=" +
+         dtype_name(c.out_dtype) + " routing=" + std::to_string(static_cast<int>(c.routing)) +
+         " T=" + std::to_string(T) + " seed=" + std::to_string(seed);
+}
+
+MoeWeights make_weights(const MoeCase& c, uint64_t seed) {
+  SyntheticLayerOptions o;
+  o.gate_bits = c.gate_bits;
+  o.up_bits = c.up_bits;
+  o.down_bits = c.down_bits;
+  o.group_size = c.group;
+  o.hadamard = c.hadamard;
+  o.custom_grid = c.custom_grid;
+  o.seed = seed;
+  return random_moe_weights(MoeShape{"test", c.H, c.I, c.E, c.k}, o);
+}
+
+// Runs CudaMoe on device pointers; returns the output as floats.
+std::vector<float> run_device(const cuda::CudaMoe& moe, const MoeCase& c, const RandomBatch& b,
+                              int64_t T, cudaStream_t stream = nullptr) {
+  DeviceArray<uint8_t> x(T * c.H * dtype_size(c.x_dtype));
+  TMOE_CUDA_CHECK(cudaMemcpy(x.get(), x_bytes(b, c.x_dtype), x.size(), cudaMemcpyHostToDevice));
+  DeviceArray<int32_t> ids(b.ids);
+  DeviceArray<float> probs(b.probs);
+  DeviceArray<uint8_t> out(T * c.H * dtype_size(c.out_dtype));
+  out.poison();
+  const size_t ws_bytes = moe.workspace_bytes(T, c.k);
+  DeviceArray<uint8_t> ws(ws_bytes);
+  ws.poison();
+  MoeBatch batch{T, c.k, x.get(), c.x_dtype, ids.get(), probs.get(), out.get(), c.out_dtype};
+  moe.forward(batch, ws.get(), ws_bytes, stream);
+  TMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return to_floats(out.download(), c.out_dtype, T * c.H);
+}
+
+void check_against_reference(const MoeCase& c, int64_t T) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(describe(c, T, seed));
+  const MoeWeights w = make_weights(c, seed);
+  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+  const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+  const std::vector<double> ref = reference_forward(w, T, b.x, b.ids, b.probs);
+  cuda::CudaMoe moe(w);
+  const std::vector<float> got = run_device(moe, c, b, T);
+  moe.check_errors();
+  const double bound = unit_roundoff(c.out_dtype) + 1e-4;
+  EXPECT_LE(relative_error(got, ref), bound);
+}
+
+class CudaMoeTokens : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(CudaMoeTokens, AllBitsMatchReference) {
+  TMOE_REQUIRE_GPU();
+  for (int bits : {2, 3, 4}) {
+    MoeCase c;
+    c.gate_bits = c.up_bits = c.down_bits = bits;
+    check_against_reference(c, GetParam());
+  }
+}
+
+TEST_P(CudaMoeTokens, MixedBitsHadamardHalfPrecision) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.gate_bits = 4;
+  c.up_bits = 3;
+  c.down_bits = 2;
+  c.hadamard = 32;
+  c.x_dtype = DType::f16;
+  c.out_dtype = DType::bf16;
+  c.routing = RoutingKind::some_minus;
+  check_against_reference(c, GetParam());
+}
+
+TEST_P(CudaMoeTokens, CustomGridBf16In) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.custom_grid = true;
+  c.x_dtype = DType::bf16;
+  c.out_dtype = DType::f16;
+  c.group = 32;
+  check_against_reference(c, GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Tokens, CudaMoeTokens, ::testing::Values(1, 2, 3, 5, 8, 16, 33, 64));
+
+TEST(CudaMoe, AllTokensOnOneExpert) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.routing = RoutingKind::one_expert;
+  for (int64_t T : {1, 7, 64}) check_against_reference(c, T);
+}
+
+TEST(CudaMoe, FewExpertsManyUnused) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.routing = RoutingKind::few_experts;
+  c.E = 64;
+  for (int64_t T : {1, 5, 40}) check_against_reference(c, T);
+}
+
+// Larger K: several K splits per pass, Hadamard 128 (finish groups of two column groups).
+TEST(CudaMoe, SplitKAndWideHadamard) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 1024;
+  c.I = 640;
+  c.E = 8;
+  c.k = 2;
+  c.group = 128;
+  c.hadamard = 128;
+  for (int64_t T : {1, 3, 16}) check_against_reference(c, T);
+  c.hadamard = 0;
+  c.group = 48;
+  c.x_dtype = DType::bf16;
+  for (int64_t T : {1, 4}) check_against_reference(c, T);
+}
+
+TEST(CudaMoe, BackendOverHostPointers) {
+  TMOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  MoeCase c;
+  SCOPED_TRACE(describe(c, 6, seed));
+  const MoeWeights w = make_weights(c, seed);
+  std::mt19937_64 rng(seed);
+  const RandomBatch b = random_batch(6, c.H, c.E, c.k, DType::f32, RoutingKind::some_minus, rng);
+  const auto backend = make_backend(BackendKind::cuda, w);
+  EXPECT_EQ(backend->name(), "cuda");
+  std::vector<float> out(6 * c.H, std::nanf(""));
+  backend->forward(MoeBatch{6, c.k, b.x.data(), DType::f32, b.ids.data(), b.probs.data(), out.data(), DType::f32});
+  EXPECT_LE(relative_error(out, reference_forward(w, 6, b.x, b.ids, b.probs)), 1e-4);
+}
+
+// Ids outside [0, E) are skipped (never read as memory) and reported; the other slots still count.
+TEST(CudaMoe, BadIdsAreReported) {
+  TMOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  MoeCase c;
+  SCOPED_TRACE(describe(c, 5, seed));
+  const MoeWeights w = make_weights(c, seed);
+  std::mt19937_64 rng(seed);
+  RandomBatch b = random_batch(5, c.H, c.E, c.k, DType::f32, RoutingKind::distinct, rng);
+  std::vector<int32_t> skipped = b.ids;
+  for (int i : {3, 9}) {
+    b.ids[i] = i == 3 ? c.E : -7;
+    skipped[i] = -1;
+  }
+  cuda::CudaMoe moe(w);
+  const std::vector<float> got = run_device(moe, c, b, 5);
+  try {
+    moe.check_errors();
+    ADD_FAILURE() << "bad ids were not reported";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bad_input);
+    EXPECT_NE(std::string(e.what()).find("token 0, slot 3"), std::string::npos) << e.what();
+  }
+  moe.check_errors();  // cleared
+  EXPECT_LE(relative_error(got, reference_forward(w, 5, b.x, skipped, b.probs)), 1e-4);
+
+  const auto backend = make_backend(BackendKind::cuda, w);
+  std::vector<float> out(5 * c.H);
+  EXPECT_THROW(backend->forward(MoeBatch{5, c.k, b.x.data(), DType::f32, b.ids.data(), b.probs.data(),
+                                         out.data(), DType::f32}),
+               Error);
+}
+
+TEST(CudaMoe, RejectsShapesTheKernelsDoNotTake) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 72;  // not a multiple of 16
+  EXPECT_THROW(cuda::CudaMoe(make_weights(c, 1)), Error);
+  MoeCase d;
+  cuda::CudaMoe moe(make_weights(d, 1));
+  MoeBatch batch{4, d.k, nullptr, DType::f32, nullptr, nullptr, nullptr, DType::f32};
+  EXPECT_THROW(moe.forward(batch, nullptr, 0, nullptr), Error);
+  DeviceArray<uint8_t> tiny(16);
+  DeviceArray<float> buf(4 * d.H);
+  DeviceArray<int32_t> ids(4 * d.k);
+  batch.x = buf.get();
+  batch.out = buf.get();
+  batch.expert_ids = ids.get();
+  batch.expert_probs = buf.get();
+  EXPECT_THROW(moe.forward(batch, tiny.get(), tiny.size(), nullptr), Error);  // workspace too small
+}
+
+// Determinism: repeated runs (and a CUDA graph replay) give the same bits.
+TEST(CudaMoe, RepeatsBitwiseAndReplaysInAGraph) {
+  TMOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  MoeCase c;
+  c.H = 1024;
+  c.I = 512;
+  c.E = 8;
+  c.k = 2;
+  c.out_dtype = DType::f32;
+  const int64_t T = 3;
+  SCOPED_TRACE(describe(c, T, seed));
+  const MoeWeights w = make_weights(c, seed);
+  std::mt19937_64 rng(seed);
+  const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+  cuda::CudaMoe moe(w, cuda::CudaMoeOptions{true});
+  const std::vector<float> first = run_device(moe, c, b, T);
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<float> again = run_device(moe, c, b, T);
+    EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float))) << "run " << i;
+  }
+  // Graph capture of forward(), replayed twice.
+  cudaStream_t stream;
+  TMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DeviceArray<float> x(b.x);
+  DeviceArray<int32_t> ids(b.ids);
+  DeviceArray<float> probs(b.probs);
+  DeviceArray<float> out(T * c.H);
+  const size_t ws_bytes = moe.workspace_bytes(T, c.k);
+  DeviceArray<uint8_t> ws(ws_bytes);
+  MoeBatch batch{T, c.k, x.get(), DType::f32, ids.get(), probs.get(), out.get(), DType::f32};
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  moe.forward(batch, ws.get(), ws_bytes, stream);
+  TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < 2; ++i) {
+    out.poison();
+    TMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    TMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> replay = out.download();
+    EXPECT_EQ(0, std::memcmp(first.data(), replay.data(), first.size() * sizeof(float))) << "replay " << i;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+// The device plan equals the host plan (counts, offsets, stable order, inverse), and the work
+// items cover each expert's pairs in chunks.
+void check_routing(int64_t T, int k, int E, int per_item, uint64_t seed) {
+  SCOPED_TRACE("T=" + std::to_string(T) + " k=" + std::to_string(k) + " E=" + std::to_string(E) +
+               " per_item=" + std::to_string(per_item) + " seed=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> ids(T * k);
+  for (auto& id : ids) id = rng() % 5 == 0 ? -1 : static_cast<int32_t>(rng() % E);
+  const RoutingPlan plan = make_routing_plan(ids, T, k, E);
+  const int64_t P = T * k, max_items = cuda::max_work_items(P, E, per_item);
+  DeviceArray<int32_t> d_ids(ids), counts(E), offsets(E + 1), order(P), inverse(P),
+      items(max_items * cuda::kWorkItemInts), num_items(1), counters(37), error(std::vector<int32_t>{0, 1 << 30, 0});
+  for (auto* a : {&counts, &offsets, &order, &inverse, &items, &num_items, &counters}) a->poison();
+  cuda::RoutingOutputs out{counts.get(), offsets.get(), order.get(), inverse.get(), items.get(),
+                           num_items.get(), counters.get(), 37, error.get()};
+  cuda::launch_routing(d_ids.get(), T, k, E, per_item, out, nullptr);
+  EXPECT_EQ(counts.download(), plan.counts);
+  EXPECT_EQ(offsets.download(), plan.offsets);
+  std::vector<int32_t> got_order = order.download();
+  got_order.resize(plan.routed_pairs());
+  EXPECT_EQ(got_order, plan.order);
+  EXPECT_EQ(inverse.download(), plan.inverse);
+  EXPECT_EQ(counters.download(), std::vector<int32_t>(37, 0));
+  EXPECT_EQ(error.download()[0], 0);
+  const int n = num_items.download()[0];
+  ASSERT_LE(n, max_items);
+  const std::vector<int32_t> it = items.download();
+  std::vector<int32_t> covered(E, 0);
+  for (int i = 0; i < n; ++i) {
+    const int e = it[i * 4], first = it[i * 4 + 1], count = it[i * 4 + 2];
+    ASSERT_TRUE(e >= 0 && e < E && count >= 1 && count <= per_item) << "item " << i;
+    EXPECT_EQ(first, plan.offsets[e] + covered[e]);
+    covered[e] += count;
+  }
+  EXPECT_EQ(covered, plan.counts);
+}
+
+TEST(CudaRouting, MatchesHostPlan) {
+  TMOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  for (int64_t T : {1, 2, 5, 33, 64, 300})
+    for (int E : {8, 128, 300}) check_routing(T, 8, E, T <= 2 ? 1 : 4, seed + T * 1000 + E);
+  check_routing(1000, 6, 4096, 4, seed);
+}
+
+// The small cases compute-sanitizer runs (scripts/gpu-check): every kernel, Hadamard, splits.
+TEST(CudaSmall, ForwardMatchesReference) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 512;
+  c.I = 96;
+  c.E = 8;
+  c.k = 2;
+  c.group = 80;
+  c.hadamard = 32;
+  c.x_dtype = DType::bf16;
+  c.routing = RoutingKind::some_minus;
+  for (int64_t T : {1, 3}) check_against_reference(c, T);
+}
+
+TEST(CudaSmall, Routing) {
+  TMOE_REQUIRE_GPU();
+  check_routing(9, 4, 16, 4, fresh_seed());
+}
+
+}  // namespace
+}  // namespace tmoe::testing

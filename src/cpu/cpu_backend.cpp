@@ -21,6 +21,7 @@
 
 #include "../backends.hpp"
 #include "cpu/cpu_kernels.hpp"
+#include "cpu/phase_barrier.hpp"
 #include "cpu/cpu_weights.hpp"
 #include "tmoe/error.hpp"
 #include "tmoe/hadamard.hpp"
@@ -100,8 +101,10 @@ class CpuBackend final : public MoeBackend {
       float* scratch = scratch_.data() + me * scratch_per_thread;
       const float** row_ptr = row_ptrs_.data() + me * 2 * kMaxRowBlock;
 
+      const int team = omp_get_num_threads();
+
       // 1. inputs of gate and up, per slot
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
       for (int64_t s = 0; s < slots; ++s) {
         const int32_t pair = plan_.order[s];
         const int64_t t = pair / k;
@@ -111,13 +114,13 @@ class CpuBackend final : public MoeBackend {
         float* h = h_.data() + s * inter_pad;
         std::fill(h + inter_, h + inter_pad, 0.0f);
       }
+      barrier_.arrive_and_wait(team);
 
       // Each thread owns a fixed contiguous share of the column units of every projection, so
       // it streams long runs of each expert's weights and needs no scheduling; results do not
       // depend on the share (every output element is computed whole by one thread).
-      const int nthreads = omp_get_num_threads();
       const auto share = [&](int64_t units) {
-        return std::pair<int64_t, int64_t>{units * me / nthreads, units * (me + 1) / nthreads};
+        return std::pair<int64_t, int64_t>{units * me / team, units * (me + 1) / team};
       };
 
       // 2. gate and up in one pass over each selected expert, SwiGLU fused
@@ -151,12 +154,13 @@ class CpuBackend final : public MoeBackend {
           }
         }
       }
-#pragma omp barrier
+      barrier_.arrive_and_wait(team);
 
       // 3. down's input rotation
       if (down_.hadamard) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t s = 0; s < slots; ++s) cpu::hadamard(h_.data() + s * inter_pad, inter_, down_.hadamard);
+        barrier_.arrive_and_wait(team);
       }
 
       // 4. down, weighted and summed over the token's experts (in increasing id) into fp32 rows
@@ -229,6 +233,7 @@ class CpuBackend final : public MoeBackend {
   const int threads_;
   const bool same_input_;  // gate and up see the same T(x . su): prepare it once
   // workspace, reused across calls
+  cpu::PhaseBarrier barrier_;
   RoutingPlan plan_;
   std::vector<int> active_;
   std::vector<float> xg_, xu_, h_, out32_, scratch_;

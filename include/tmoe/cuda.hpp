@@ -6,11 +6,12 @@
 //                                                           // capturable in a CUDA graph
 //   moe.check_errors();                                     // after the stream: bad expert ids?
 //
-// forward() runs four kernels: device routing (counts, offsets, stable order, work items), the
-// gate+up pass (SwiGLU fused in its finishing step), the down pass, and the fixed-order combine
-// over the k slots of each token. Results are always bitwise repeatable run to run (all float
-// reductions run in a fixed order; the only atomics count integers), so `deterministic` costs
-// nothing and changes nothing today; it is kept so a faster non-deterministic path can be added.
+// Below CudaMoeOptions::grouped_min_tokens tokens, forward() runs four kernels: device routing
+// (counts, offsets, stable order, work items), the gate+up pass (SwiGLU fused in its finishing
+// step), the down pass, and the fixed-order combine over the k slots of each token; results are
+// bitwise repeatable whatever `deterministic` says (all float reductions run in a fixed order, the
+// only atomics count integers). From that many tokens on, the routing feeds the tensor-core grouped
+// path (src/cuda/grouped/), which honours `deterministic` (default off: it is faster with atomics).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -26,7 +27,12 @@ namespace tmoe::cuda {
 struct DeviceProjection;  // src/cuda/device_weights.cuh: the view every kernel path reads
 
 struct CudaMoeOptions {
-  bool deterministic = false;  // see the header comment: every path is deterministic today
+  // Bitwise repeatable results. The decode / small-batch path is deterministic either way (fixed
+  // reduction order, integer counters only); the grouped path uses float atomics unless this is set.
+  bool deterministic = false;
+  // forward() hands batches of at least this many tokens to the tensor-core grouped path
+  // (src/cuda/grouped/); smaller ones run the decode / small-batch kernels.
+  int64_t grouped_min_tokens = 128;
 };
 
 class CudaMoe {

@@ -7,6 +7,7 @@
 
 #include "cuda_check.hpp"
 #include "device_weights.cuh"
+#include "grouped/grouped_moe.cuh"
 #include "projection.cuh"
 #include "routing.hpp"
 #include "tmoe/cuda.hpp"
@@ -66,11 +67,12 @@ struct PassPlan {
 };
 
 struct ForwardPlan {
+  bool grouped = false;  // the tensor-core grouped path runs this call
   int tokens_per_item = 1;
   int64_t pairs = 0, max_items = 0;
   PassPlan gate_up, down;
   size_t counts = 0, offsets = 0, order = 0, inverse = 0, items = 0, num_items = 0, counters = 0,
-         h = 0, y = 0, partial_gate_up = 0, partial_down = 0, total = 0;
+         h = 0, y = 0, partial_gate_up = 0, partial_down = 0, grouped_workspace = 0, total = 0;
   int64_t num_counters = 0;
 };
 
@@ -85,7 +87,8 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int64
   // Enough blocks to fill the GPU about 4 times over with the items that will be busy, but each
   // block at least 16 k-tile rows (one step for each of its warps) where K allows.
   const int64_t per_split = std::max<int64_t>(1, busy_items * p.col_groups * nproj);
-  int64_t ks = ceil_div(4LL * sms, per_split);
+  // (4 blocks per SM fit at once for 1-2 rows per item; 3 at 4 rows, which need 168 registers.)
+  int64_t ks = ceil_div((tokens_per_item == kMaxItemTokens ? 3LL : 4LL) * sms, per_split);
   ks = std::min(ks, std::max<int64_t>(1, tiles_k / 16));
   ks = std::max(ks, ceil_div(tiles_k, max_kr));
   int64_t kr = ceil_div(tiles_k, ks);
@@ -134,8 +137,20 @@ struct CudaMoe::Impl {
     return d;
   }
 
+  grouped::GroupedMoeArgs grouped_args(int64_t tokens, int top_k) const {
+    grouped::GroupedMoeArgs a;
+    a.gate = gate;
+    a.up = up;
+    a.down = down;
+    a.tokens = tokens;
+    a.top_k = top_k;
+    a.deterministic = options.deterministic;
+    return a;
+  }
+
   ForwardPlan plan(int64_t tokens, int top_k) const {
     ForwardPlan f;
+    f.grouped = tokens >= options.grouped_min_tokens;
     f.pairs = tokens * top_k;
     f.tokens_per_item = tokens <= 1 ? 1 : tokens <= 2 ? 2 : kMaxItemTokens;
     f.max_items = max_work_items(f.pairs, shape.experts, f.tokens_per_item);
@@ -157,6 +172,19 @@ struct CudaMoe::Impl {
     f.items = take(f.max_items * kWorkItemInts * 4);
     f.num_items = take(4);
     f.counters = take(f.num_counters * 4);
+    if (f.grouped) {  // its workspace depends on the dtypes: size it for the largest
+      size_t most = 0;
+      grouped::GroupedMoeArgs a = grouped_args(tokens, top_k);
+      for (DType xd : {DType::f32, DType::f16, DType::bf16})
+        for (DType od : {DType::f32, DType::f16, DType::bf16}) {
+          a.x_dtype = xd;
+          a.out_dtype = od;
+          most = std::max(most, grouped::grouped_moe_workspace_bytes(a));
+        }
+      f.grouped_workspace = take(most);
+      f.total = at;
+      return f;
+    }
     f.h = take(P * I * 4);
     f.y = take(P * H * 4);
     f.partial_gate_up = take(2 * static_cast<size_t>(f.gate_up.k_splits) * P * I * 4);
@@ -254,6 +282,21 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   r.num_counters = f.num_counters;
   r.error = m.error;
   launch_routing(b.expert_ids, b.tokens, b.top_k, m.shape.experts, f.tokens_per_item, r, stream);
+
+  if (f.grouped) {
+    grouped::GroupedMoeArgs a = m.grouped_args(b.tokens, b.top_k);
+    a.x = b.x;
+    a.x_dtype = b.x_dtype;
+    a.counts = r.counts;
+    a.offsets = r.offsets;
+    a.order = r.order;
+    a.probs = b.expert_probs;
+    a.out = b.out;
+    a.out_dtype = b.out_dtype;
+    a.workspace = ws + f.grouped_workspace;
+    grouped::grouped_moe_forward(a, stream);
+    return;
+  }
 
   PassArgs gu;
   gu.proj[0] = m.gate_pass;

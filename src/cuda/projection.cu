@@ -54,91 +54,153 @@ __device__ void shared_block_hadamard(float* data, int rows, int row_len, int st
   __syncthreads();
 }
 
-// One warp's share of a block: all k-tile rows of the block's K range that belong to this warp,
-// for the 4 n-tiles of the column group; total[c][t] gets the sums of the thread's 8 columns.
-template <int BITS, int TC, bool AFFINE>
-__device__ __forceinline__ void stream_tiles(const PassProjection& pp, int expert, int k_tile0,
-                                             int k_tiles, int n_tile, bool column_active,
-                                             const float* xs, int xs_stride, const float* tile_sums,
-                                             int sums_stride, const float* grid,
-                                             float (&total)[8][TC]) {
-  constexpr int kWords = 4 * BITS;      // 8 tile columns = 16 * BITS bytes
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  const DeviceProjection& w = pp.w;
+__device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+struct StreamArgs {
+  const PassProjection* pp;
+  int expert, k_tile0, k_tiles, n_tile;
+  bool column_active;
+  const float* xs;
+  int xs_stride;
+  const float* tile_sums;
+  int sums_stride;
+  const float* grid;
+  uint8_t* ring;
+};
+
+// Copies warp step i of this lane (its 8 tile columns of k-tile row (warp + 4 i) * 4 + kq and
+// their 8 scales) into its ring slot, and commits a cp.async group whether or not it copied, so
+// every step is one group.
+template <int BITS>
+__device__ __forceinline__ void issue_step(const StreamArgs& a, int i) {
+  const DeviceProjection& w = a.pp->w;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kq = lane >> 3, half = lane & 1;
-  const int steps = (k_tiles + kRowsPerStep - 1) / kRowsPerStep;
-  const int64_t groups = w.groups();
-  const uint16_t* scale_base = w.scales + static_cast<int64_t>(expert) * groups * w.N + n_tile * kTileDim + half * 8;
+  const int row = (warp + i * kProjWarps) * kRowsPerStep + kq;
+  if (a.column_active && row < a.k_tiles) {
+    uint8_t* dst = a.ring + lane * kRingLaneBytes + (i % kStages) * kRingStageBytes;
+    const uint8_t* src = w.tile(a.expert, a.k_tile0 + row, a.n_tile) + half * BITS * 16;
+#pragma unroll
+    for (int v = 0; v < BITS; ++v) cp_async16(dst + 16 * v, src + 16 * v);
+    const int64_t group = static_cast<int64_t>(a.k_tile0 + row) * kTileDim / w.group_size;
+    cp_async16(dst + 16 * BITS, w.scales + (a.expert * w.groups() + group) * w.N + a.n_tile * kTileDim + half * 8);
+  }
+  cp_async_commit();
+}
 
-  for (int s0 = warp; s0 < steps; s0 += kProjWarps * kUnroll) {
-    uint32_t r[kUnroll][kWords];
-    uint4 scale_bits[kUnroll];
-    int row[kUnroll];
-    bool valid[kUnroll];
+// The first kStages - 1 steps: issued before the activations are staged, so the weights are on
+// their way while the block reads x and su.
+template <int BITS>
+__device__ __forceinline__ void issue_prologue(const StreamArgs& a) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      row[u] = (s0 + u * kProjWarps) * kRowsPerStep + kq;
-      valid[u] = column_active && row[u] < k_tiles;
-      if (valid[u]) {
-        const uint4* src = reinterpret_cast<const uint4*>(w.tile(expert, k_tile0 + row[u], n_tile)) + half * BITS;
+  for (int i = 0; i < kStages - 1; ++i) issue_step<BITS>(a, i);
+}
+
+// One warp's share of a block: the k-tile rows of the block's K range that belong to this warp
+// (warp steps warp, warp + 4, ...), for the 4 n-tiles of the column group; total[c][t] gets the
+// sums of the thread's 8 columns. Each lane copies its 8 tile columns and their 8 scales into its
+// slot of the warp's shared-memory ring with cp.async, kStages - 1 steps ahead of the decode, so
+// the loads stay in flight while the warp does arithmetic. A lane reads back only its own slot.
+template <int BITS, int TC, bool AFFINE>
+__device__ __forceinline__ void stream_tiles(const StreamArgs& a, float (&total)[8][TC]) {
+  constexpr int kWords = 4 * BITS;      // 8 tile columns = 16 * BITS bytes
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kq = lane >> 3;
+  const int steps = (a.k_tiles + kRowsPerStep - 1) / kRowsPerStep;
+  const int my_steps = warp < steps ? (steps - warp + kProjWarps - 1) / kProjWarps : 0;
+  const uint8_t* my_slot = a.ring + lane * kRingLaneBytes;
+  const float* xs = a.xs;
+  const float* tile_sums = a.tile_sums;
+  const float* grid = a.grid;
+  const int xs_stride = a.xs_stride, sums_stride = a.sums_stride;
+
+  for (int i = 0; i < my_steps; ++i) {  // steps 0 .. kStages - 2 were issued by issue_prologue
+    issue_step<BITS>(a, i + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    const int row = (warp + i * kProjWarps) * kRowsPerStep + kq;
+    if (!a.column_active || row >= a.k_tiles) continue;
+    const uint4* slot = reinterpret_cast<const uint4*>(my_slot + (i % kStages) * kRingStageBytes);
+    uint32_t r[kWords];
 #pragma unroll
-        for (int v = 0; v < BITS; ++v) {
-          const uint4 q = __ldg(src + v);
-          r[u][4 * v + 0] = q.x;
-          r[u][4 * v + 1] = q.y;
-          r[u][4 * v + 2] = q.z;
-          r[u][4 * v + 3] = q.w;
-        }
-        const int64_t group = static_cast<int64_t>(k_tile0 + row[u]) * kTileDim / w.group_size;
-        scale_bits[u] = __ldg(reinterpret_cast<const uint4*>(scale_base + group * w.N));
+    for (int v = 0; v < BITS; ++v) {
+      const uint4 q = slot[v];
+      r[4 * v + 0] = q.x;
+      r[4 * v + 1] = q.y;
+      r[4 * v + 2] = q.z;
+      r[4 * v + 3] = q.w;
+    }
+    const uint4 scale_bits = slot[BITS];
+    const uint32_t scale_words[4] = {scale_bits.x, scale_bits.y, scale_bits.z, scale_bits.w};
+    // The 16 activations of this k-tile row for each row of the item.
+    float x[TC][16];
+#pragma unroll
+    for (int t = 0; t < TC; ++t) {
+      const float4* xv = reinterpret_cast<const float4*>(xs + t * xs_stride + row * kTileDim);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 v = xv[q];
+        x[t][4 * q + 0] = v.x;
+        x[t][4 * q + 1] = v.y;
+        x[t][4 * q + 2] = v.z;
+        x[t][4 * q + 3] = v.w;
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      // The 16 activations of this k-tile row for each row of the item.
-      float x[TC][16];
+    for (int c = 0; c < 8; ++c) {
+      float acc[TC];
 #pragma unroll
-      for (int t = 0; t < TC; ++t) {
-        const float4* xv = reinterpret_cast<const float4*>(xs + t * xs_stride + row[u] * kTileDim);
+      for (int t = 0; t < TC; ++t) acc[t] = AFFINE ? tile_sums[t * sums_stride + row] : 0.0f;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 v = xv[q];
-          x[t][4 * q + 0] = v.x;
-          x[t][4 * q + 1] = v.y;
-          x[t][4 * q + 2] = v.z;
-          x[t][4 * q + 3] = v.w;
+      for (int j = 0; j < 16; ++j) {
+        const int base = segment_base<BITS>(j);
+        const int s = j * BITS - base;
+        const uint32_t segment = bits_at(r, c * 16 * BITS + base);
+        float value;
+        if constexpr (AFFINE) {
+          const uint32_t m = (segment & (kMask << s)) | 0x4B000000u;
+          value = fmaf(__uint_as_float(m), pow2(-s), -pow2(23 - s));  // the index, exactly
+        } else {
+          value = grid[(segment >> s) & kMask];
         }
+#pragma unroll
+        for (int t = 0; t < TC; ++t) acc[t] = fmaf(x[t][j], value, acc[t]);
       }
-      const uint32_t scale_words[4] = {scale_bits[u].x, scale_bits[u].y, scale_bits[u].z, scale_bits[u].w};
+      const float scale = half_bits_to_float(
+          static_cast<uint16_t>(c & 1 ? scale_words[c / 2] >> 16 : scale_words[c / 2] & 0xffffu));
 #pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        float acc[TC];
-#pragma unroll
-        for (int t = 0; t < TC; ++t) acc[t] = AFFINE ? tile_sums[t * sums_stride + row[u]] : 0.0f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int base = segment_base<BITS>(j);
-          const int s = j * BITS - base;
-          const uint32_t segment = bits_at(r[u], c * 16 * BITS + base);
-          float value;
-          if constexpr (AFFINE) {
-            const uint32_t m = (segment & (kMask << s)) | 0x4B000000u;
-            value = fmaf(__uint_as_float(m), pow2(-s), -pow2(23 - s));  // the index, exactly
-          } else {
-            value = grid[(segment >> s) & kMask];
-          }
-#pragma unroll
-          for (int t = 0; t < TC; ++t) acc[t] = fmaf(x[t][j], value, acc[t]);
-        }
-        const float scale = half_bits_to_float(
-            static_cast<uint16_t>(c & 1 ? scale_words[c / 2] >> 16 : scale_words[c / 2] & 0xffffu));
-#pragma unroll
-        for (int t = 0; t < TC; ++t) total[c][t] = fmaf(scale, acc[t], total[c][t]);
-      }
+      for (int t = 0; t < TC; ++t) total[c][t] = fmaf(scale, acc[t], total[c][t]);
     }
   }
+  cp_async_wait<0>();
+}
+
+
+// stream_tiles with ROWS activation rows, dispatched on bits; total[c][t] = 0 for t >= ROWS.
+template <int ROWS, int TC, bool AFFINE>
+__device__ __forceinline__ void stream_rows_impl(const StreamArgs& a, float (&total)[8][TC]) {
+  float part[8][ROWS];
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int t = 0; t < ROWS; ++t) part[c][t] = 0.0f;
+  switch (a.pp->w.bits) {
+    case 2: stream_tiles<2, ROWS, AFFINE>(a, part); break;
+    case 4: stream_tiles<4, ROWS, AFFINE>(a, part); break;
+    default: stream_tiles<3, ROWS, AFFINE>(a, part); break;
+  }
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int t = 0; t < TC; ++t) total[c][t] = t < ROWS ? part[c][t < ROWS ? t : 0] : 0.0f;
 }
 
 template <int TC, bool AFFINE>
@@ -163,12 +225,26 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   float* grid = warp_partials + kProjWarps * kColsPerBlock * TC;  // [16]
   float* finish = grid + 16;                       // [2][TC][finish cols]
   int* flag = reinterpret_cast<int*>(finish + 2 * TC * a.finish_groups_cols);
+  const uintptr_t ring_base = (reinterpret_cast<uintptr_t>(flag + 4) + 15) & ~uintptr_t{15};
+  uint8_t* ring = reinterpret_cast<uint8_t*>(ring_base) + (threadIdx.x >> 5) * kRingWarpBytes;
 
-  // --- stage the activations of this K range: a[k] * su[k], then the input Hadamard.
   const int k_tile0 = split * kr;
   const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
   const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
   const int k_len = k_tiles * kTileDim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nt = (lane >> 1) & 3, half = lane & 1;
+  const int n_tile = col_group * kTilesPerStepRow + nt;
+  const bool column_active = n_tile < w.tiles_n();
+  const StreamArgs sa{&pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, ring};
+  // --- the first weight steps go out before anything else: they depend only on the item.
+  switch (w.bits) {
+    case 2: issue_prologue<2>(sa); break;
+    case 4: issue_prologue<4>(sa); break;
+    default: issue_prologue<3>(sa); break;
+  }
+
+  // --- stage the activations of this K range: a[k] * su[k], then the input Hadamard.
   const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
   for (int i = threadIdx.x; i < TC * xs_stride; i += blockDim.x) {
     const int t = i / xs_stride, k = i % xs_stride;
@@ -194,20 +270,15 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     __syncthreads();
   }
 
-  // --- stream the tiles.
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nt = (lane >> 1) & 3, half = lane & 1;
-  const int n_tile = col_group * kTilesPerStepRow + nt;
-  const bool column_active = n_tile < w.tiles_n();
+  // --- stream the tiles, with only as many activation rows as the item has (1, 2 or TC): a
+  // one-pair item does not pay TC FMAs per weight.
   float total[8][TC];
-#pragma unroll
-  for (int c = 0; c < 8; ++c)
-#pragma unroll
-    for (int t = 0; t < TC; ++t) total[c][t] = 0.0f;
-  switch (w.bits) {
-    case 2: stream_tiles<2, TC, AFFINE>(pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, total); break;
-    case 4: stream_tiles<4, TC, AFFINE>(pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, total); break;
-    default: stream_tiles<3, TC, AFFINE>(pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, total); break;
+  if (count <= 1 || TC == 1) {
+    stream_rows_impl<1, TC, AFFINE>(sa, total);
+  } else if (count <= 2 || TC == 2) {
+    stream_rows_impl<(TC >= 2 ? 2 : 1), TC, AFFINE>(sa, total);
+  } else {
+    stream_rows_impl<TC, TC, AFFINE>(sa, total);
   }
   // Sum over the 4 k-tile rows of the warp (lanes 8 and 16 apart), then over warps in order.
 #pragma unroll

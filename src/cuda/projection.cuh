@@ -29,7 +29,12 @@ inline constexpr int kTilesPerStepRow = 4;              // n-tiles per warp step
 inline constexpr int kColsPerBlock = kTilesPerStepRow * kTileDim;  // 64
 inline constexpr int kMaxItemTokens = 4;                // rows per work item (register budget)
 inline constexpr int kMaxHadamard = 256;                // largest Hadamard block the passes take
-inline constexpr int kUnroll = 2;                       // warp steps whose loads are in flight together
+// Each lane's slot in a warp's cp.async ring holds its 8 tile columns (16 * bits bytes) and their 8
+// fp16 scales (16 bytes); 80 bytes (an odd multiple of 16) keeps 16-byte reads conflict-free.
+inline constexpr int kRingLaneBytes = 80;
+inline constexpr int kRingStageBytes = 32 * kRingLaneBytes;
+inline constexpr int kStages = 4;                       // warp steps in flight: kStages - 1 ahead
+inline constexpr int kRingWarpBytes = kStages * kRingStageBytes;
 
 // One projection as a pass sees it. `affine`: grid[i] == grid0 + step * i (checked at upload), so
 // the kernel decodes the index itself and folds grid0 into a per-tile sum of the activations.
@@ -70,7 +75,7 @@ inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_co
                         + 16                                                         // grid
                         + 2 * static_cast<size_t>(tokens) * finish_cols              // finish rows
                         + 4;                                                         // flags
-  return floats * sizeof(float);
+  return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kRingWarpBytes;
 }
 
 // Launches the pass for the rows of every work item (template dispatch on tokens per item and on

@@ -10,7 +10,7 @@
 namespace tmoe::cuda {
 namespace {
 
-constexpr int kRoutingThreads = 1024;
+constexpr int kRoutingThreads = 256;  // E and T*k are small: fewer warps make the scans shorter
 
 // Exclusive scan of data[0, n) in place by the whole block; returns the total.
 __device__ int block_exclusive_scan(int* data, int n, int* warp_sums) {
@@ -28,7 +28,8 @@ __device__ int block_exclusive_scan(int* data, int n, int* warp_sums) {
     if (lane == 31) warp_sums[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
-      int s = warp_sums[lane];
+      constexpr int kWarps = kRoutingThreads / 32;
+      int s = lane < kWarps ? warp_sums[lane] : 0;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
         const int other = __shfl_up_sync(0xffffffffu, s, d);
@@ -39,7 +40,7 @@ __device__ int block_exclusive_scan(int* data, int n, int* warp_sums) {
     __syncthreads();
     const int warp_prefix = warp ? warp_sums[warp - 1] : 0;
     if (i < n) data[i] = carry + warp_prefix + inclusive - v;
-    carry += warp_sums[31];
+    carry += warp_sums[kRoutingThreads / 32 - 1];
     __syncthreads();
   }
   return carry;

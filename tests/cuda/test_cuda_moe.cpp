@@ -72,18 +72,18 @@ std::vector<float> run_device(const cuda::CudaMoe& moe, const MoeCase& c, const 
   return to_floats(out.download(), c.out_dtype, T * c.H);
 }
 
-void check_against_reference(const MoeCase& c, int64_t T) {
+void check_against_reference(const MoeCase& c, int64_t T, const cuda::CudaMoeOptions& options = {},
+                             double bound = -1) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(describe(c, T, seed));
   const MoeWeights w = make_weights(c, seed);
   std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
   const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
   const std::vector<double> ref = reference_forward(w, T, b.x, b.ids, b.probs);
-  cuda::CudaMoe moe(w);
+  cuda::CudaMoe moe(w, options);
   const std::vector<float> got = run_device(moe, c, b, T);
   moe.check_errors();
-  const double bound = unit_roundoff(c.out_dtype) + 1e-4;
-  EXPECT_LE(relative_error(got, ref), bound);
+  EXPECT_LE(relative_error(got, ref), bound >= 0 ? bound : unit_roundoff(c.out_dtype) + 1e-4);
 }
 
 class CudaMoeTokens : public ::testing::TestWithParam<int64_t> {};
@@ -152,6 +152,20 @@ TEST(CudaMoe, SplitKAndWideHadamard) {
   c.group = 48;
   c.x_dtype = DType::bf16;
   for (int64_t T : {1, 4}) check_against_reference(c, T);
+}
+
+// From grouped_min_tokens tokens on, CudaMoe hands its device routing plan to the tensor-core
+// grouped path (src/cuda/grouped/). Its operands are bf16 (x, decoded weights, the intermediate),
+// so its bound is test_grouped.cu's: 1e-2 (a few bf16 roundings of 2^-9 each, with margin).
+TEST(CudaMoe, GroupedPathThroughCudaMoe) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  cuda::CudaMoeOptions always_grouped;
+  always_grouped.grouped_min_tokens = 1;
+  for (int64_t T : {3, 40}) check_against_reference(c, T, always_grouped, 1e-2);
+  c.routing = RoutingKind::some_minus;
+  c.out_dtype = DType::bf16;
+  check_against_reference(c, 200, cuda::CudaMoeOptions{}, 1e-2);  // the default threshold: 128
 }
 
 TEST(CudaMoe, BackendOverHostPointers) {

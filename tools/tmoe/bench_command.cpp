@@ -9,12 +9,6 @@
 #include "common.hpp"
 #include "tmoe/error.hpp"
 
-// The CUDA runner is written in bench/cuda_bench.cu (bench/ is on the include path). Until it
-// exists the CLI still links and says the runner is missing. Transitional: remove once it is on main.
-#if defined(TMOE_HAVE_CUDA) && __has_include("cuda_bench.cu")
-#define TMOE_CLI_HAVE_CUDA_BENCH 1
-#endif
-
 namespace tmoe::cli {
 namespace {
 
@@ -49,11 +43,9 @@ void run_bench(const BenchCommand& c) {
   if (kind == BackendKind::cpu) {
     rows = bench::run_cpu_bench(config, device);
   } else if (kind == BackendKind::cuda) {
-#if defined(TMOE_CLI_HAVE_CUDA_BENCH)
+#if defined(TMOE_HAVE_CUDA)
     require(cuda_available(), "--backend cuda needs a CUDA device; none was found");
     rows = bench::run_cuda_bench(config, device);
-#elif defined(TMOE_HAVE_CUDA)
-    throw Error(ErrorKind::internal, "this build has no CUDA benchmark runner (bench/cuda_bench.cu)");
 #else
     fail("this build of tmoe has no CUDA backend (configure with TMOE_CUDA=ON where nvcc exists)");
 #endif

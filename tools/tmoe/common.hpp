@@ -58,13 +58,7 @@ RandomBatch first_tokens(const RandomBatch& batch, int64_t hidden, int64_t token
 double median_seconds(const std::function<void()>& run, int min_runs = 5, double min_seconds = 0.5,
                       int max_runs = 100);
 
-// Transitional: tmoe/cuda.hpp (CudaMoe) is written by the cuda engineer; drop the __has_include
-// once it is on main.
-#if defined(TMOE_HAVE_CUDA) && __has_include("tmoe/cuda.hpp")
-#define TMOE_CLI_CUDA_TIMING 1
-#endif
-
-#if defined(TMOE_CLI_CUDA_TIMING)
+#if defined(TMOE_HAVE_CUDA)
 // The device time of CudaMoe::forward over device-resident tensors: one forward per batch (same
 // token count and top-k), captured in a CUDA graph and replayed; the median replay time over the
 // batches, after a warm-up, for at least `min_seconds`. Unlike MoeBackend::forward it excludes the

@@ -2,7 +2,7 @@
 // CUDA graph, so the time is the layer's, not the host copies' or the launches'.
 #include "common.hpp"
 
-#if defined(TMOE_CLI_CUDA_TIMING)
+#if defined(TMOE_HAVE_CUDA)
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
 
@@ -135,4 +135,4 @@ CudaTiming time_cuda_forward(const MoeWeights& weights, const std::vector<Random
 }
 
 }  // namespace tmoe::cli
-#endif  // TMOE_CLI_CUDA_TIMING
+#endif  // TMOE_HAVE_CUDA

@@ -124,7 +124,7 @@ void run_demo(const DemoOptions& o) {
     bytes /= routings;
     std::vector<float> out(tokens * shape.hidden, std::numeric_limits<float>::quiet_NaN());
     double seconds = 0;
-#if defined(TMOE_CLI_CUDA_TIMING)
+#if defined(TMOE_HAVE_CUDA)
     if (kind == BackendKind::cuda) {
       const CudaTiming timing = time_cuda_forward(weights, batches, 0.5);
       seconds = timing.seconds;

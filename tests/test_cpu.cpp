@@ -155,6 +155,21 @@ TEST(CpuBackend, MixedBitsPartialTilesAndGroups) {
   }
 }
 
+TEST(CpuBackend, TinyShapesSmallerThanATile) {
+  for (const auto [hidden, inter] : {std::pair<int64_t, int64_t>{8, 5}, {1, 1}, {17, 3}}) {
+    Case c;
+    c.hidden = hidden;
+    c.inter = inter;
+    c.experts = 3;
+    c.top_k = 3;
+    c.gate_bits = 2;
+    c.up_bits = 4;
+    c.down_bits = 3;
+    SCOPED_TRACE("hidden " + std::to_string(hidden) + " intermediate " + std::to_string(inter));
+    expect_matches_reference(c, {1, 2, 17}, true, fresh_seed());
+  }
+}
+
 TEST(CpuBackend, CustomGridAndHadamard) {
   struct Variant {
     int64_t hidden, inter;

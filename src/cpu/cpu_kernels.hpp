@@ -19,7 +19,8 @@ inline constexpr int kMaxRowBlock = 16;
 
 // out[t * out_stride + i] = sum_k rows[t][k] * Q[k][n0 + i]  for t < count, i < 16, where
 // Q = grid[index] * scale. rows[t] holds tiles_k * 16 floats (zero past K). count <= kMaxRowBlock.
-// The result does not depend on the thread or the SIMD width of the call's k order: fixed sums.
+// Sums run in a fixed order per SIMD target, so the bits depend only on the inputs and the target
+// (not on the calling thread).
 void project_column(const TileColumn& column, const float* const* rows, int count, float* out,
                     int64_t out_stride);
 

@@ -59,10 +59,14 @@ void run_quantize(const QuantizeCommand& c) {
       progress.update(experts_done, label + ": loading");
       const std::vector<float> w = checkpoint.load_stacked(layer, name);
       QuantizeReport report;
-      projection(weights, p) =
-          quantize(w, s.experts, s.K, s.N, options, &report, [&](int64_t done, int64_t total) {
-            progress.update(experts_done + done, fmt::format("{}: expert {}/{}", label, done, total));
-          });
+      try {
+        projection(weights, p) =
+            quantize(w, s.experts, s.K, s.N, options, &report, [&](int64_t done, int64_t total) {
+              progress.update(experts_done + done, fmt::format("{}: expert {}/{}", label, done, total));
+            });
+      } catch (const Error& e) {  // say which tensor the options do not fit
+        throw Error(e.kind(), fmt::format("layer {} {} [{} x {} x {}]: {}", layer, name, s.experts, s.K, s.N, e.what()));
+      }
       experts_done += s.experts;
       progress.clear();
       fmt::print("{}  [{} x {} x {}]  rel. error {:.4f}  SQNR {:.2f} dB\n", stacked_name(layer, name), s.experts,

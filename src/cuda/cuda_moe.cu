@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -119,10 +120,19 @@ struct CudaMoe::Impl {
 
   DeviceProjection upload_projection(const TrellisTensor& t) {
     DeviceProjection d;
-    d.tiles = upload(t.indices, owned);
-    d.k_tile_stride = t.tiles_n() * tile_bytes(t.bits);  // FORMAT.md order: no repacking
-    d.n_tile_stride = tile_bytes(t.bits);
-    d.expert_stride = t.tiles_k() * d.k_tile_stride;
+    // Tiles n-tile-major (each column strip's tiles contiguous along K): a projection block then
+    // reads one contiguous region front to back. The tiles themselves keep FORMAT.md's bytes.
+    const int64_t tb = tile_bytes(t.bits), tk = t.tiles_k(), tn = t.tiles_n();
+    std::vector<uint8_t> strips(t.indices.size());
+    for (int64_t e = 0; e < t.experts; ++e)
+      for (int64_t k = 0; k < tk; ++k)
+        for (int64_t n = 0; n < tn; ++n)
+          std::memcpy(strips.data() + ((e * tn + n) * tk + k) * tb,
+                      t.indices.data() + ((e * tk + k) * tn + n) * tb, tb);
+    d.tiles = upload(strips, owned);
+    d.k_tile_stride = tb;
+    d.n_tile_stride = tk * tb;
+    d.expert_stride = tk * tn * tb;
     d.scales = upload(t.scales, owned);
     d.su = upload(t.su, owned);
     d.sv = upload(t.sv, owned);

@@ -66,8 +66,8 @@ __device__ __forceinline__ void cp_async_wait() {
 
 struct StreamArgs {
   const PassProjection* pp;
-  int expert, k_tile0, k_tiles, n_tile;
-  bool column_active;
+  int expert, k_tile0, k_tiles, n_tile0;  // n_tile0: the column group's first n-tile
+  bool column_active;                     // this lane's n-tile exists
   const float* xs;
   int xs_stride;
   const float* tile_sums;
@@ -76,22 +76,40 @@ struct StreamArgs {
   uint8_t* ring;
 };
 
-// Copies warp step i of this lane (its 8 tile columns of k-tile row (warp + 4 i) * 4 + kq and
-// their 8 scales) into its ring slot, and commits a cp.async group whether or not it copied, so
-// every step is one group.
+// Copies warp step i (k-tile rows (warp + 4 i) * 4 + 0..3 of the column group's 4 n-tiles, and
+// their scales) into stage i % kStages of the warp's ring, the whole warp together. CudaMoe stores
+// each expert's tiles n-tile-major (k_tile_stride = tile_bytes): the 4 k-tiles of one n-tile are
+// 4 * tile_bytes contiguous bytes, and a block sweeps 4 neighbouring column strips front to back,
+// one contiguous region. Lane l copies 16-byte pieces l, l + 32, ..., so each cp.async instruction
+// of the warp reads whole 128-byte lines. Stage layout: [n-tile][4 k-tiles] (lane (nt, kq, half)
+// finds its 8 columns at lane * 16 * BITS), then each lane's own 8 scales at 16 * lane.
+// Commits one group whether or not it copied.
 template <int BITS>
 __device__ __forceinline__ void issue_step(const StreamArgs& a, int i) {
+  constexpr int kChunkBytes = kRowsPerStep * tile_bytes(BITS);
+  constexpr int kPiecesPerChunk = kChunkBytes / 16;
   const DeviceProjection& w = a.pp->w;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kq = lane >> 3, half = lane & 1;
-  const int row = (warp + i * kProjWarps) * kRowsPerStep + kq;
-  if (a.column_active && row < a.k_tiles) {
-    uint8_t* dst = a.ring + lane * kRingLaneBytes + (i % kStages) * kRingStageBytes;
-    const uint8_t* src = w.tile(a.expert, a.k_tile0 + row, a.n_tile) + half * BITS * 16;
+  const int row0 = (warp + i * kProjWarps) * kRowsPerStep;
+  uint8_t* stage = a.ring + (i % kStages) * kRingStageBytes;
+  const int64_t tiles_n = w.tiles_n();
 #pragma unroll
-    for (int v = 0; v < BITS; ++v) cp_async16(dst + 16 * v, src + 16 * v);
+  for (int v = 0; v < BITS; ++v) {
+    const int piece = lane + 32 * v;
+    const int strip = piece / kPiecesPerChunk, offset = (piece % kPiecesPerChunk) * 16;
+    if (row0 + offset / tile_bytes(BITS) < a.k_tiles && a.n_tile0 + strip < tiles_n) {
+      const uint8_t* chunk = w.tile(a.expert, a.k_tile0 + row0, a.n_tile0 + strip);
+      const int64_t in_chunk = (offset / tile_bytes(BITS)) * w.k_tile_stride + offset % tile_bytes(BITS);
+      cp_async16(stage + strip * kChunkBytes + offset, chunk + in_chunk);
+    }
+  }
+  const int nt = lane >> 3, kq = (lane >> 1) & 3, half = lane & 1;
+  const int row = row0 + kq;
+  const int64_t n0 = static_cast<int64_t>(a.n_tile0 + nt) * kTileDim + half * 8;
+  if (row < a.k_tiles && n0 < w.N) {
     const int64_t group = static_cast<int64_t>(a.k_tile0 + row) * kTileDim / w.group_size;
-    cp_async16(dst + 16 * BITS, w.scales + (a.expert * w.groups() + group) * w.N + a.n_tile * kTileDim + half * 8);
+    cp_async16(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(4) + lane * 16,
+               w.scales + (a.expert * w.groups() + group) * w.N + n0);
   }
   cp_async_commit();
 }
@@ -114,21 +132,23 @@ __device__ __forceinline__ void stream_tiles(const StreamArgs& a, float (&total)
   constexpr int kWords = 4 * BITS;      // 8 tile columns = 16 * BITS bytes
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kq = lane >> 3;
+  const int kq = (lane >> 1) & 3;
   const int steps = (a.k_tiles + kRowsPerStep - 1) / kRowsPerStep;
   const int my_steps = warp < steps ? (steps - warp + kProjWarps - 1) / kProjWarps : 0;
-  const uint8_t* my_slot = a.ring + lane * kRingLaneBytes;
   const float* xs = a.xs;
   const float* tile_sums = a.tile_sums;
   const float* grid = a.grid;
   const int xs_stride = a.xs_stride, sums_stride = a.sums_stride;
 
   for (int i = 0; i < my_steps; ++i) {  // steps 0 .. kStages - 2 were issued by issue_prologue
+    __syncwarp();  // every lane is done reading the stage the next copy overwrites
     issue_step<BITS>(a, i + kStages - 1);
     cp_async_wait<kStages - 1>();
+    __syncwarp();  // the other lanes' pieces of step i have landed too
     const int row = (warp + i * kProjWarps) * kRowsPerStep + kq;
     if (!a.column_active || row >= a.k_tiles) continue;
-    const uint4* slot = reinterpret_cast<const uint4*>(my_slot + (i % kStages) * kRingStageBytes);
+    const uint8_t* stage = a.ring + (i % kStages) * kRingStageBytes;
+    const uint4* slot = reinterpret_cast<const uint4*>(stage + lane * 16 * BITS);
     uint32_t r[kWords];
 #pragma unroll
     for (int v = 0; v < BITS; ++v) {
@@ -138,7 +158,8 @@ __device__ __forceinline__ void stream_tiles(const StreamArgs& a, float (&total)
       r[4 * v + 2] = q.z;
       r[4 * v + 3] = q.w;
     }
-    const uint4 scale_bits = slot[BITS];
+    const uint4 scale_bits =
+        *reinterpret_cast<const uint4*>(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(4) + lane * 16);
     const uint32_t scale_words[4] = {scale_bits.x, scale_bits.y, scale_bits.z, scale_bits.w};
     // The 16 activations of this k-tile row for each row of the item.
     float x[TC][16];
@@ -204,7 +225,7 @@ __device__ __forceinline__ void stream_rows_impl(const StreamArgs& a, float (&to
 }
 
 template <int TC, bool AFFINE>
-__global__ void __launch_bounds__(kProjThreads)
+__global__ void __launch_bounds__(kProjThreads, TC == 1 ? 5 : TC == 2 ? 4 : 3)  // blocks per SM
 projection_kernel(const __grid_constant__ PassArgs a) {
   const int item_index = blockIdx.x;
   if (item_index >= *a.num_items) return;
@@ -233,10 +254,10 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
   const int k_len = k_tiles * kTileDim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nt = (lane >> 1) & 3, half = lane & 1;
+  const int nt = lane >> 3, half = lane & 1;  // lane = (n-tile, k-tile row, half tile)
   const int n_tile = col_group * kTilesPerStepRow + nt;
   const bool column_active = n_tile < w.tiles_n();
-  const StreamArgs sa{&pp, expert, k_tile0, k_tiles, n_tile, column_active, xs, xs_stride, tile_sums, kr, grid, ring};
+  const StreamArgs sa{&pp, expert, k_tile0, k_tiles, col_group * kTilesPerStepRow, column_active, xs, xs_stride, tile_sums, kr, grid, ring};
   // --- the first weight steps go out before anything else: they depend only on the item.
   switch (w.bits) {
     case 2: issue_prologue<2>(sa); break;
@@ -280,15 +301,15 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   } else {
     stream_rows_impl<TC, TC, AFFINE>(sa, total);
   }
-  // Sum over the 4 k-tile rows of the warp (lanes 8 and 16 apart), then over warps in order.
+  // Sum over the 4 k-tile rows of the warp (lanes 2 and 4 apart), then over warps in order.
 #pragma unroll
   for (int c = 0; c < 8; ++c)
 #pragma unroll
     for (int t = 0; t < TC; ++t) {
-      total[c][t] += __shfl_xor_sync(0xffffffffu, total[c][t], 8);
-      total[c][t] += __shfl_xor_sync(0xffffffffu, total[c][t], 16);
+      total[c][t] += __shfl_xor_sync(0xffffffffu, total[c][t], 2);
+      total[c][t] += __shfl_xor_sync(0xffffffffu, total[c][t], 4);
     }
-  if (lane < 8) {
+  if ((lane & 6) == 0) {  // k-tile row 0 of each (n-tile, half) holds the sums
 #pragma unroll
     for (int c = 0; c < 8; ++c)
 #pragma unroll

@@ -29,10 +29,9 @@ inline constexpr int kTilesPerStepRow = 4;              // n-tiles per warp step
 inline constexpr int kColsPerBlock = kTilesPerStepRow * kTileDim;  // 64
 inline constexpr int kMaxItemTokens = 4;                // rows per work item (register budget)
 inline constexpr int kMaxHadamard = 256;                // largest Hadamard block the passes take
-// Each lane's slot in a warp's cp.async ring holds its 8 tile columns (16 * bits bytes) and their 8
-// fp16 scales (16 bytes); 80 bytes (an odd multiple of 16) keeps 16-byte reads conflict-free.
-inline constexpr int kRingLaneBytes = 80;
-inline constexpr int kRingStageBytes = 32 * kRingLaneBytes;
+// A stage of a warp's cp.async ring: 4 k-tile rows of 4 tiles (at most 4 * 4 * 128 bytes at 4 bits)
+// and their 4 x 64 fp16 scales.
+inline constexpr int kRingStageBytes = 4 * 4 * 128 + 4 * 64 * 2;
 inline constexpr int kStages = 4;                       // warp steps in flight: kStages - 1 ahead
 inline constexpr int kRingWarpBytes = kStages * kRingStageBytes;
 

@@ -29,7 +29,8 @@ class MoeBackend {
   virtual void forward(const MoeBatch& batch) = 0;
 };
 
-// The weights must outlive the backend (CPU and reference backends read them in place).
+// The reference backend reads `weights` in place, so they must outlive it; the cpu and cuda
+// backends keep their own (repacked / uploaded) copy and need them only during this call.
 std::unique_ptr<MoeBackend> make_backend(BackendKind kind, const MoeWeights& weights,
                                          const ForwardOptions& options = {});
 

@@ -23,5 +23,8 @@ struct RoutingPlan {
 // [0, experts) throws tmoe::Error (bad input) naming the token, slot and id.
 RoutingPlan make_routing_plan(std::span<const int32_t> expert_ids, int64_t tokens, int top_k,
                               int experts);
+// The same, refilling `plan` in place: no allocation once its vectors have grown (per-call use).
+void make_routing_plan(std::span<const int32_t> expert_ids, int64_t tokens, int top_k, int experts,
+                       RoutingPlan& plan);
 
 }  // namespace tmoe

@@ -76,7 +76,7 @@ class CpuBackend final : public MoeBackend {
             "cpu backend: x, expert_ids, expert_probs and out must all be set");
     const int64_t T = b.tokens;
     const int k = b.top_k;
-    plan_ = make_routing_plan({b.expert_ids, static_cast<size_t>(T * k)}, T, k, experts_);
+    make_routing_plan({b.expert_ids, static_cast<size_t>(T * k)}, T, k, experts_, plan_);
     const int64_t slots = plan_.routed_pairs();
 
     active_.clear();

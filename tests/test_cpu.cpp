@@ -16,11 +16,14 @@
 #include "tmoe/error.hpp"
 #include "tmoe/hadamard.hpp"
 #include "tmoe/moe.hpp"
+#include "test_support.hpp"
 
 namespace tmoe {
+using tmoe::testing::expect_bad_input;
+using tmoe::testing::fresh_seed;
+
 namespace {
 
-uint64_t fresh_seed() { return std::random_device{}() * 0x9e3779b97f4a7c15ull + std::random_device{}(); }
 
 struct Case {
   int64_t hidden = 40, inter = 24;

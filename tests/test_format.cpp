@@ -11,12 +11,15 @@
 #include "tmoe/error.hpp"
 #include "tmoe/format.hpp"
 #include "tmoe/hadamard.hpp"
+#include "test_support.hpp"
 
 using tmoe::TrellisTensor;
 
+using tmoe::testing::expect_bad_input;
+using tmoe::testing::fresh_seed;
+
 namespace {
 
-uint64_t fresh_seed() { return std::random_device{}() * 0x9e3779b97f4a7c15ull ^ std::random_device{}(); }
 
 // A single-expert tensor whose packed indices come from the given row-major [K][N] indices.
 TrellisTensor tensor_with_indices(int64_t K, int64_t N, int bits, int group_size,
@@ -26,18 +29,6 @@ TrellisTensor tensor_with_indices(int64_t K, int64_t N, int bits, int group_size
   return t;
 }
 
-// Expects `f` to throw a bad-input tmoe::Error whose message contains `needle`.
-template <typename F>
-void expect_bad_input(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a tmoe::Error mentioning '" << needle << "'";
-  } catch (const tmoe::Error& e) {
-    EXPECT_EQ(e.kind(), tmoe::ErrorKind::bad_input);
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' does not mention '" << needle << "'";
-  }
-}
 
 }  // namespace
 

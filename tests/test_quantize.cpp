@@ -12,15 +12,18 @@
 #include "tmoe/error.hpp"
 #include "tmoe/format.hpp"
 #include "tmoe/quantize.hpp"
+#include "test_support.hpp"
 
 using tmoe::GridKind;
 using tmoe::QuantizeOptions;
 using tmoe::QuantizeReport;
 using tmoe::TrellisTensor;
 
+using tmoe::testing::expect_bad_input;
+using tmoe::testing::fresh_seed;
+
 namespace {
 
-uint64_t fresh_seed() { return std::random_device{}() * 0x9e3779b97f4a7c15ull ^ std::random_device{}(); }
 
 enum class Dist { gaussian, heavy };
 const char* name(Dist d) { return d == Dist::gaussian ? "gaussian" : "student-t3+outliers"; }
@@ -65,17 +68,6 @@ double relative_error(const std::vector<float>& w, const TrellisTensor& t) {
   return std::sqrt(err / norm);
 }
 
-template <typename F>
-void expect_bad_input(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a tmoe::Error mentioning '" << needle << "'";
-  } catch (const tmoe::Error& e) {
-    EXPECT_EQ(e.kind(), tmoe::ErrorKind::bad_input);
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' does not mention '" << needle << "'";
-  }
-}
 
 }  // namespace
 

@@ -10,13 +10,16 @@
 #include "tmoe/error.hpp"
 #include "tmoe/format.hpp"
 #include "tmoe/moe.hpp"
+#include "test_support.hpp"
 
 using tmoe::MoeWeights;
 using tmoe::TrellisTensor;
 
+using tmoe::testing::expect_bad_input;
+using tmoe::testing::fresh_seed;
+
 namespace {
 
-uint64_t fresh_seed() { return std::random_device{}() * 0x9e3779b97f4a7c15ull ^ std::random_device{}(); }
 
 // A tensor of E experts whose index, scale and signs come from the given functions.
 struct Spec {
@@ -84,17 +87,6 @@ std::vector<double> dense_forward(const std::vector<std::vector<double>>& gate,
   return out;
 }
 
-template <typename F>
-void expect_bad_input(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a tmoe::Error mentioning '" << needle << "'";
-  } catch (const tmoe::Error& e) {
-    EXPECT_EQ(e.kind(), tmoe::ErrorKind::bad_input);
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' does not mention '" << needle << "'";
-  }
-}
 
 // Custom grid: index 3 is 0, index 5 is 1, 6 is 2, 7 is 4.
 const std::vector<float> kSimpleGrid = {-2.0f, -1.0f, -0.5f, 0.0f, 0.5f, 1.0f, 2.0f, 4.0f};

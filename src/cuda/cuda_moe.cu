@@ -77,28 +77,49 @@ struct ForwardPlan {
   int64_t num_counters = 0;
 };
 
-PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int64_t busy_items,
-                   int tokens_per_item, int sms) {
+// Blocks of the pass kernel resident per SM: the register limit (queried once per kernel), then
+// shared memory (the device's per-SM pool, 1 KB of it reserved per block).
+struct Occupancy {
+  int sms = 132;
+  size_t shared_per_sm = 228 * 1024;
+  int register_blocks[3][2] = {};  // [tokens per item 1, 2, 4][affine]
+  int blocks_per_sm(int tokens_per_item, bool affine, size_t shared) const {
+    const int by_registers = register_blocks[tokens_per_item == 1 ? 0 : tokens_per_item == 2 ? 1 : 2][affine];
+    const int by_shared = static_cast<int>(shared_per_sm / (shared + 1024));
+    return std::max(1, std::min(by_registers, by_shared));
+  }
+};
+
+PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int stage_bytes, bool affine,
+                   int64_t busy_items, int tokens_per_item, const Occupancy& occupancy) {
   PassPlan p;
   const int64_t tiles_k = w.tiles_k();
   p.col_groups = static_cast<int>(ceil_div(w.tiles_n(), kTilesPerStepRow));
-  const int align = std::max(1, w.hadamard / kTileDim);  // K ranges hold whole Hadamard blocks
-  // Activations of a block stay under 32 KB of shared memory.
-  const int64_t max_kr = std::max<int64_t>(align, (8192 / tokens_per_item / kTileDim) / align * align);
-  // Enough blocks to fill the GPU about 4 times over with the items that will be busy, but each
-  // block at least 16 k-tile rows (one step for each of its warps) where K allows.
-  const int64_t per_split = std::max<int64_t>(1, busy_items * p.col_groups * nproj);
-  // (4 blocks per SM fit at once for 1-2 rows per item; 3 at 4 rows, which need 168 registers.)
-  int64_t ks = ceil_div((tokens_per_item == kMaxItemTokens ? 3LL : 4LL) * sms, per_split);
-  ks = std::min(ks, std::max<int64_t>(1, tiles_k / 16));
-  ks = std::max(ks, ceil_div(tiles_k, max_kr));
-  int64_t kr = ceil_div(tiles_k, ks);
-  kr = ceil_div(kr, align) * align;
-  p.k_tiles_per_block = static_cast<int>(kr);
-  p.k_splits = static_cast<int>(ceil_div(tiles_k, kr));
   p.finish_cols = std::max(kColsPerBlock, hadamard_out);
   p.num_finish_groups = static_cast<int>(ceil_div(p.col_groups, p.finish_cols / kColsPerBlock));
-  p.shared = pass_shared_bytes(tokens_per_item, p.k_tiles_per_block, p.finish_cols);
+  const int align = std::max(1, w.hadamard / kTileDim);  // K ranges hold whole Hadamard blocks
+  // At most 128 k-tile rows per block: the staged activations stay at tokens_per_item x 8 KB.
+  const int64_t max_kr = std::max<int64_t>(align, 128 / align * align);
+  const int64_t per_split = std::max<int64_t>(1, busy_items * p.col_groups * nproj);
+  // Pick the split count whose waves of blocks cost least: ceil(blocks / blocks-at-once) times a
+  // block's length (its k-tile rows plus ~8 rows' worth of staging and finishing). Whole waves
+  // matter: a last wave of a few blocks costs as much as a full one (ncu on v4: 2.26 waves).
+  const int64_t ks_min = ceil_div(tiles_k, max_kr);
+  const int64_t ks_max = std::max(ks_min, std::min<int64_t>(ks_min + 64, ceil_div(tiles_k, 4)));
+  double best = 0;
+  for (int64_t ks = ks_min; ks <= ks_max; ++ks) {
+    const int64_t kr = ceil_div(ceil_div(tiles_k, ks), align) * align;
+    const int64_t splits = ceil_div(tiles_k, kr);
+    const size_t shared = pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols, stage_bytes);
+    const int64_t at_once = static_cast<int64_t>(occupancy.blocks_per_sm(tokens_per_item, affine, shared)) * occupancy.sms;
+    const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + 8);
+    if (ks == ks_min || cost < best) {
+      best = cost;
+      p.k_tiles_per_block = static_cast<int>(kr);
+      p.k_splits = static_cast<int>(splits);
+      p.shared = shared;
+    }
+  }
   return p;
 }
 
@@ -111,7 +132,7 @@ struct CudaMoe::Impl {
   DeviceProjection gate, up, down;
   PassProjection gate_pass, up_pass, down_pass;
   int32_t* error = nullptr;  // [3], see routing.hpp
-  int sms = 132;
+  Occupancy occupancy;
   int64_t bytes = 0;
 
   ~Impl() {
@@ -162,11 +183,19 @@ struct CudaMoe::Impl {
     ForwardPlan f;
     f.grouped = tokens >= options.grouped_min_tokens;
     f.pairs = tokens * top_k;
-    f.tokens_per_item = tokens <= 1 ? 1 : tokens <= 2 ? 2 : kMaxItemTokens;
+    // Rows per work item from the expected pairs per expert: with one pair per expert on average
+    // (qwen3 at 8 tokens), items of 4 rows would run the 168-register kernel at 3 blocks per SM
+    // for nothing; an expert that does get several pairs then runs several items (the extra
+    // reads of its tiles hit L2: items of one expert run side by side).
+    const double load = static_cast<double>(tokens * top_k) / shape.experts;
+    f.tokens_per_item = tokens <= 1 || load <= 0.5 ? 1 : tokens <= 2 || load <= 1.5 ? 2 : kMaxItemTokens;
     f.max_items = max_work_items(f.pairs, shape.experts, f.tokens_per_item);
     const int64_t busy = std::min<int64_t>(f.max_items, std::min<int64_t>(f.pairs, shape.experts));
-    f.gate_up = plan_pass(gate, 2, std::max(gate.hadamard, up.hadamard), busy, f.tokens_per_item, sms);
-    f.down = plan_pass(down, 1, down.hadamard, busy, f.tokens_per_item, sms);
+    const bool gu_affine = gate_pass.affine && up_pass.affine;
+    f.gate_up = plan_pass(gate, 2, std::max(gate.hadamard, up.hadamard),
+                          ring_stage_bytes(std::max(gate.bits, up.bits)), gu_affine, busy, f.tokens_per_item, occupancy);
+    f.down = plan_pass(down, 1, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, busy,
+                       f.tokens_per_item, occupancy);
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
     f.num_counters = f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups);
     size_t at = 0;
@@ -237,8 +266,15 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
               std::to_string(kMaxRoutingExperts));
   int device = 0;
   TMOE_CUDA_CHECK(cudaGetDevice(&device));
-  TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, device));
+  TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&m.occupancy.sms, cudaDevAttrMultiProcessorCount, device));
+  int shared_per_sm = 0;
+  TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  m.occupancy.shared_per_sm = static_cast<size_t>(shared_per_sm);
   prepare_projection_kernels();
+  const int rows[3] = {1, 2, kMaxItemTokens};
+  for (int r = 0; r < 3; ++r)
+    for (int affine = 0; affine < 2; ++affine)
+      m.occupancy.register_blocks[r][affine] = projection_blocks_per_sm(rows[r], affine != 0, 0);
   m.gate = m.upload_projection(weights.gate);
   m.up = m.upload_projection(weights.up);
   m.down = m.upload_projection(weights.down);
@@ -325,6 +361,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   gu.col_groups = f.gate_up.col_groups;
   gu.finish_groups_cols = f.gate_up.finish_cols;
   gu.num_finish_groups = f.gate_up.num_finish_groups;
+  gu.stage_bytes = ring_stage_bytes(std::max(m.gate.bits, m.up.bits));
   gu.partial = at_f(f.partial_gate_up);
   gu.counters = r.counters;
   gu.dst = at_f(f.h);
@@ -342,6 +379,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   dn.col_groups = f.down.col_groups;
   dn.finish_groups_cols = f.down.finish_cols;
   dn.num_finish_groups = f.down.num_finish_groups;
+  dn.stage_bytes = ring_stage_bytes(m.down.bits);
   dn.partial = at_f(f.partial_down);
   dn.counters = r.counters + f.max_items * f.gate_up.num_finish_groups;
   dn.dst = at_f(f.y);

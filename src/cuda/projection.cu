@@ -1,6 +1,8 @@
 // The decode / small-batch projection pass (see projection.cuh for the scheme).
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "cuda_check.hpp"
 #include "projection.cuh"
 
@@ -73,7 +75,8 @@ struct StreamArgs {
   const float* tile_sums;
   int sums_stride;
   const float* grid;
-  uint8_t* ring;
+  uint8_t* ring;  // this warp's ring
+  int stage_bytes;
 };
 
 // Copies warp step i (k-tile rows (warp + 4 i) * 4 + 0..3 of the column group's 4 n-tiles, and
@@ -91,7 +94,7 @@ __device__ __forceinline__ void issue_step(const StreamArgs& a, int i) {
   const DeviceProjection& w = a.pp->w;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (warp + i * kProjWarps) * kRowsPerStep;
-  uint8_t* stage = a.ring + (i % kStages) * kRingStageBytes;
+  uint8_t* stage = a.ring + (i % kStages) * a.stage_bytes;
   const int64_t tiles_n = w.tiles_n();
 #pragma unroll
   for (int v = 0; v < BITS; ++v) {
@@ -108,7 +111,7 @@ __device__ __forceinline__ void issue_step(const StreamArgs& a, int i) {
   const int64_t n0 = static_cast<int64_t>(a.n_tile0 + nt) * kTileDim + half * 8;
   if (row < a.k_tiles && n0 < w.N) {
     const int64_t group = static_cast<int64_t>(a.k_tile0 + row) * kTileDim / w.group_size;
-    cp_async16(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(4) + lane * 16,
+    cp_async16(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(BITS) + lane * 16,
                w.scales + (a.expert * w.groups() + group) * w.N + n0);
   }
   cp_async_commit();
@@ -147,7 +150,7 @@ __device__ __forceinline__ void stream_tiles(const StreamArgs& a, float (&total)
     __syncwarp();  // the other lanes' pieces of step i have landed too
     const int row = (warp + i * kProjWarps) * kRowsPerStep + kq;
     if (!a.column_active || row >= a.k_tiles) continue;
-    const uint8_t* stage = a.ring + (i % kStages) * kRingStageBytes;
+    const uint8_t* stage = a.ring + (i % kStages) * a.stage_bytes;
     const uint4* slot = reinterpret_cast<const uint4*>(stage + lane * 16 * BITS);
     uint32_t r[kWords];
 #pragma unroll
@@ -159,7 +162,7 @@ __device__ __forceinline__ void stream_tiles(const StreamArgs& a, float (&total)
       r[4 * v + 3] = q.w;
     }
     const uint4 scale_bits =
-        *reinterpret_cast<const uint4*>(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(4) + lane * 16);
+        *reinterpret_cast<const uint4*>(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(BITS) + lane * 16);
     const uint32_t scale_words[4] = {scale_bits.x, scale_bits.y, scale_bits.z, scale_bits.w};
     // The 16 activations of this k-tile row for each row of the item.
     float x[TC][16];
@@ -225,7 +228,7 @@ __device__ __forceinline__ void stream_rows_impl(const StreamArgs& a, float (&to
 }
 
 template <int TC, bool AFFINE>
-__global__ void __launch_bounds__(kProjThreads, TC == 1 ? 5 : TC == 2 ? 4 : 3)  // blocks per SM
+__global__ void __launch_bounds__(kProjThreads, TC == 1 ? 6 : TC == 2 ? 4 : 3)  // blocks per SM
 projection_kernel(const __grid_constant__ PassArgs a) {
   const int item_index = blockIdx.x;
   if (item_index >= *a.num_items) return;
@@ -247,7 +250,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   float* finish = grid + 16;                       // [2][TC][finish cols]
   int* flag = reinterpret_cast<int*>(finish + 2 * TC * a.finish_groups_cols);
   const uintptr_t ring_base = (reinterpret_cast<uintptr_t>(flag + 4) + 15) & ~uintptr_t{15};
-  uint8_t* ring = reinterpret_cast<uint8_t*>(ring_base) + (threadIdx.x >> 5) * kRingWarpBytes;
+  uint8_t* ring = reinterpret_cast<uint8_t*>(ring_base) + (threadIdx.x >> 5) * kStages * a.stage_bytes;
 
   const int k_tile0 = split * kr;
   const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
@@ -257,7 +260,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   const int nt = lane >> 3, half = lane & 1;  // lane = (n-tile, k-tile row, half tile)
   const int n_tile = col_group * kTilesPerStepRow + nt;
   const bool column_active = n_tile < w.tiles_n();
-  const StreamArgs sa{&pp, expert, k_tile0, k_tiles, col_group * kTilesPerStepRow, column_active, xs, xs_stride, tile_sums, kr, grid, ring};
+  const StreamArgs sa{&pp, expert, k_tile0, k_tiles, col_group * kTilesPerStepRow, column_active, xs, xs_stride, tile_sums, kr, grid, ring, a.stage_bytes};
   // --- the first weight steps go out before anything else: they depend only on the item.
   switch (w.bits) {
     case 2: issue_prologue<2>(sa); break;
@@ -395,6 +398,19 @@ void prepare_projection_kernels() {
   raise_shared_limit<2, true>();
   raise_shared_limit<4, false>();
   raise_shared_limit<4, true>();
+}
+
+int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_bytes) {
+  int blocks = 0;
+  auto query = [&](auto kernel) {
+    TMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kProjThreads, shared_bytes));
+  };
+  switch (tokens_per_item) {
+    case 1: affine ? query(projection_kernel<1, true>) : query(projection_kernel<1, false>); break;
+    case 2: affine ? query(projection_kernel<2, true>) : query(projection_kernel<2, false>); break;
+    default: affine ? query(projection_kernel<4, true>) : query(projection_kernel<4, false>); break;
+  }
+  return std::max(blocks, 1);
 }
 
 void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t max_items,

@@ -29,11 +29,11 @@ inline constexpr int kTilesPerStepRow = 4;              // n-tiles per warp step
 inline constexpr int kColsPerBlock = kTilesPerStepRow * kTileDim;  // 64
 inline constexpr int kMaxItemTokens = 4;                // rows per work item (register budget)
 inline constexpr int kMaxHadamard = 256;                // largest Hadamard block the passes take
-// A stage of a warp's cp.async ring: 4 k-tile rows of 4 tiles (at most 4 * 4 * 128 bytes at 4 bits)
-// and their 4 x 64 fp16 scales.
-inline constexpr int kRingStageBytes = 4 * 4 * 128 + 4 * 64 * 2;
-inline constexpr int kStages = 4;                       // warp steps in flight: kStages - 1 ahead
-inline constexpr int kRingWarpBytes = kStages * kRingStageBytes;
+// A stage of a warp's cp.async ring: 4 k-tile rows of 4 tiles and their 4 x 64 fp16 scales.
+// 3 stages (2 steps in flight per warp) keep a block's shared memory small enough for 6 blocks
+// per SM at one row per item (ncu on v4: 60 KB per block, 3 blocks per SM, 16% occupancy).
+TMOE_HD constexpr int ring_stage_bytes(int bits) { return 4 * 4 * tile_bytes(bits) + 4 * 64 * 2; }
+inline constexpr int kStages = 3;
 
 // One projection as a pass sees it. `affine`: grid[i] == grid0 + step * i (checked at upload), so
 // the kernel decodes the index itself and folds grid0 into a per-tile sum of the activations.
@@ -60,6 +60,7 @@ struct PassArgs {
   int k_tiles_per_block = 1;    // kr
   int col_groups = 1;
   int finish_groups_cols = 64;  // columns one finishing block owns (a multiple of Hadamard blocks)
+  int stage_bytes = ring_stage_bytes(4);  // ring stage size: the largest bits of the pass
   int num_finish_groups = 1;
   float* partial = nullptr;     // [nproj][k_splits][P][N]
   int32_t* counters = nullptr;  // [max items][num_finish_groups]
@@ -67,14 +68,14 @@ struct PassArgs {
 };
 
 // Shared memory (floats) the pass needs for `tokens` rows per item.
-inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols) {
+inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols, int stage_bytes) {
   const size_t floats = static_cast<size_t>(tokens) * k_tiles_per_block * kTileDim  // activations
                         + static_cast<size_t>(tokens) * k_tiles_per_block            // tile sums
                         + static_cast<size_t>(kProjWarps) * kColsPerBlock * tokens   // warp partials
                         + 16                                                         // grid
                         + 2 * static_cast<size_t>(tokens) * finish_cols              // finish rows
                         + 4;                                                         // flags
-  return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kRingWarpBytes;
+  return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kStages * stage_bytes;
 }
 
 // Launches the pass for the rows of every work item (template dispatch on tokens per item and on
@@ -83,5 +84,7 @@ void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t m
                             size_t shared_bytes, cudaStream_t stream);
 // Raises the dynamic shared memory limit of every instantiation (once per process and device).
 void prepare_projection_kernels();
+// Blocks of the pass kernel that fit on one SM at once with this much shared memory.
+int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_bytes);
 
 }  // namespace tmoe::cuda

@@ -17,6 +17,7 @@ struct BenchConfig {
   int group_size = 128;
   int threads = 0;             // CPU threads, 0: all
   bool deterministic = false;  // CUDA determinism mode
+  int64_t grouped_min_tokens = -1;  // CUDA: force the grouped path from this many tokens (-1: dispatcher)
   double min_seconds = 0.5;    // per case, time spent in timed repetitions
   uint64_t seed = 1;
 };

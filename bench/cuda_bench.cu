@@ -256,6 +256,9 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
     const int E = shape.experts, k = shape.top_k;
     // Quantized layer copies: together at least ~1 GB (20x L2), cycled forward by forward.
     std::vector<std::unique_ptr<cuda::CudaMoe>> copies;
+    cuda::CudaMoeOptions moe_options;
+    moe_options.deterministic = config.deterministic;
+    moe_options.grouped_min_tokens = config.grouped_min_tokens;
     int64_t expert_bytes = 0, layer_bytes = 0;
     {
       MoeWeights w;
@@ -265,7 +268,7 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       expert_bytes = w.expert_bytes();
       layer_bytes = expert_bytes * E;
       const int n = static_cast<int>(std::clamp<int64_t>(ceil_div(int64_t{1} << 30, layer_bytes), 1, 8));
-      for (int i = 0; i < n; ++i) copies.push_back(std::make_unique<cuda::CudaMoe>(w));
+      for (int i = 0; i < n; ++i) copies.push_back(std::make_unique<cuda::CudaMoe>(w, moe_options));
     }
     // The bf16 baseline's weights: gate|up fused [E][H][2I], down [E][I][H].
     Owned o;
@@ -345,7 +348,7 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       BenchRow row;
       row.backend = "cuda";
       row.shape = shape.name;
-      row.path = T <= 2 ? "decode" : "small-batch";
+      row.path = copies[0]->path(T, k);
       row.tokens = T;
       row.bits = config.bits;
       row.time_us = ours_us;

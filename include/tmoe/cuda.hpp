@@ -31,8 +31,9 @@ struct CudaMoeOptions {
   // reduction order, integer counters only); the grouped path uses float atomics unless this is set.
   bool deterministic = false;
   // forward() hands batches of at least this many tokens to the tensor-core grouped path
-  // (src/cuda/grouped/); smaller ones run the decode / small-batch kernels.
-  int64_t grouped_min_tokens = 128;
+  // (src/cuda/grouped/); smaller ones run the decode / small-batch kernels. -1 (the default):
+  // the dispatcher decides from the expected pairs per expert (src/cuda/dispatch.hpp).
+  int64_t grouped_min_tokens = -1;
 };
 
 class CudaMoe {
@@ -47,6 +48,9 @@ class CudaMoe {
 
   MoeShape shape() const;       // hidden, intermediate, experts (top_k 0: it is per call)
   int64_t device_bytes() const;  // bytes of the uploaded weights
+
+  // The kernel path forward() takes for this batch size: "decode", "small-batch" or "grouped".
+  const char* path(int64_t tokens, int top_k) const;
 
   // Workspace forward() needs for up to `tokens` tokens with `top_k` slots each.
   size_t workspace_bytes(int64_t tokens, int top_k) const;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/dispatch.hpp"
 #include "cuda_check.hpp"
 #include "device_weights.cuh"
 #include "grouped/grouped_moe.cuh"
@@ -181,7 +182,7 @@ struct CudaMoe::Impl {
 
   ForwardPlan plan(int64_t tokens, int top_k) const {
     ForwardPlan f;
-    f.grouped = tokens >= options.grouped_min_tokens;
+    f.grouped = use_grouped_path(tokens, top_k, shape.experts, options.grouped_min_tokens);
     f.pairs = tokens * top_k;
     // Rows per work item from the expected pairs per expert: with one pair per expert on average
     // (qwen3 at 8 tokens), items of 4 rows would run the 168-register kernel at 3 blocks per SM
@@ -287,6 +288,10 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
 CudaMoe::~CudaMoe() = default;
 
 MoeShape CudaMoe::shape() const { return impl_->shape; }
+const char* CudaMoe::path(int64_t tokens, int top_k) const {
+  if (use_grouped_path(tokens, top_k, impl_->shape.experts, impl_->options.grouped_min_tokens)) return "grouped";
+  return impl_->plan(tokens, top_k).tokens_per_item == 1 ? "decode" : "small-batch";
+}
 int64_t CudaMoe::device_bytes() const { return impl_->bytes; }
 const DeviceProjection& CudaMoe::gate() const { return impl_->gate; }
 const DeviceProjection& CudaMoe::up() const { return impl_->up; }

@@ -10,8 +10,10 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <limits>
 #include <string>
 
+#include "cuda/dispatch.hpp"
 #include "cuda/routing.hpp"
 #include "cuda_test_util.hpp"
 #include "tmoe/cuda.hpp"
@@ -72,7 +74,16 @@ std::vector<float> run_device(const cuda::CudaMoe& moe, const MoeCase& c, const 
   return to_floats(out.download(), c.out_dtype, T * c.H);
 }
 
-void check_against_reference(const MoeCase& c, int64_t T, const cuda::CudaMoeOptions& options = {},
+// The decode / small-batch kernels whatever the batch size (the dispatcher would hand larger
+// batches of these small shapes to the grouped path, which GroupedPathThroughCudaMoe covers).
+cuda::CudaMoeOptions decode_kernels_only() {
+  cuda::CudaMoeOptions o;
+  o.grouped_min_tokens = std::numeric_limits<int64_t>::max();
+  return o;
+}
+
+void check_against_reference(const MoeCase& c, int64_t T,
+                             const cuda::CudaMoeOptions& options = decode_kernels_only(),
                              double bound = -1) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(describe(c, T, seed));
@@ -165,7 +176,25 @@ TEST(CudaMoe, GroupedPathThroughCudaMoe) {
   for (int64_t T : {3, 40}) check_against_reference(c, T, always_grouped, 1e-2);
   c.routing = RoutingKind::some_minus;
   c.out_dtype = DType::bf16;
-  check_against_reference(c, 200, cuda::CudaMoeOptions{}, 1e-2);  // the default threshold: 128
+  check_against_reference(c, 200, cuda::CudaMoeOptions{}, 1e-2);  // the dispatcher picks grouped
+}
+
+// The dispatcher's rule (src/cuda/dispatch.hpp): grouped from kGroupedMinPairsPerExpert expected
+// pairs per expert on; a forced threshold overrides it.
+TEST(CudaMoe, PathFollowsTheDispatchRule) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;  // E = 16, k = 4: pairs per expert = T / 4
+  cuda::CudaMoe automatic(make_weights(c, 1));
+  for (int64_t T : {1, 2, 8, 15, 16, 17, 64, 1000}) {
+    const bool grouped = static_cast<double>(T) * c.k / c.E >= cuda::kGroupedMinPairsPerExpert;
+    EXPECT_EQ(std::string(automatic.path(T, c.k)) == "grouped", grouped) << "T=" << T;
+  }
+  EXPECT_STREQ(automatic.path(1, c.k), "decode");
+  cuda::CudaMoeOptions forced;
+  forced.grouped_min_tokens = 2;
+  cuda::CudaMoe always(make_weights(c, 1), forced);
+  EXPECT_STRNE(always.path(1, c.k), "grouped");
+  EXPECT_STREQ(always.path(2, c.k), "grouped");
 }
 
 TEST(CudaMoe, BackendOverHostPointers) {

@@ -20,6 +20,7 @@ struct BenchCommand {
   int group_size = 128;
   int threads = 0;
   bool deterministic = false;
+  int64_t grouped_min_tokens = -1;
   double min_seconds = 0.5;
   uint64_t seed = 1;
   std::string json;
@@ -34,6 +35,7 @@ void run_bench(const BenchCommand& c) {
   config.group_size = c.group_size;
   config.threads = c.threads;
   config.deterministic = c.deterministic;
+  config.grouped_min_tokens = c.grouped_min_tokens;
   config.min_seconds = c.min_seconds;
   config.seed = c.seed;
 
@@ -74,6 +76,9 @@ void register_bench(CLI::App& app) {
       ->capture_default_str();
   bench->add_option("--threads", b->threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
   bench->add_flag("--deterministic", b->deterministic, "CUDA determinism mode");
+  bench->add_option("--grouped-min-tokens", b->grouped_min_tokens,
+                    "CUDA: force the tensor-core grouped path from this many tokens (-1: the dispatcher's rule)")
+      ->capture_default_str();
   bench->add_option("--min-seconds", b->min_seconds, "timed repetitions per case, in seconds")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -36,24 +36,25 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t h) {
   return __half2float(__ushort_as_half(h));
 }
 
-// Normalized block Walsh-Hadamard transform of `rows` rows (row_len values each, `stride` apart)
-// in shared memory, blocks of `block`; every thread of the block calls it.
-__device__ void shared_block_hadamard(float* data, int rows, int row_len, int stride, int block) {
-  const int half_len = row_len / 2;
-  for (int len = 1; len < block; len <<= 1) {
-    for (int i = threadIdx.x; i < rows * half_len; i += blockDim.x) {
-      const int row = i / half_len, q = i % half_len;
-      const int lo = (q / len) * 2 * len + (q % len);
-      float* d = data + row * stride;
-      const float a = d[lo], b = d[lo + len];
-      d[lo] = a + b;
-      d[lo + len] = a - b;
+// The butterfly passes len = first_len, 2 first_len, ..., block / 2 of the block Walsh-Hadamard
+// transform of `rows` rows (row_len values each, `stride` apart) in shared memory; every thread of
+// the block calls it, and it ends with a barrier when it ran a pass. Not normalized: callers fold
+// 1/sqrt(block) into their loads. Lengths are powers of two, so the indexing is shifts (ncu on v5:
+// ~10 instructions per weight, much of it integer division in the staging and in these passes).
+__device__ void shared_hadamard_passes(float* data, int rows, int row_len, int stride, int block, int first_len) {
+  const int pairs = row_len >> 1;
+  for (int len = first_len, lg = __ffs(first_len) - 1; len < block; len <<= 1, ++lg) {
+    for (int t = 0; t < rows; ++t) {
+      float* d = data + t * stride;
+      for (int q = threadIdx.x; q < pairs; q += blockDim.x) {
+        const int lo = ((q >> lg) << (lg + 1)) | (q & (len - 1));
+        const float a = d[lo], b = d[lo + len];
+        d[lo] = a + b;
+        d[lo + len] = a - b;
+      }
     }
     __syncthreads();
   }
-  const float norm = rsqrtf(static_cast<float>(block));
-  for (int i = threadIdx.x; i < rows * row_len; i += blockDim.x) data[(i / row_len) * stride + i % row_len] *= norm;
-  __syncthreads();
 }
 
 __device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src) {
@@ -77,7 +78,46 @@ struct StreamArgs {
   const float* grid;
   uint8_t* ring;  // this warp's ring
   int stage_bytes;
+  // This lane's copy sources, computed once per block by init_sources (v5 redid the 64-bit address
+  // arithmetic and a 64-bit division for the scale group at every step). Step i adds 16 i k-tile
+  // rows: step_bytes to every tile piece, 16 i to the rows checked against k_tiles.
+  const uint8_t* chunk_base = nullptr;  // tile (expert, k_tile0, n_tile0)
+  int64_t step_bytes = 0;
+  uint32_t piece_offset[4] = {};        // piece v's byte offset from chunk_base at step 0
+  int piece_row[4] = {};                // its k-tile row at step 0 (huge: its n-tile does not exist)
+  const uint16_t* scale_src = nullptr;  // this lane's 8 scales in group 0; null: columns past N
+  int scale_row = 0;                    // the k-tile row of this lane's scales at step 0
+  int scale_group0 = 0, groups_per_step = 0, scale_k0 = 0;  // groups_per_step 0: divide per step
 };
+
+inline constexpr int kNoRow = 1 << 29;
+
+template <int BITS>
+__device__ __forceinline__ void init_sources(StreamArgs& a) {
+  constexpr int kPiecesPerChunk = kRowsPerStep * tile_bytes(BITS) / 16;
+  const DeviceProjection& w = a.pp->w;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  a.chunk_base = w.tile(a.expert, a.k_tile0, a.n_tile0);
+  a.step_bytes = static_cast<int64_t>(kProjWarps) * kRowsPerStep * w.k_tile_stride;
+  const int64_t tiles_n = w.tiles_n();
+#pragma unroll
+  for (int v = 0; v < BITS; ++v) {
+    const int piece = lane + 32 * v;
+    const int strip = piece / kPiecesPerChunk, offset = (piece % kPiecesPerChunk) * 16;
+    const int row = warp * kRowsPerStep + offset / tile_bytes(BITS);
+    // A block's region (4 n-tile strips, at most 128 + 16 i k-tile rows) spans far less than 4 GiB.
+    a.piece_offset[v] = static_cast<uint32_t>(row * w.k_tile_stride + strip * w.n_tile_stride + offset % tile_bytes(BITS));
+    a.piece_row[v] = a.n_tile0 + strip < tiles_n ? row : kNoRow;
+  }
+  const int nt = lane >> 3, kq = (lane >> 1) & 3, half = lane & 1;
+  const int64_t n0 = static_cast<int64_t>(a.n_tile0 + nt) * kTileDim + half * 8;
+  a.scale_row = warp * kRowsPerStep + kq;
+  a.scale_k0 = (a.k_tile0 + a.scale_row) * kTileDim;
+  a.scale_group0 = a.scale_k0 / w.group_size;
+  constexpr int kStepK = kProjWarps * kRowsPerStep * kTileDim;  // 256
+  a.groups_per_step = kStepK % w.group_size == 0 ? kStepK / w.group_size : 0;
+  a.scale_src = n0 < w.N ? w.scales + a.expert * w.groups() * w.N + n0 : nullptr;
+}
 
 // Copies warp step i (k-tile rows (warp + 4 i) * 4 + 0..3 of the column group's 4 n-tiles, and
 // their scales) into stage i % kStages of the warp's ring, the whole warp together. CudaMoe stores
@@ -89,30 +129,19 @@ struct StreamArgs {
 // Commits one group whether or not it copied.
 template <int BITS>
 __device__ __forceinline__ void issue_step(const StreamArgs& a, int i) {
-  constexpr int kChunkBytes = kRowsPerStep * tile_bytes(BITS);
-  constexpr int kPiecesPerChunk = kChunkBytes / 16;
-  const DeviceProjection& w = a.pp->w;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = (warp + i * kProjWarps) * kRowsPerStep;
+  const int lane = threadIdx.x & 31;
   uint8_t* stage = a.ring + (i % kStages) * a.stage_bytes;
-  const int64_t tiles_n = w.tiles_n();
+  const int row_step = i * kProjWarps * kRowsPerStep;
+  const uint8_t* chunk = a.chunk_base + i * a.step_bytes;
 #pragma unroll
-  for (int v = 0; v < BITS; ++v) {
-    const int piece = lane + 32 * v;
-    const int strip = piece / kPiecesPerChunk, offset = (piece % kPiecesPerChunk) * 16;
-    if (row0 + offset / tile_bytes(BITS) < a.k_tiles && a.n_tile0 + strip < tiles_n) {
-      const uint8_t* chunk = w.tile(a.expert, a.k_tile0 + row0, a.n_tile0 + strip);
-      const int64_t in_chunk = (offset / tile_bytes(BITS)) * w.k_tile_stride + offset % tile_bytes(BITS);
-      cp_async16(stage + strip * kChunkBytes + offset, chunk + in_chunk);
-    }
-  }
-  const int nt = lane >> 3, kq = (lane >> 1) & 3, half = lane & 1;
-  const int row = row0 + kq;
-  const int64_t n0 = static_cast<int64_t>(a.n_tile0 + nt) * kTileDim + half * 8;
-  if (row < a.k_tiles && n0 < w.N) {
-    const int64_t group = static_cast<int64_t>(a.k_tile0 + row) * kTileDim / w.group_size;
+  for (int v = 0; v < BITS; ++v)  // piece p = lane + 32 v lands at p * 16 of the stage
+    if (a.piece_row[v] + row_step < a.k_tiles) cp_async16(stage + (lane + 32 * v) * 16, chunk + a.piece_offset[v]);
+  if (a.scale_src != nullptr && a.scale_row + row_step < a.k_tiles) {
+    const int step_k = row_step * kTileDim;
+    const int group = a.groups_per_step ? a.scale_group0 + i * a.groups_per_step
+                                        : (a.scale_k0 + step_k) / a.pp->w.group_size;
     cp_async16(stage + kRowsPerStep * kTilesPerStepRow * tile_bytes(BITS) + lane * 16,
-               w.scales + (a.expert * w.groups() + group) * w.N + n0);
+               a.scale_src + group * a.pp->w.N);
   }
   cp_async_commit();
 }
@@ -120,7 +149,8 @@ __device__ __forceinline__ void issue_step(const StreamArgs& a, int i) {
 // The first kStages - 1 steps: issued before the activations are staged, so the weights are on
 // their way while the block reads x and su.
 template <int BITS>
-__device__ __forceinline__ void issue_prologue(const StreamArgs& a) {
+__device__ __forceinline__ void issue_prologue(StreamArgs& a) {
+  init_sources<BITS>(a);
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue_step<BITS>(a, i);
 }
@@ -260,7 +290,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   const int nt = lane >> 3, half = lane & 1;  // lane = (n-tile, k-tile row, half tile)
   const int n_tile = col_group * kTilesPerStepRow + nt;
   const bool column_active = n_tile < w.tiles_n();
-  const StreamArgs sa{&pp, expert, k_tile0, k_tiles, col_group * kTilesPerStepRow, column_active, xs, xs_stride, tile_sums, kr, grid, ring, a.stage_bytes};
+  StreamArgs sa{&pp, expert, k_tile0, k_tiles, col_group * kTilesPerStepRow, column_active, xs, xs_stride, tile_sums, kr, grid, ring, a.stage_bytes};
   // --- the first weight steps go out before anything else: they depend only on the item.
   switch (w.bits) {
     case 2: issue_prologue<2>(sa); break;
@@ -268,21 +298,46 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     default: issue_prologue<3>(sa); break;
   }
 
-  // --- stage the activations of this K range: a[k] * su[k], then the input Hadamard.
+  // --- stage the activations of this K range, one k-tile row (16 values) per thread at a time:
+  // a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then the
+  // wider passes in shared memory (v5: one value per thread and step, with divisions).
+  const int hadamard = w.hadamard;
+  const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
+  const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
   const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
-  for (int i = threadIdx.x; i < TC * xs_stride; i += blockDim.x) {
-    const int t = i / xs_stride, k = i % xs_stride;
-    float v = 0.0f;
-    if (t < count && k < k_len) {
+  for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
+    const int t = i / kr, kt = i - t * kr;
+    float v[kTileDim];
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) v[j] = 0.0f;
+    if (t < count && kt < k_tiles) {
       const int64_t pos = first + t;
       const int64_t row = a.src_by_token ? a.order[pos] / a.top_k : pos;
-      v = load_as_float(a.src, row * K + k0 + k, a.src_dtype) * half_bits_to_float(su[k0 + k]);
+      const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
+#pragma unroll
+      for (int j = 0; j < kTileDim; ++j)
+        if (k_first + j < K)
+          v[j] = load_as_float(a.src, row * K + k_first + j, a.src_dtype) * half_bits_to_float(su[k_first + j]) * norm;
+#pragma unroll
+      for (int len = 1; len < kTileDim; len <<= 1) {
+        if (len < register_block) {
+#pragma unroll
+          for (int j = 0; j < kTileDim; ++j)
+            if ((j & len) == 0) {
+              const float lo = v[j], hi = v[j + len];
+              v[j] = lo + hi;
+              v[j + len] = lo - hi;
+            }
+        }
+      }
     }
-    xs[i] = v;
+    float4* dst = reinterpret_cast<float4*>(xs + t * xs_stride + kt * kTileDim);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
   }
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
   __syncthreads();
-  if (w.hadamard) shared_block_hadamard(xs, TC, k_len, xs_stride, w.hadamard);
+  if (hadamard > kTileDim) shared_hadamard_passes(xs, TC, k_len, xs_stride, hadamard, kTileDim);
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -355,12 +410,13 @@ projection_kernel(const __grid_constant__ PassArgs a) {
       for (int sp = 0; sp < a.k_splits; ++sp)
         v += __ldcg(&a.partial[((static_cast<int64_t>(pr) * a.k_splits + sp) * a.pairs + first + t) * N + col0 + c]);
     }
-    finish[(pr * TC + t) * fcols + c] = v;
+    const int b = a.proj[pr].w.hadamard;
+    finish[(pr * TC + t) * fcols + c] = b ? v * rsqrtf(static_cast<float>(b)) : v;
   }
   __syncthreads();
   for (int pr = 0; pr < a.nproj; ++pr) {
     const int b = a.proj[pr].w.hadamard;
-    if (b) shared_block_hadamard(finish + pr * TC * fcols, TC, cols, fcols, b);
+    if (b) shared_hadamard_passes(finish + pr * TC * fcols, TC, cols, fcols, b, 1);
   }
   const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
   const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;

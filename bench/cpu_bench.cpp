@@ -40,30 +40,19 @@ struct Routing {
   double weight_bytes = 0;  // bytes of the distinct experts it selects
 };
 
-Routing random_routing(int64_t tokens, const MoeShape& shape, const MoeWeights& w, std::mt19937_64& rng) {
+Routing bench_routing(int64_t tokens, const MoeShape& shape, const MoeWeights& w, std::mt19937_64& rng) {
+  SyntheticRouting drawn = random_routing(tokens, shape.top_k, shape.experts, rng);
   Routing r;
-  std::vector<int32_t> experts(shape.experts);
-  std::iota(experts.begin(), experts.end(), 0);
-  std::vector<char> used(shape.experts, 0);
-  std::uniform_real_distribution<float> prob(0.05f, 1.0f);
-  for (int64_t t = 0; t < tokens; ++t) {
-    // top_k distinct experts: a partial Fisher-Yates shuffle
-    for (int j = 0; j < shape.top_k; ++j) {
-      std::uniform_int_distribution<int> pick(j, shape.experts - 1);
-      std::swap(experts[j], experts[pick(rng)]);
-      r.ids.push_back(experts[j]);
-      r.probs.push_back(prob(rng));
-      used[experts[j]] = 1;
-    }
-  }
-  r.weight_bytes = static_cast<double>(std::count(used.begin(), used.end(), 1)) * w.expert_bytes();
+  r.weight_bytes = static_cast<double>(drawn.distinct_experts()) * w.expert_bytes();
+  r.ids = std::move(drawn.expert_ids);
+  r.probs = std::move(drawn.expert_probs);
   return r;
 }
 
 BenchRow run_case(MoeBackend& backend, const MoeWeights& w, const MoeShape& shape, int64_t tokens,
                   const BenchConfig& config, std::mt19937_64& rng) {
   std::vector<Routing> routings;
-  for (int i = 0; i < kRoutings; ++i) routings.push_back(random_routing(tokens, shape, w, rng));
+  for (int i = 0; i < kRoutings; ++i) routings.push_back(bench_routing(tokens, shape, w, rng));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> x(tokens * shape.hidden), out(tokens * shape.hidden);
   for (float& v : x) v = normal(rng);

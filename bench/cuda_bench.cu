@@ -24,6 +24,7 @@
 #include "bench_report.hpp"
 #include "cuda/cuda_check.hpp"
 #include "tmoe/cuda.hpp"
+#include "tmoe/routing.hpp"
 
 namespace tmoe::bench {
 namespace {
@@ -176,7 +177,7 @@ double gemm_tflops(cublasHandle_t handle, cudaStream_t stream) {
   return 2.0 * n * n * double(n) / (us * 1e-6) / 1e12;
 }
 
-// R routings of T tokens: distinct experts per token, random probabilities.
+// R routings of T tokens (tmoe::random_routing: distinct experts per token).
 struct Routings {
   int R = 0;
   std::vector<int32_t> ids;      // [R][T*k]
@@ -189,35 +190,19 @@ struct Routings {
 Routings make_routings(int R, int64_t T, int k, int E, std::mt19937_64& rng) {
   Routings r;
   r.R = R;
-  const int64_t P = T * k;
-  std::uniform_real_distribution<float> prob(0.05f, 1.0f);
-  std::vector<int> perm(E);
   for (int i = 0; i < R; ++i) {
-    std::vector<int32_t> ids(P);
-    for (int64_t t = 0; t < T; ++t) {
-      std::iota(perm.begin(), perm.end(), 0);
-      for (int j = 0; j < k; ++j) {
-        std::swap(perm[j], perm[j + rng() % (E - j)]);
-        ids[t * k + j] = perm[j];
-      }
-    }
-    std::vector<int32_t> order(P);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return ids[a] < ids[b]; });
-    std::vector<int32_t> pair_row(P);
+    const SyntheticRouting drawn = random_routing(T, k, E, rng);
+    // The baseline's row order is the routing plan's: pairs grouped by expert, stable.
+    const RoutingPlan plan = make_routing_plan(drawn.expert_ids, T, k, E);
     std::vector<std::pair<int, int>> seg;
-    for (int64_t row = 0; row < P; ++row) {
-      pair_row[order[row]] = static_cast<int32_t>(row);
-      r.row_token.push_back(order[row] / k);
-      const int e = ids[order[row]];
-      if (seg.empty() || seg.back().first != e) seg.push_back({e, 0});
-      ++seg.back().second;
-    }
+    for (int e = 0; e < E; ++e)
+      if (plan.counts[e] > 0) seg.push_back({e, plan.counts[e]});
+    for (int32_t pair : plan.order) r.row_token.push_back(pair / k);
     r.mean_distinct += double(seg.size()) / R;
-    r.segments.push_back(seg);
-    r.ids.insert(r.ids.end(), ids.begin(), ids.end());
-    r.pair_row.insert(r.pair_row.end(), pair_row.begin(), pair_row.end());
-    for (int64_t p = 0; p < P; ++p) r.probs.push_back(prob(rng));
+    r.segments.push_back(std::move(seg));
+    r.ids.insert(r.ids.end(), drawn.expert_ids.begin(), drawn.expert_ids.end());
+    r.pair_row.insert(r.pair_row.end(), plan.inverse.begin(), plan.inverse.end());
+    r.probs.insert(r.probs.end(), drawn.expert_probs.begin(), drawn.expert_probs.end());
   }
   return r;
 }

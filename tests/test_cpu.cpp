@@ -42,26 +42,18 @@ struct Inputs {
   std::vector<float> probs;
 };
 
-// Random activations, distinct experts per token (some slots -1 if `holes`), random weights.
+// Random activations and routing (distinct experts per token; a fifth of the slots -1 if `holes`).
 Inputs random_inputs(int64_t tokens, int64_t hidden, int experts, int top_k, bool holes,
                      std::mt19937_64& rng) {
   Inputs in;
   in.tokens = tokens;
   in.top_k = top_k;
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::uniform_real_distribution<float> uniform(0.05f, 1.0f);
   in.x.resize(tokens * hidden);
   for (float& v : in.x) v = normal(rng);
-  std::vector<int32_t> all(experts);
-  std::iota(all.begin(), all.end(), 0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    std::shuffle(all.begin(), all.end(), rng);
-    for (int j = 0; j < top_k; ++j) {
-      const bool hole = holes && std::bernoulli_distribution(0.2)(rng);
-      in.ids.push_back(hole ? -1 : all[j % experts]);
-      in.probs.push_back(uniform(rng));
-    }
-  }
+  SyntheticRouting routing = random_routing(tokens, top_k, experts, rng, holes ? 0.2 : 0.0);
+  in.ids = std::move(routing.expert_ids);
+  in.probs = std::move(routing.expert_probs);
   return in;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -49,6 +50,17 @@ struct SyntheticLayerOptions {
 // A layer with uniformly random indices, scales ~ 1/sqrt(K) (so activations stay O(1)), random
 // +-1 signs. Much faster than quantizing random weights; the decoded weights are as varied.
 MoeWeights random_moe_weights(const MoeShape& shape, const SyntheticLayerOptions& options);
+
+// Synthetic routing (tests, demo, benchmarks): each token's k slots get k distinct experts drawn
+// uniformly (a partial Fisher-Yates shuffle) and positive probabilities summing to 1 (softmax of
+// normal logits); with skip_probability > 0, each slot is -1 (no expert) with that probability.
+struct SyntheticRouting {
+  std::vector<int32_t> expert_ids;  // [T, k]
+  std::vector<float> expert_probs;  // [T, k]
+  int64_t distinct_experts() const;  // experts selected by at least one slot
+};
+SyntheticRouting random_routing(int64_t tokens, int top_k, int experts, std::mt19937_64& rng,
+                                double skip_probability = 0.0);
 
 // One forward call's tensors. Pointers are host pointers for host backends and device pointers for
 // CudaMoe::forward_device.

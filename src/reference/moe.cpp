@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <numeric>
 #include <random>
 
 #include "tmoe/error.hpp"
@@ -76,6 +77,42 @@ TrellisTensor random_tensor(int64_t experts, int64_t K, int64_t N, int bits,
 }
 
 }  // namespace
+
+int64_t SyntheticRouting::distinct_experts() const {
+  std::vector<int32_t> ids;
+  for (int32_t id : expert_ids)
+    if (id >= 0) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return std::unique(ids.begin(), ids.end()) - ids.begin();
+}
+
+SyntheticRouting random_routing(int64_t tokens, int top_k, int experts, std::mt19937_64& rng,
+                                double skip_probability) {
+  require(top_k >= 1 && top_k <= experts, "top-k {} must be between 1 and the {} experts", top_k, experts);
+  require(tokens >= 0 && skip_probability >= 0 && skip_probability <= 1,
+          "bad routing request: tokens={} skip_probability={}", tokens, skip_probability);
+  SyntheticRouting r;
+  r.expert_ids.resize(tokens * top_k);
+  r.expert_probs.resize(tokens * top_k);
+  std::vector<int32_t> all(experts);
+  std::iota(all.begin(), all.end(), 0);
+  std::normal_distribution<double> logit(0.0, 1.0);
+  std::bernoulli_distribution skip(skip_probability);
+  std::vector<double> weight(top_k);
+  for (int64_t t = 0; t < tokens; ++t) {
+    double sum = 0;
+    for (int j = 0; j < top_k; ++j) {
+      std::uniform_int_distribution<int> pick(j, experts - 1);
+      std::swap(all[j], all[pick(rng)]);
+      sum += weight[j] = std::exp(logit(rng));
+    }
+    for (int j = 0; j < top_k; ++j) {
+      r.expert_ids[t * top_k + j] = skip(rng) ? -1 : all[j];
+      r.expert_probs[t * top_k + j] = static_cast<float>(weight[j] / sum);
+    }
+  }
+  return r;
+}
 
 MoeWeights random_moe_weights(const MoeShape& shape, const SyntheticLayerOptions& options) {
   require(shape.hidden > 0 && shape.intermediate > 0 && shape.experts > 0,

@@ -50,38 +50,19 @@ MoeBatch RandomBatch::batch(float* out) const {
 }
 
 int64_t RandomBatch::distinct_experts() const {
-  std::set<int32_t> chosen;
-  for (int32_t id : expert_ids)
-    if (id >= 0) chosen.insert(id);
-  return static_cast<int64_t>(chosen.size());
+  return SyntheticRouting{expert_ids, expert_probs}.distinct_experts();
 }
 
 RandomBatch random_batch(int64_t tokens, int64_t hidden, int experts, int top_k, std::mt19937_64& rng) {
-  require(top_k >= 1 && top_k <= experts, "top-k {} must be between 1 and the {} experts", top_k, experts);
   RandomBatch b;
   b.tokens = tokens;
   b.top_k = top_k;
+  SyntheticRouting routing = random_routing(tokens, top_k, experts, rng);
+  b.expert_ids = std::move(routing.expert_ids);
+  b.expert_probs = std::move(routing.expert_probs);
   b.x.resize(tokens * hidden);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (float& v : b.x) v = normal(rng);
-  b.expert_ids.resize(tokens * top_k);
-  b.expert_probs.resize(tokens * top_k);
-  std::vector<int32_t> all(experts);
-  std::iota(all.begin(), all.end(), 0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    // Partial Fisher-Yates: the first top_k entries become k distinct experts.
-    for (int j = 0; j < top_k; ++j) {
-      std::uniform_int_distribution<int> pick(j, experts - 1);
-      std::swap(all[j], all[pick(rng)]);
-    }
-    double sum = 0;
-    std::vector<double> weight(top_k);
-    for (int j = 0; j < top_k; ++j) sum += weight[j] = std::exp(normal(rng));
-    for (int j = 0; j < top_k; ++j) {
-      b.expert_ids[t * top_k + j] = all[j];
-      b.expert_probs[t * top_k + j] = static_cast<float>(weight[j] / sum);
-    }
-  }
   return b;
 }
 

@@ -103,7 +103,8 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int s
   const int64_t max_kr = std::max<int64_t>(align, 128 / align * align);
   const int64_t per_split = std::max<int64_t>(1, busy_items * p.col_groups * nproj);
   // Pick the split count whose waves of blocks cost least: ceil(blocks / blocks-at-once) times a
-  // block's length (its k-tile rows plus ~8 rows' worth of staging and finishing). Whole waves
+  // block's length (its k-tile rows plus ~12 rows' worth of fixed per-block work: ncu on v6
+  // counted ~1400 instructions per thread outside the decode steps, ~3 steps of 4 rows). Whole waves
   // matter: a last wave of a few blocks costs as much as a full one (ncu on v4: 2.26 waves).
   const int64_t ks_min = ceil_div(tiles_k, max_kr);
   const int64_t ks_max = std::max(ks_min, std::min<int64_t>(ks_min + 64, ceil_div(tiles_k, 4)));
@@ -113,7 +114,7 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int s
     const int64_t splits = ceil_div(tiles_k, kr);
     const size_t shared = pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols, stage_bytes);
     const int64_t at_once = static_cast<int64_t>(occupancy.blocks_per_sm(tokens_per_item, affine, shared)) * occupancy.sms;
-    const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + 8);
+    const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + 12);
     if (ks == ks_min || cost < best) {
       best = cost;
       p.k_tiles_per_block = static_cast<int>(kr);

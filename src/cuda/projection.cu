@@ -29,7 +29,9 @@ __device__ __forceinline__ uint32_t bits_at(const uint32_t (&r)[WORDS], int bit)
   const int w = bit >> 5, shift = bit & 31;
   const uint32_t lo = r[w];
   const uint32_t hi = w + 1 < WORDS ? r[w + 1] : 0u;
-  return shift == 0 ? lo : __funnelshift_r(lo, hi, shift);
+  // Plain shifts, not __funnelshift_r: its inline asm kept the compiler from sharing one shift
+  // among the fields of a segment (the PTX had one shf per field).
+  return shift == 0 ? lo : (lo >> shift) | (hi << (32 - shift));
 }
 
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) {

@@ -6,12 +6,13 @@
 //                                                           // capturable in a CUDA graph
 //   moe.check_errors();                                     // after the stream: bad expert ids?
 //
-// Below CudaMoeOptions::grouped_min_tokens tokens, forward() runs four kernels: device routing
+// For few pairs per expert (the dispatcher's rule, src/cuda/dispatch.hpp; path() says which path a
+// batch takes), forward() runs four kernels: device routing
 // (counts, offsets, stable order, work items), the gate+up pass (SwiGLU fused in its finishing
 // step), the down pass, and the fixed-order combine over the k slots of each token; results are
 // bitwise repeatable whatever `deterministic` says (all float reductions run in a fixed order, the
-// only atomics count integers). From that many tokens on, the routing feeds the tensor-core grouped
-// path (src/cuda/grouped/), which honours `deterministic` (default off: it is faster with atomics).
+// only atomics count integers). Larger batches feed the routing to the tensor-core grouped path
+// (src/cuda/grouped/), which honours `deterministic` (default off: it is faster with atomics).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -9,6 +9,7 @@
 #include "cuda/dispatch.hpp"
 #include "cuda_check.hpp"
 #include "device_weights.cuh"
+#include "fragment_layout.hpp"
 #include "grouped/grouped_moe.cuh"
 #include "projection.cuh"
 #include "routing.hpp"
@@ -153,6 +154,8 @@ struct CudaMoe::Impl {
           std::memcpy(strips.data() + ((e * tn + n) * tk + k) * tb,
                       t.indices.data() + ((e * tk + k) * tn + n) * tb, tb);
     d.tiles = upload(strips, owned);
+    d.units = upload(pack_fragment_units(t.view()), owned);
+    d.quads = quads_of(t.K);
     d.k_tile_stride = tb;
     d.n_tile_stride = tk * tb;
     d.expert_stride = tk * tn * tb;

@@ -13,7 +13,11 @@
 namespace tmoe::cuda {
 
 struct DeviceProjection {
-  const uint8_t* tiles = nullptr;  // packed tiles of all experts
+  const uint8_t* tiles = nullptr;  // packed tiles of all experts (FORMAT.md byte layout)
+  // The same indices in the fragment layout (fragment_layout.hpp): what tensor-core kernels read.
+  // Transitional: both copies are uploaded until every kernel reads the fragment layout.
+  const uint32_t* units = nullptr;
+  int64_t quads = 0;               // quads_of(K): units per (expert, n-tile)
   int64_t expert_stride = 0;       // bytes between experts
   int64_t k_tile_stride = 0;       // bytes between tiles (k_tile, n) and (k_tile + 1, n)
   int64_t n_tile_stride = 0;       // bytes between tiles (k, n_tile) and (k, n_tile + 1)
@@ -26,6 +30,10 @@ struct DeviceProjection {
 
   TMOE_HD const uint8_t* tile(int64_t e, int64_t k_tile, int64_t n_tile) const {
     return tiles + e * expert_stride + k_tile * k_tile_stride + n_tile * n_tile_stride;
+  }
+  // First word of unit (e, n_tile, quad).
+  TMOE_HD const uint32_t* unit(int64_t e, int64_t n_tile, int64_t quad) const {
+    return units + ((e * tiles_n() + n_tile) * quads + quad) * 32 * bits;
   }
   TMOE_HD int64_t tiles_k() const { return ceil_div(K, kTileDim); }
   TMOE_HD int64_t tiles_n() const { return ceil_div(N, kTileDim); }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/device_weights.cuh"
+#include "cuda/fragment_layout.hpp"
 #include "tmoe/error.hpp"
 #include "tmoe/format.hpp"
 
@@ -33,6 +34,8 @@ class UploadedProjection {
     view_.k_tile_stride = t.tiles_n() * tile_bytes(t.bits);
     view_.expert_stride = t.tiles_k() * view_.k_tile_stride;
     view_.tiles = copy(t.indices);
+    view_.units = copy(pack_fragment_units(t.view()));
+    view_.quads = quads_of(t.K);
     view_.scales = copy(t.scales);
     view_.su = copy(t.su);
     view_.sv = copy(t.sv);

@@ -79,43 +79,64 @@ struct ForwardPlan {
   int64_t num_counters = 0;
 };
 
-// Blocks of the pass kernel resident per SM: the register limit (queried once per kernel), then
+// Blocks of the pass kernels resident per SM: the register limit (queried once per kernel), then
 // shared memory (the device's per-SM pool, 1 KB of it reserved per block).
 struct Occupancy {
   int sms = 132;
   size_t shared_per_sm = 228 * 1024;
-  int register_blocks[3][2] = {};  // [tokens per item 1, 2, 4][affine]
-  int blocks_per_sm(int tokens_per_item, bool affine, size_t shared) const {
-    const int by_registers = register_blocks[tokens_per_item == 1 ? 0 : tokens_per_item == 2 ? 1 : 2][affine];
+  int register_blocks[3][2] = {};   // CUDA-core kernel: [tokens per item 1, 2, 4][affine]
+  int mma_register_blocks[3] = {};  // tensor-core kernel: [item rows 4, 8, 16]
+  int blocks_per_sm(bool tensor_core, int tokens_per_item, bool affine, size_t shared) const {
+    const int by_registers =
+        tensor_core ? mma_register_blocks[mma_item_rows(tokens_per_item) == 4 ? 0 : mma_item_rows(tokens_per_item) == 8 ? 1 : 2]
+                    : register_blocks[tokens_per_item == 1 ? 0 : tokens_per_item == 2 ? 1 : 2][affine];
     const int by_shared = static_cast<int>(shared_per_sm / (shared + 1024));
     return std::max(1, std::min(by_registers, by_shared));
   }
 };
 
+// A block's fixed work (staging, group sums, finish test) in k-tile rows of its main loop. CUDA-core
+// kernel: ncu on v6 counted ~1400 instructions per thread outside the decode steps, ~3 steps of 4
+// rows. Tensor-core kernel: a unit (4 k-tile rows) costs a lane ~60 instructions, the staging of a
+// k-tile row ~150 per row and thread for 8 warps; estimated, not measured.
+inline constexpr int kFixedRowsCudaCore = 12;
+inline constexpr int kFixedRowsTensorCore = 16;
+// The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
+inline constexpr size_t kMaxPassShared = 96 * 1024;
+
 PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int stage_bytes, bool affine,
-                   int64_t busy_items, int tokens_per_item, const Occupancy& occupancy) {
+                   bool tensor_core, int64_t busy_items, int tokens_per_item, const Occupancy& occupancy) {
   PassPlan p;
   const int64_t tiles_k = w.tiles_k();
-  p.col_groups = static_cast<int>(ceil_div(w.tiles_n(), kTilesPerStepRow));
-  p.finish_cols = std::max(kColsPerBlock, hadamard_out);
-  p.num_finish_groups = static_cast<int>(ceil_div(p.col_groups, p.finish_cols / kColsPerBlock));
-  const int align = std::max(1, w.hadamard / kTileDim);  // K ranges hold whole Hadamard blocks
-  // At most 128 k-tile rows per block: the staged activations stay at tokens_per_item x 8 KB.
-  const int64_t max_kr = std::max<int64_t>(align, 128 / align * align);
+  const int cols_per_block = tensor_core ? kMmaColsPerBlock : kColsPerBlock;
+  p.col_groups = static_cast<int>(ceil_div(w.tiles_n() * kTileDim, cols_per_block));
+  p.finish_cols = std::max(cols_per_block, hadamard_out);
+  p.num_finish_groups = static_cast<int>(ceil_div(p.col_groups, p.finish_cols / cols_per_block));
+  // K ranges hold whole Hadamard blocks, and for the tensor-core kernel whole units (4 k-tiles).
+  const int align = std::max(tensor_core ? kQuadTiles : 1, w.hadamard / kTileDim);
+  auto shared_of = [&](int64_t kr) {
+    return tensor_core ? mma_pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols)
+                       : pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols, stage_bytes);
+  };
+  // CUDA-core: at most 128 k-tile rows per block (staged activations <= tokens_per_item x 8 KB).
+  // Tensor-core: up to 256 while the staged rows fit the shared memory limit.
+  int64_t max_kr = std::max<int64_t>(align, (tensor_core ? 256 : 128) / align * align);
+  while (tensor_core && max_kr > align && shared_of(max_kr) > kMaxPassShared) max_kr -= align;
   const int64_t per_split = std::max<int64_t>(1, busy_items * p.col_groups * nproj);
+  const int fixed_rows = tensor_core ? kFixedRowsTensorCore : kFixedRowsCudaCore;
   // Pick the split count whose waves of blocks cost least: ceil(blocks / blocks-at-once) times a
-  // block's length (its k-tile rows plus ~12 rows' worth of fixed per-block work: ncu on v6
-  // counted ~1400 instructions per thread outside the decode steps, ~3 steps of 4 rows). Whole waves
-  // matter: a last wave of a few blocks costs as much as a full one (ncu on v4: 2.26 waves).
+  // block's length (its k-tile rows plus its fixed work). Whole waves matter: a last wave of a few
+  // blocks costs as much as a full one (ncu on v4: 2.26 waves).
   const int64_t ks_min = ceil_div(tiles_k, max_kr);
   const int64_t ks_max = std::max(ks_min, std::min<int64_t>(ks_min + 64, ceil_div(tiles_k, 4)));
   double best = 0;
   for (int64_t ks = ks_min; ks <= ks_max; ++ks) {
     const int64_t kr = ceil_div(ceil_div(tiles_k, ks), align) * align;
     const int64_t splits = ceil_div(tiles_k, kr);
-    const size_t shared = pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols, stage_bytes);
-    const int64_t at_once = static_cast<int64_t>(occupancy.blocks_per_sm(tokens_per_item, affine, shared)) * occupancy.sms;
-    const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + 12);
+    const size_t shared = shared_of(kr);
+    const int64_t at_once =
+        static_cast<int64_t>(occupancy.blocks_per_sm(tensor_core, tokens_per_item, affine, shared)) * occupancy.sms;
+    const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + fixed_rows);
     if (ks == ks_min || cost < best) {
       best = cost;
       p.k_tiles_per_block = static_cast<int>(kr);
@@ -188,19 +209,28 @@ struct CudaMoe::Impl {
     ForwardPlan f;
     f.grouped = use_grouped_path(tokens, top_k, shape.experts, options.grouped_min_tokens);
     f.pairs = tokens * top_k;
-    // Rows per work item from the expected pairs per expert: with one pair per expert on average
-    // (qwen3 at 8 tokens), items of 4 rows would run the 168-register kernel at 3 blocks per SM
-    // for nothing; an expert that does get several pairs then runs several items (the extra
-    // reads of its tiles hit L2: items of one expert run side by side).
     const double load = static_cast<double>(tokens * top_k) / shape.experts;
-    f.tokens_per_item = tokens <= 1 || load <= 0.5 ? 1 : tokens <= 2 || load <= 1.5 ? 2 : kMaxItemTokens;
+    const bool gu_tensor_core = tensor_core_pass(&gate_pass, 1) && tensor_core_pass(&up_pass, 1);
+    const bool down_tensor_core = tensor_core_pass(&down_pass, 1);
+    if (gu_tensor_core && down_tensor_core) {
+      // mma columns are nearly free: items of up to 4 rows cost a 1-row item's loop, so one item
+      // takes all of an expert's pairs up to 16 (4, 8 or 16 rows: 1, 2 or 4 mma blocks).
+      f.tokens_per_item = load <= 2 ? 4 : load <= 6 ? 8 : kMaxMmaItemTokens;
+    } else {
+      // Rows per item from the expected pairs per expert: with one pair per expert on average
+      // (qwen3 at 8 tokens), items of 4 rows would run the 168-register kernel at 3 blocks per SM
+      // for nothing; an expert that does get several pairs then runs several items (the extra
+      // reads of its tiles hit L2: items of one expert run side by side).
+      f.tokens_per_item = tokens <= 1 || load <= 0.5 ? 1 : tokens <= 2 || load <= 1.5 ? 2 : kMaxItemTokens;
+    }
     f.max_items = max_work_items(f.pairs, shape.experts, f.tokens_per_item);
     const int64_t busy = std::min<int64_t>(f.max_items, std::min<int64_t>(f.pairs, shape.experts));
     const bool gu_affine = gate_pass.affine && up_pass.affine;
     f.gate_up = plan_pass(gate, 2, std::max(gate.hadamard, up.hadamard),
-                          ring_stage_bytes(std::max(gate.bits, up.bits)), gu_affine, busy, f.tokens_per_item, occupancy);
-    f.down = plan_pass(down, 1, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, busy,
-                       f.tokens_per_item, occupancy);
+                          ring_stage_bytes(std::max(gate.bits, up.bits)), gu_affine, gu_tensor_core, busy,
+                          f.tokens_per_item, occupancy);
+    f.down = plan_pass(down, 1, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, down_tensor_core,
+                       busy, f.tokens_per_item, occupancy);
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
     f.num_counters = f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups);
     size_t at = 0;
@@ -280,6 +310,7 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
   for (int r = 0; r < 3; ++r)
     for (int affine = 0; affine < 2; ++affine)
       m.occupancy.register_blocks[r][affine] = projection_blocks_per_sm(rows[r], affine != 0, 0);
+  for (int r = 0; r < 3; ++r) m.occupancy.mma_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, 0);
   m.gate = m.upload_projection(weights.gate);
   m.up = m.upload_projection(weights.up);
   m.down = m.upload_projection(weights.down);
@@ -294,7 +325,8 @@ CudaMoe::~CudaMoe() = default;
 MoeShape CudaMoe::shape() const { return impl_->shape; }
 const char* CudaMoe::path(int64_t tokens, int top_k) const {
   if (use_grouped_path(tokens, top_k, impl_->shape.experts, impl_->options.grouped_min_tokens)) return "grouped";
-  return impl_->plan(tokens, top_k).tokens_per_item == 1 ? "decode" : "small-batch";
+  // "decode": one token (one row per item); "small-batch": items of several rows.
+  return tokens == 1 || impl_->plan(tokens, top_k).tokens_per_item == 1 ? "decode" : "small-batch";
 }
 int64_t CudaMoe::device_bytes() const { return impl_->bytes; }
 const DeviceProjection& CudaMoe::gate() const { return impl_->gate; }

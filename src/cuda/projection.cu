@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "cuda_check.hpp"
+#include "fragment_decode.cuh"
 #include "projection.cuh"
 
 namespace tmoe::cuda {
@@ -67,6 +68,109 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Stages the item's activations for the block's K range (k-tiles k_tile0 .. k_tile0 + k_tiles - 1):
+// xs[t * xs_stride + 16 kt + j] = T(a . su)[16 (k_tile0 + kt) + j] for rows t < count and kt < k_tiles,
+// 0 for the other rows t < rows and k-tiles kt < kt_alloc. One k-tile row (16 values) per thread at
+// a time: a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then
+// the wider passes in shared memory (v5: one value per thread and step, with divisions). Every
+// thread calls it; it ends with a barrier.
+__device__ __forceinline__ void stage_activations(const PassArgs& a, const DeviceProjection& w, int expert, int first, int count,
+                                  int rows, int k_tile0, int k_tiles, int kt_alloc, float* xs, int xs_stride) {
+  const int64_t K = w.K;
+  const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
+  const int hadamard = w.hadamard;
+  const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
+  const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
+  const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
+  for (int i = threadIdx.x; i < rows * kt_alloc; i += blockDim.x) {
+    const int t = i / kt_alloc, kt = i - t * kt_alloc;
+    float v[kTileDim];
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) v[j] = 0.0f;
+    if (t < count && kt < k_tiles) {
+      const int64_t pos = first + t;
+      const int64_t row = a.src_by_token ? a.order[pos] / a.top_k : pos;
+      const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
+#pragma unroll
+      for (int j = 0; j < kTileDim; ++j)
+        if (k_first + j < K)
+          v[j] = load_as_float(a.src, row * K + k_first + j, a.src_dtype) * half_bits_to_float(su[k_first + j]) * norm;
+#pragma unroll
+      for (int len = 1; len < kTileDim; len <<= 1) {
+        if (len < register_block) {
+#pragma unroll
+          for (int j = 0; j < kTileDim; ++j)
+            if ((j & len) == 0) {
+              const float lo = v[j], hi = v[j + len];
+              v[j] = lo + hi;
+              v[j + len] = lo - hi;
+            }
+        }
+      }
+    }
+    float4* dst = reinterpret_cast<float4*>(xs + t * xs_stride + kt * kTileDim);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  }
+  __syncthreads();
+  // Rows past count are zero and stay zero under the transform.
+  if (hadamard > kTileDim) shared_hadamard_passes(xs, min(count, rows), k_tiles * kTileDim, xs_stride, hadamard, kTileDim);
+}
+
+// Called by every thread of a block once its partial sums are written: the last block of this
+// finish group (all splits, projections and its column groups: an integer counter) adds the splits
+// in order, applies the output Hadamard and sv, and SwiGLU for gate+up. `finish` holds
+// [2][rows][finish_groups_cols] floats (it may alias the block's other shared data: the first
+// barrier here orders it after their last use).
+__device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index, int expert, int first, int count, int rows,
+                               int col_group, int cols_per_block, float* finish, int* flag) {
+  const int64_t N = a.proj[0].w.N;
+  const int groups_per_finish = a.finish_groups_cols / cols_per_block;
+  const int fg = col_group / groups_per_finish;
+  const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int arrivals = a.nproj * a.k_splits * fg_groups;
+    const int done = atomicAdd(&a.counters[static_cast<int64_t>(item_index) * a.num_finish_groups + fg], 1);
+    *flag = done == arrivals - 1;
+  }
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+
+  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
+  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
+  const int fcols = a.finish_groups_cols;
+  for (int i = threadIdx.x; i < a.nproj * rows * cols; i += blockDim.x) {
+    const int pr = i / (rows * cols), t = (i / cols) % rows, c = i % cols;
+    float v = 0.0f;
+    if (t < count) {
+      for (int sp = 0; sp < a.k_splits; ++sp)
+        v += __ldcg(&a.partial[((static_cast<int64_t>(pr) * a.k_splits + sp) * a.pairs + first + t) * N + col0 + c]);
+    }
+    const int b = a.proj[pr].w.hadamard;
+    finish[(pr * rows + t) * fcols + c] = b ? v * rsqrtf(static_cast<float>(b)) : v;
+  }
+  __syncthreads();
+  for (int pr = 0; pr < a.nproj; ++pr) {
+    const int b = a.proj[pr].w.hadamard;
+    if (b) shared_hadamard_passes(finish + pr * rows * fcols, min(count, rows), cols, fcols, b, 1);
+  }
+  const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
+  const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;
+  for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
+    const int t = i / cols, c = i % cols;
+    const int64_t n = col0 + c;
+    float v = finish[t * fcols + c] * half_bits_to_float(sv0[n]);
+    if (a.nproj == 2) {
+      const float u = finish[(rows + t) * fcols + c] * half_bits_to_float(sv1[n]);
+      v = v / (1.0f + expf(-v)) * u;  // SwiGLU
+    }
+    a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
+  }
 }
 
 struct StreamArgs {
@@ -270,7 +374,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
   const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
   const DeviceProjection& w = pp.w;
-  const int64_t K = w.K, N = w.N;
+  const int64_t N = w.N;
 
   extern __shared__ float shared[];
   const int kr = a.k_tiles_per_block;
@@ -286,8 +390,6 @@ projection_kernel(const __grid_constant__ PassArgs a) {
 
   const int k_tile0 = split * kr;
   const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
-  const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
-  const int k_len = k_tiles * kTileDim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nt = lane >> 3, half = lane & 1;  // lane = (n-tile, k-tile row, half tile)
   const int n_tile = col_group * kTilesPerStepRow + nt;
@@ -300,46 +402,8 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     default: issue_prologue<3>(sa); break;
   }
 
-  // --- stage the activations of this K range, one k-tile row (16 values) per thread at a time:
-  // a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then the
-  // wider passes in shared memory (v5: one value per thread and step, with divisions).
-  const int hadamard = w.hadamard;
-  const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
-  const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
-  const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
-  for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
-    const int t = i / kr, kt = i - t * kr;
-    float v[kTileDim];
-#pragma unroll
-    for (int j = 0; j < kTileDim; ++j) v[j] = 0.0f;
-    if (t < count && kt < k_tiles) {
-      const int64_t pos = first + t;
-      const int64_t row = a.src_by_token ? a.order[pos] / a.top_k : pos;
-      const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
-#pragma unroll
-      for (int j = 0; j < kTileDim; ++j)
-        if (k_first + j < K)
-          v[j] = load_as_float(a.src, row * K + k_first + j, a.src_dtype) * half_bits_to_float(su[k_first + j]) * norm;
-#pragma unroll
-      for (int len = 1; len < kTileDim; len <<= 1) {
-        if (len < register_block) {
-#pragma unroll
-          for (int j = 0; j < kTileDim; ++j)
-            if ((j & len) == 0) {
-              const float lo = v[j], hi = v[j + len];
-              v[j] = lo + hi;
-              v[j + len] = lo - hi;
-            }
-        }
-      }
-    }
-    float4* dst = reinterpret_cast<float4*>(xs + t * xs_stride + kt * kTileDim);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
-  }
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
-  __syncthreads();
-  if (hadamard > kTileDim) shared_hadamard_passes(xs, TC, k_len, xs_stride, hadamard, kTileDim);
+  stage_activations(a, w, expert, first, count, TC, k_tile0, k_tiles, kr, xs, xs_stride);
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -387,51 +451,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     a.partial[((static_cast<int64_t>(p) * a.k_splits + split) * a.pairs + first + t) * N + n] = v * (AFFINE ? pp.step : 1.0f);
   }
 
-  // --- the last block of this finish group (all splits, projections and its column groups) ends it.
-  const int groups_per_finish = a.finish_groups_cols / kColsPerBlock;
-  const int fg = col_group / groups_per_finish;
-  const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int arrivals = a.nproj * a.k_splits * fg_groups;
-    const int done = atomicAdd(&a.counters[static_cast<int64_t>(item_index) * a.num_finish_groups + fg], 1);
-    *flag = done == arrivals - 1;
-  }
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-
-  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
-  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
-  const int fcols = a.finish_groups_cols;
-  for (int i = threadIdx.x; i < a.nproj * TC * cols; i += blockDim.x) {
-    const int pr = i / (TC * cols), t = (i / cols) % TC, c = i % cols;
-    float v = 0.0f;
-    if (t < count) {
-      for (int sp = 0; sp < a.k_splits; ++sp)
-        v += __ldcg(&a.partial[((static_cast<int64_t>(pr) * a.k_splits + sp) * a.pairs + first + t) * N + col0 + c]);
-    }
-    const int b = a.proj[pr].w.hadamard;
-    finish[(pr * TC + t) * fcols + c] = b ? v * rsqrtf(static_cast<float>(b)) : v;
-  }
-  __syncthreads();
-  for (int pr = 0; pr < a.nproj; ++pr) {
-    const int b = a.proj[pr].w.hadamard;
-    if (b) shared_hadamard_passes(finish + pr * TC * fcols, TC, cols, fcols, b, 1);
-  }
-  const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
-  const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;
-  for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
-    const int t = i / cols, c = i % cols;
-    const int64_t n = col0 + c;
-    float v = finish[t * fcols + c] * half_bits_to_float(sv0[n]);
-    if (a.nproj == 2) {
-      const float u = finish[(TC + t) * fcols + c] * half_bits_to_float(sv1[n]);
-      v = v / (1.0f + expf(-v)) * u;  // SwiGLU
-    }
-    a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
-  }
+  finish_if_last(a, item_index, expert, first, count, TC, col_group, kColsPerBlock, finish, flag);
 }
 
 template <int TC, bool AFFINE>
@@ -447,6 +467,227 @@ void raise_shared_limit() {
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The tensor-core kernel (affine grids; see projection.cuh).
+
+// Units whose loads a warp keeps in flight (registers): 3 blocks of 8 warps per SM then hold
+// ~24 x 4 x 384 B = 36 KB of 3-bit weights in flight per SM.
+inline constexpr int kUnitsInFlight = 4;
+// Blocks per SM the launch bounds ask for (registers): 3 for 4-row items, 2 for 8 and 16.
+TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? 3 : 2; }
+
+// d += a . b, m16n8k16, bf16 operands, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// bf16x2 bits of (x0, x1) (low half x0): their hi parts (part 0) or lo parts (part 1), where
+// hi = bf16(x) and lo = bf16(x - hi): hi + lo = x to within 2^-17 |x| (x - hi is exact in fp32 and
+// has at most 16 significant bits left after hi's 8; lo keeps 8 of them, rounded).
+__device__ __forceinline__ uint32_t split_pair(float x0, float x1, int part) {
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
+  __nv_bfloat162 v = hi;
+  if (part) v = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }  // +16: row banks alternate
+
+// One block of the tensor-core kernel for a projection of BITS bits; CB 8-column mma blocks
+// (items of up to 4 CB rows). QUAD_GROUPS: the scale group is a multiple of 64 (whole units), so
+// the group-boundary test runs once per unit instead of once per k-tile.
+template <int BITS, int CB, bool QUAD_GROUPS>
+__device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, int expert, int first,
+                                                     int count, int p, int split, int col_group) {
+  constexpr int kRows = CB * kMmaRowsPerBlock;
+  constexpr int kUnitWords = 32 * BITS;
+  const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
+  const DeviceProjection& w = pp.w;
+  const int64_t N = w.N;
+
+  extern __shared__ float shared[];
+  const int kr = a.k_tiles_per_block;  // a multiple of 4: splits start at a unit
+  const int xs_stride = mma_xs_stride(kr);
+  float* xs = shared;                        // [kRows][xs_stride]: fp32, then B fragments in place
+  float* group_sums = xs + kRows * xs_stride;  // [kRows][kr]: grid0/step * sum of x over a scale group
+  float* finish = shared;                    // [2][kRows][finish cols], after the main loop
+  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(kRows, kr, a.finish_groups_cols));
+
+  const int k_tile0 = split * kr;
+  const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
+  const int quads = (k_tiles + kQuadTiles - 1) / kQuadTiles;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n_tile = static_cast<int64_t>(col_group) * kMmaWarps + warp;
+  const bool active = n_tile < w.tiles_n();
+
+  // --- the first units go out before anything else: they depend only on the item.
+  const uint32_t* units = active ? w.unit(expert, n_tile, k_tile0 / kQuadTiles) + lane : nullptr;
+  uint32_t ring[kUnitsInFlight][BITS];
+#pragma unroll
+  for (int d = 0; d < kUnitsInFlight; ++d)
+    if (active && d < quads)
+#pragma unroll
+      for (int v = 0; v < BITS; ++v) ring[d][v] = __ldg(units + d * kUnitWords + v * 32);
+
+  // --- activations: fp32 rows, the affine term's group sums, then in place into B-fragment order.
+  stage_activations(a, w, expert, first, count, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
+  const int tiles_per_group = w.group_size / kTileDim;
+  const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
+  const int local_groups = last_group - group0 + 1;  // <= kr
+  for (int i = threadIdx.x; i < kRows * local_groups; i += blockDim.x) {
+    const int t = i / local_groups, g = i - t * local_groups;
+    const int kt_begin = max(0, (group0 + g) * tiles_per_group - k_tile0);
+    const int kt_end = min(k_tiles, (group0 + g + 1) * tiles_per_group - k_tile0);
+    float sum = 0.0f;
+    for (int k = kt_begin * kTileDim; k < kt_end * kTileDim; ++k) sum += xs[t * xs_stride + k];
+    group_sums[t * kr + g] = sum * pp.grid0_over_step;
+  }
+  __syncthreads();
+  // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
+  // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
+  // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
+  for (int i = threadIdx.x; i < kRows * quads * kQuadTiles; i += blockDim.x) {
+    const int t = i / (quads * kQuadTiles), kt = i - t * (quads * kQuadTiles);
+    float* row = xs + t * xs_stride + kt * kTileDim;
+    float v[kTileDim];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(row)[q];
+      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+    }
+    uint32_t out[kTileDim];
+#pragma unroll
+    for (int tq = 0; tq < 4; ++tq)
+#pragma unroll
+      for (int part = 0; part < 2; ++part)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) out[(tq * 2 + part) * 2 + h] = split_pair(v[2 * tq + 8 * h], v[2 * tq + 8 * h + 1], part);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+  }
+  __syncthreads();
+
+  // --- the warp's n-tile over the K range: decode, mma, flush at each scale group's end.
+  const int g = lane >> 2, tq = lane & 3;
+  float acc[CB][4], total[CB][2];
+#pragma unroll
+  for (int c = 0; c < CB; ++c) {
+    acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
+    total[c][0] = total[c][1] = 0.0f;
+  }
+  if (active) {
+    const uint32_t* b_src = reinterpret_cast<const uint32_t*>(xs) + (g >> 1) * xs_stride + (tq * 2 + (g & 1)) * 2;
+    const float* my_group_sums = group_sums + tq * kr;
+    // This lane's output columns n0 = 16 n_tile + g and n0 + 8; their scales one group ahead.
+    const uint16_t* scale_src = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * N + n_tile * kTileDim + g;
+    float scale_lo = half_bits_to_float(__ldg(scale_src)), scale_hi = half_bits_to_float(__ldg(scale_src + 8));
+    uint16_t next_lo = 0, next_hi = 0;
+    if (group0 < last_group) next_lo = __ldg(scale_src + N), next_hi = __ldg(scale_src + N + 8);
+    int group = 0;  // local
+    int left = tiles_per_group - k_tile0 % tiles_per_group;  // k-tiles left in the current group
+    auto flush = [&]() {
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {
+        const float affine_term = my_group_sums[c * kMmaRowsPerBlock * kr + group];
+        total[c][0] = fmaf(scale_lo, acc[c][0] + acc[c][1] + affine_term, total[c][0]);
+        total[c][1] = fmaf(scale_hi, acc[c][2] + acc[c][3] + affine_term, total[c][1]);
+        acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
+      }
+      ++group;
+      scale_lo = half_bits_to_float(next_lo);
+      scale_hi = half_bits_to_float(next_hi);
+      if (group0 + group < last_group) {
+        next_lo = __ldg(scale_src + (group + 1) * N);
+        next_hi = __ldg(scale_src + (group + 1) * N + 8);
+      }
+      left = tiles_per_group;
+    };
+    for (int q0 = 0; q0 < quads; q0 += kUnitsInFlight) {
+#pragma unroll
+      for (int d = 0; d < kUnitsInFlight; ++d) {
+        const int q = q0 + d;
+        if (q >= quads) break;
+        uint32_t words[BITS];
+#pragma unroll
+        for (int v = 0; v < BITS; ++v) words[v] = ring[d][v];
+        if (q + kUnitsInFlight < quads)
+#pragma unroll
+          for (int v = 0; v < BITS; ++v) ring[d][v] = __ldg(units + (q + kUnitsInFlight) * kUnitWords + v * 32);
+        uint32_t pairs[16];
+        decode_unit_pairs<BITS>(words, pairs);
+#pragma unroll
+        for (int i = 0; i < kQuadTiles; ++i) {
+          const int kt = q * kQuadTiles + i;
+#pragma unroll
+          for (int c = 0; c < CB; ++c) {
+            const uint2 b = *reinterpret_cast<const uint2*>(b_src + c * kMmaRowsPerBlock * xs_stride + kt * kTileDim);
+            mma_bf16(acc[c], pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
+          }
+          if constexpr (!QUAD_GROUPS) {
+            if (kt < k_tiles && (--left == 0 || kt + 1 == k_tiles)) flush();
+          }
+        }
+        if constexpr (QUAD_GROUPS) {
+          left -= kQuadTiles;
+          if (left == 0 || q + 1 == quads) flush();
+        }
+      }
+    }
+    // Partial sums of this split: rows tq + 4 c, columns n0 and n0 + 8.
+#pragma unroll
+    for (int c = 0; c < CB; ++c) {
+      const int t = c * kMmaRowsPerBlock + tq;
+      if (t < count) {
+        float* dst = a.partial + ((static_cast<int64_t>(p) * a.k_splits + split) * a.pairs + first + t) * N + n_tile * kTileDim + g;
+        dst[0] = total[c][0] * pp.step;
+        dst[8] = total[c][1] * pp.step;
+      }
+    }
+  }
+  finish_if_last(a, item_index, expert, first, count, kRows, col_group, kMmaColsPerBlock, finish, flag);
+}
+
+template <int CB, bool QUAD_GROUPS>
+__global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB))
+mma_projection_kernel(const __grid_constant__ PassArgs a) {
+  const int item_index = blockIdx.x;
+  if (item_index >= *a.num_items) return;
+  const int32_t* item = a.items + static_cast<int64_t>(item_index) * kWorkItemInts;
+  const int expert = item[0], first = item[1], count = item[2];
+  const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
+  switch (a.proj[p == 0 ? 0 : 1].w.bits) {
+    case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, expert, first, count, p, split, blockIdx.y); break;
+    case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, expert, first, count, p, split, blockIdx.y); break;
+    default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, expert, first, count, p, split, blockIdx.y); break;
+  }
+}
+
+template <int CB, bool QUAD_GROUPS>
+void launch_mma(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
+                  static_cast<unsigned>(args.nproj * args.k_splits));
+  mma_projection_kernel<CB, QUAD_GROUPS><<<grid, kMmaThreads, shared_bytes, stream>>>(args);
+}
+
+template <int CB>
+void launch_mma_groups(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  bool quad_groups = true;
+  for (int p = 0; p < args.nproj; ++p) quad_groups = quad_groups && args.proj[p].w.group_size % kQuadK == 0;
+  if (quad_groups) launch_mma<CB, true>(args, max_items, shared_bytes, stream);
+  else launch_mma<CB, false>(args, max_items, shared_bytes, stream);
+}
+
+template <int CB>
+void raise_mma_shared_limit() {
+  TMOE_CUDA_CHECK(cudaFuncSetAttribute(mma_projection_kernel<CB, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+  TMOE_CUDA_CHECK(cudaFuncSetAttribute(mma_projection_kernel<CB, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+}
 }  // namespace
 
 void prepare_projection_kernels() {
@@ -456,6 +697,26 @@ void prepare_projection_kernels() {
   raise_shared_limit<2, true>();
   raise_shared_limit<4, false>();
   raise_shared_limit<4, true>();
+  raise_mma_shared_limit<1>();
+  raise_mma_shared_limit<2>();
+  raise_mma_shared_limit<4>();
+}
+
+size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols) {
+  return (mma_shared_floats(mma_item_rows(tokens), k_tiles_per_block, finish_cols) + 4) * sizeof(float);
+}
+
+int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes) {
+  int blocks = 0;
+  auto query = [&](auto kernel) {
+    TMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMmaThreads, shared_bytes));
+  };
+  switch (mma_item_rows(tokens_per_item)) {
+    case 4: query(mma_projection_kernel<1, true>); break;
+    case 8: query(mma_projection_kernel<2, true>); break;
+    default: query(mma_projection_kernel<4, true>); break;
+  }
+  return std::max(blocks, 1);
 }
 
 int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_bytes) {
@@ -473,6 +734,15 @@ int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_byt
 
 void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t max_items,
                             size_t shared_bytes, cudaStream_t stream) {
+  if (tensor_core_pass(args.proj, args.nproj)) {
+    switch (mma_item_rows(tokens_per_item)) {
+      case 4: launch_mma_groups<1>(args, max_items, shared_bytes, stream); break;
+      case 8: launch_mma_groups<2>(args, max_items, shared_bytes, stream); break;
+      default: launch_mma_groups<4>(args, max_items, shared_bytes, stream); break;
+    }
+    TMOE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   bool affine = true;
   for (int p = 0; p < args.nproj; ++p) affine = affine && args.proj[p].affine;
   switch (tokens_per_item) {

@@ -1,13 +1,25 @@
 // The decode / small-batch projection pass: y = T(T(a . su) . Q) . sv for the rows of one work item
-// (up to kMaxItemTokens routed pairs of one expert), CUDA cores, fp32 accumulation.
+// (up to a few routed pairs of one expert), fp32 accumulation. Two kernels share the staging of the
+// activations and the finish; they differ in the hot loop:
 //
-// Grid: x = work item (fastest, so the chunks of one expert run together and share L2),
-//       y = column group of kColsPerBlock output columns, z = projection * k_splits + split.
-// A block stages its K range of the item's activations in shared memory (times su, then the
-// Hadamard transform), then its 4 warps stream the packed tiles of that K range and column group:
-// lane = (k-tile row kq, n-tile nt, half) so one warp step reads 4 rows of 4 consecutive tiles,
-// and each thread loads 8 whole tile columns (16*bits bytes, bits x 16-byte loads) and decodes them
-// in registers. Each block writes its partial sums; the last block of a finish group (an integer
+// Tensor-core kernel (affine grids, grid[i] = grid0 + step * i; v8): reads the FRAGMENT layout
+// (fragment_layout.hpp). Grid: x = work item, y = column group of kMmaColsPerBlock columns,
+// z = projection * k_splits + split. 8 warps; warp w owns n-tile (8 y + w) over the block's K range
+// and walks its units (4 k-tiles each) front to back, one contiguous stream, kUnitsInFlight units of
+// loads ahead in registers. A unit decodes (decode_unit_pairs) into the A operand of
+// mma.m16n8k16 bf16 (rows = the 16 columns n, exact codebook indices); B = the item's activations,
+// each row split x = hi + lo (two bf16, |x - hi - lo| <= 2^-17 |x|) so a row takes 2 of the 8 mma
+// columns: 4 rows per 8-column block, 1, 2 or 4 blocks (items of up to 4, 8 or 16 rows). Products
+// are exact and the sums fp32. Per scale group the warp flushes scale[g][n] * (acc + grid0/step *
+// sum_g x) into fp32 totals; step multiplies the partial sums.
+//
+// CUDA-core kernel (any grid; v1..v7): reads the tile layout (FORMAT.md order, n-tile-major).
+// Grid as above with kColsPerBlock columns; 4 warps; lane = (k-tile row kq, n-tile nt, half) so one
+// warp step reads 4 rows of 4 consecutive tiles through a cp.async ring, and each thread decodes 8
+// whole tile columns in registers, one FMA per weight and row.
+//
+// Both: a block stages its K range of the item's activations in shared memory (times su, then the
+// Hadamard transform) and writes its partial sums; the last block of a finish group (an integer
 // counter, so the float sums keep a fixed order) adds the splits in order, applies the output
 // Hadamard and sv, and SwiGLU for gate+up.
 #pragma once
@@ -28,6 +40,13 @@ inline constexpr int kRowsPerStep = 4;                  // k-tile rows per warp 
 inline constexpr int kTilesPerStepRow = 4;              // n-tiles per warp step
 inline constexpr int kColsPerBlock = kTilesPerStepRow * kTileDim;  // 64
 inline constexpr int kMaxItemTokens = 4;                // rows per work item (register budget)
+// Tensor-core kernel: 8 warps, one n-tile each; items of up to kMaxMmaItemTokens rows (4 per
+// 8-column mma block, hi and lo halves of each row).
+inline constexpr int kMmaWarps = 8;
+inline constexpr int kMmaThreads = kMmaWarps * 32;
+inline constexpr int kMmaColsPerBlock = kMmaWarps * kTileDim;  // 128
+inline constexpr int kMmaRowsPerBlock = 4;                     // item rows per 8-column mma block
+inline constexpr int kMaxMmaItemTokens = 16;
 inline constexpr int kMaxHadamard = 256;                // largest Hadamard block the passes take
 // A stage of a warp's cp.async ring: 4 k-tile rows of 4 tiles and their 4 x 64 fp16 scales.
 // 3 stages (2 steps in flight per warp) keep a block's shared memory small enough for 6 blocks
@@ -43,6 +62,13 @@ struct PassProjection {
   float grid0_over_step = 0;  // grid[0] / step
   float step = 1;             // multiplies each partial sum (1 on the general path)
 };
+
+// The tensor-core kernel takes a pass when every projection of it has an affine grid.
+inline bool tensor_core_pass(const PassProjection* proj, int nproj) {
+  for (int p = 0; p < nproj; ++p)
+    if (!proj[p].affine) return false;
+  return true;
+}
 
 struct PassArgs {
   PassProjection proj[2];
@@ -78,13 +104,28 @@ inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_co
   return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kStages * stage_bytes;
 }
 
-// Launches the pass for the rows of every work item (template dispatch on tokens per item and on
-// the affine fast path).
+// Floats of the tensor-core kernel's shared data for `rows` staged rows (its flag follows): the
+// activations [rows][16 kr + 16] and group sums [rows][kr], later reused by the finish rows.
+TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int finish_cols) {
+  const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + rows * k_tiles_per_block;
+  const int finishing = 2 * rows * finish_cols;
+  return staging > finishing ? staging : finishing;
+}
+// Shared memory of the tensor-core kernel for items of `tokens` rows (rounded up to 4, 8 or 16).
+size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols);
+// Rows the tensor-core kernel stages for items of `tokens` rows: 4, 8 or 16.
+inline int mma_item_rows(int tokens) { return tokens <= 4 ? 4 : tokens <= 8 ? 8 : 16; }
+
+// Launches the pass for the rows of every work item: the tensor-core kernel when
+// tensor_core_pass(args.proj, args.nproj), else the CUDA-core kernel (template dispatch on tokens
+// per item and on its affine fast path). The plan (col_groups, shared bytes) must be the chosen
+// kernel's.
 void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t max_items,
                             size_t shared_bytes, cudaStream_t stream);
 // Raises the dynamic shared memory limit of every instantiation (once per process and device).
 void prepare_projection_kernels();
 // Blocks of the pass kernel that fit on one SM at once with this much shared memory.
 int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_bytes);
+int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes);
 
 }  // namespace tmoe::cuda

@@ -4,6 +4,10 @@
 //
 // Error bound: the kernels accumulate in fp32 (h and the pair outputs stay fp32 in the workspace);
 // over K <= 2048 terms with random signs that costs ~1e-6 relative, so 1e-4 is a wide margin.
+// The tensor-core kernel (affine grids) multiplies exact codebook indices by x = hi + lo (two
+// bf16): |x - hi - lo| <= 2^-17 |x| (7.6e-6 relative), the products are exact and the sums fp32,
+// so its error is ~1e-5 at most: the same 1e-4 bound holds and still catches any wrong index,
+// scale, group boundary or fragment position (errors of order 0.1 to 1).
 // The output is then rounded once to its dtype, a relative error of at most its unit roundoff per
 // element (so also in Frobenius norm). Bound = unit_roundoff(out) + 1e-4. A wrong index, scale,
 // sign, group or transform gives errors of order 0.1 to 1.
@@ -163,6 +167,30 @@ TEST(CudaMoe, SplitKAndWideHadamard) {
   c.group = 48;
   c.x_dtype = DType::bf16;
   for (int64_t T : {1, 4}) check_against_reference(c, T);
+}
+
+// The tensor-core kernel's scale-group flushes: groups of 16 (a flush after every k-tile), 48 (flushes
+// inside units, groups straddling K splits) and 64 (whole units), with several K splits, partial last
+// units (K = 640: 40 k-tiles) and column groups (I = 640: 40 n-tiles, 8 per block), items of 4, 8
+// and 16 rows (T up to 64 on 8 experts, k = 2: up to 16 pairs per expert), Hadamard, half inputs.
+TEST(CudaMoe, TensorCoreGroupsSplitsAndItemRows) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 1024;
+  c.I = 640;
+  c.E = 8;
+  c.k = 2;
+  for (int group : {16, 48, 64}) {
+    c.group = group;
+    c.hadamard = group == 64 ? 64 : 0;
+    c.x_dtype = group == 16 ? DType::bf16 : group == 48 ? DType::f16 : DType::f32;
+    c.out_dtype = group == 48 ? DType::bf16 : DType::f32;
+    for (int64_t T : {1, 2, 3, 5, 8, 16, 33, 64}) check_against_reference(c, T);
+  }
+  c.group = 128;
+  c.hadamard = 0;
+  c.routing = RoutingKind::one_expert;  // 64 pairs of one expert: items of 16 rows, all full
+  check_against_reference(c, 64);
 }
 
 // From grouped_min_tokens tokens on, CudaMoe hands its device routing plan to the tensor-core

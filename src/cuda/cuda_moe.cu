@@ -63,6 +63,12 @@ void check_projection(const TrellisTensor& t, const char* name) {
 
 size_t align_up(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
 
+// A pass is chained to the kernel before it (programmatic dependent launch, launch.hpp; items from
+// the ids, pass_routing.cuh) when its grid is at most this many waves of resident blocks. Measured
+// on H100 (docs/notes-cuda.md, "Latency"): chaining every pass saved 5 us at qwen3 1-2 tokens (one
+// wave) but made many-wave passes slower (mixtral 8 tokens, ~50 waves: 871 -> 1015 us).
+constexpr int64_t kChainMaxWaves = 1;
+
 // Launch geometry and workspace layout of one forward call; a function of (T, k) and the shape
 // only, so a captured graph replays the same launches.
 struct PassPlan {
@@ -359,11 +365,18 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   gu.partial = at_f(f.partial_gate_up);
   gu.counters = r.counters;
   gu.dst = at_f(f.h);
-  // Small batches: each pass block derives its work item from the ids (pass_routing.cuh), so the
-  // passes need the routing kernel's plan only for their finish counters.
-  if (f.pairs <= kLocalPlanMaxPairs) gu.routing.expert_ids = b.expert_ids;
   gu.routing.experts = static_cast<int>(m.shape.experts);
   gu.routing.tokens_per_item = f.tokens_per_item;
+  // One-wave passes start while the kernel before drains; with few pairs their blocks derive their
+  // work items from the ids, so they need the routing kernel's plan only for the finish counters.
+  auto chain = [&](PassArgs& a, const PassPlan& p, bool affine) {
+    const int64_t blocks = f.max_items * p.col_groups * a.nproj * p.k_splits;
+    const int64_t at_once =
+        static_cast<int64_t>(m.occupancy.blocks_per_sm(f.tokens_per_item, affine, p.shared)) * m.occupancy.sms;
+    a.routing.programmatic = blocks <= kChainMaxWaves * at_once;
+    a.routing.expert_ids = a.routing.programmatic && f.pairs <= kLocalPlanMaxPairs ? b.expert_ids : nullptr;
+  };
+  chain(gu, f.gate_up, m.gate_pass.affine && m.up_pass.affine);
   launch_projection_pass(gu, f.tokens_per_item, f.max_items, f.gate_up.shared, stream);
 
   PassArgs dn = gu;
@@ -390,6 +403,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   dn.combine.counters = dn.counters + f.max_items * f.down.num_finish_groups;
   dn.combine.tokens = b.tokens;
   dn.combine.experts = static_cast<int>(m.shape.experts);
+  chain(dn, f.down, m.down_pass.affine != 0);
   launch_projection_pass(dn, f.tokens_per_item, f.max_items, f.down.shared, stream);
 }
 

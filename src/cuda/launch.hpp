@@ -67,11 +67,12 @@ inline bool programmatic_launch_supported(const void* kernel) {
   return supported;
 }
 
-// kernel<<<grid, block, shared, stream>>>(args...), allowed to start before its predecessor ends
-// (see the rules above) where programmatic_launch_supported() says so.
+// kernel<<<grid, block, shared, stream>>>(args...); with `programmatic`, allowed to start before its
+// predecessor ends (see the rules above) where programmatic_launch_supported() says so. Without it
+// the launch is ordinary and the kernel's wait_for_predecessor() calls return at once.
 template <typename... KernelArgs, typename... Args>
 void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
-                      Args&&... args) {
+                      bool programmatic, Args&&... args) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -81,7 +82,7 @@ void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size
   config.dynamicSmemBytes = shared;
   config.stream = stream;
   config.attrs = &attribute;
-  config.numAttrs = programmatic_launch_supported(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+  config.numAttrs = programmatic && programmatic_launch_supported(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   TMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 

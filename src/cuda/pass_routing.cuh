@@ -29,12 +29,13 @@ inline constexpr int kLocalPlanMaxPairs = 64;
 // Most pairs in one work item (the passes' kMaxItemTokens must not exceed it).
 inline constexpr int kMaxPassItemPairs = 4;
 
-// Where a pass block finds its work item. The routing kernel's plan (items, num_items, order) is
-// read when expert_ids is null.
+// How a pass is launched and where its blocks find their work item. The routing kernel's plan
+// (items, num_items, order) is read when expert_ids is null.
 struct PassRouting {
-  const int32_t* expert_ids = nullptr;  // [pairs], set when pairs <= kLocalPlanMaxPairs
+  const int32_t* expert_ids = nullptr;  // [pairs]: derive items from the ids (pairs <= kLocalPlanMaxPairs)
   int experts = 0;
   int tokens_per_item = 1;
+  int programmatic = 0;  // launched as a programmatic dependent of the kernel before (launch.hpp)
 };
 
 // Set on the down pass (out non-null): its finishing blocks also combine the k slots of each token.
@@ -85,6 +86,7 @@ __device__ inline void find_pass_item(const PassRouting& routing, const int32_t*
   __syncthreads();
   int before = 0, same = 0, same_before = 0;  // routed pairs of smaller experts; of this one; of it before p
   if (id >= 0) {
+#pragma unroll 4
     for (int q = 0; q < pairs; ++q) {
       const int v = ids[q];
       before += v >= 0 && v < id;
@@ -96,6 +98,7 @@ __device__ inline void find_pass_item(const PassRouting& routing, const int32_t*
   __syncthreads();
   if (id >= 0) {
     int items_before = 0;  // items of the smaller experts
+#pragma unroll 4
     for (int q = 0; q < pairs; ++q) {
       const int v = ids[q];
       if (v >= 0 && v < id) items_before += chunks[q];

@@ -453,7 +453,8 @@ template <int TC, bool AFFINE>
 void launch_one(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  launch_dependent(projection_kernel<TC, AFFINE>, grid, dim3(kProjThreads), shared_bytes, stream, args);
+  launch_dependent(projection_kernel<TC, AFFINE>, grid, dim3(kProjThreads), shared_bytes, stream,
+                   args.routing.programmatic != 0, args);
 }
 
 template <int TC, bool AFFINE>

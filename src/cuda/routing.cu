@@ -141,7 +141,7 @@ void launch_routing(const int32_t* expert_ids, int64_t tokens, int top_k, int ex
   if (shared > 48 * 1024)
     TMOE_CUDA_CHECK(cudaFuncSetAttribute(routing_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(shared)));
-  launch_dependent(routing_kernel, dim3(1), dim3(kRoutingThreads), shared, stream, expert_ids,
+  launch_dependent(routing_kernel, dim3(1), dim3(kRoutingThreads), shared, stream, true, expert_ids,
                    static_cast<int>(pairs), top_k, experts, tokens_per_item, out);
 }
 

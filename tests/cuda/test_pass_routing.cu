@@ -186,6 +186,10 @@ TEST(PassRouting, ChainedForwardsInAGraphMatchReference) {
   for (int64_t T : {1, 2, 3, 16, 17}) check_chained_forwards(small, T, decode_kernels_only(), seed + T);
   const Layer wide = make_layer(1024, 512, 8, 2, 64, seed + 1);
   for (int64_t T : {1, 5, 32, 33}) check_chained_forwards(wide, T, decode_kernels_only(true), seed + 100 + T);
+  // Passes of more than one wave on an H100 (at 4 tokens: the gate+up grid is 2 waves of the
+  // 4-row kernel), launched plainly, next to one-wave passes that are chained.
+  const Layer big = make_layer(2048, 4096, 4, 2, 0, seed + 2);
+  for (int64_t T : {1, 4}) check_chained_forwards(big, T, decode_kernels_only(), seed + 200 + T);
 }
 
 // A batch whose slots are all -1: no work items; every output is zero, nothing is flagged.

@@ -2,10 +2,12 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <string>
 
 #include "cuda_check.hpp"
 #include "fragment_decode.cuh"
 #include "projection.cuh"
+#include "tmoe/error.hpp"
 
 namespace tmoe::cuda {
 namespace {
@@ -76,14 +78,17 @@ __device__ __forceinline__ void cp_async_wait() {
 // a time: a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then
 // the wider passes in shared memory (v5: one value per thread and step, with divisions). Every
 // thread calls it; it ends with a barrier.
-__device__ __forceinline__ void stage_activations(const PassArgs& a, const DeviceProjection& w, int expert, int first, int count,
-                                  int rows, int k_tile0, int k_tiles, int kt_alloc, float* xs, int xs_stride) {
+__device__ __forceinline__ void stage_activations(const PassArgs& a, const DeviceProjection& w, const PassItem& item,
+                                                  int rows, int k_tile0, int k_tiles, int kt_alloc, float* xs,
+                                                  int xs_stride) {
+  const int first = item.first, count = item.count;
   const int64_t K = w.K;
   const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
   const int hadamard = w.hadamard;
   const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
   const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
-  const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
+  const uint16_t* su = w.su + static_cast<int64_t>(item.expert) * K;
+  if (!a.src_by_token) wait_for_predecessor();  // rows by position: h, written by the gate+up pass
   for (int i = threadIdx.x; i < rows * kt_alloc; i += blockDim.x) {
     const int t = i / kt_alloc, kt = i - t * kt_alloc;
     float v[kTileDim];
@@ -91,7 +96,7 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
     for (int j = 0; j < kTileDim; ++j) v[j] = 0.0f;
     if (t < count && kt < k_tiles) {
       const int64_t pos = first + t;
-      const int64_t row = a.src_by_token ? a.order[pos] / a.top_k : pos;
+      const int64_t row = a.src_by_token ? item.pair[t] / a.top_k : pos;
       const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
 #pragma unroll
       for (int j = 0; j < kTileDim; ++j)
@@ -121,15 +126,18 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
 
 // Called by every thread of a block once its partial sums are written: the last block of this
 // finish group (all splits, projections and its column groups: an integer counter) adds the splits
-// in order, applies the output Hadamard and sv, and SwiGLU for gate+up. `finish` holds
+// in order, applies the output Hadamard and sv, and SwiGLU for gate+up; on the down pass it also
+// combines the tokens it completes (pass_routing.cuh). `finish` holds
 // [2][rows][finish_groups_cols] floats (it may alias the block's other shared data: the first
 // barrier here orders it after their last use).
-__device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index, int expert, int first, int count, int rows,
-                               int col_group, int cols_per_block, float* finish, int* flag) {
+__device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index, const PassItem& item, int rows,
+                                               int col_group, int cols_per_block, float* finish, int* flag) {
+  const int expert = item.expert, first = item.first, count = item.count;
   const int64_t N = a.proj[0].w.N;
   const int groups_per_finish = a.finish_groups_cols / cols_per_block;
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
+  wait_for_predecessor();  // the routing kernel zeroed the counters
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -171,6 +179,8 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
     }
     a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
   }
+  if (a.combine.out != nullptr)
+    combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
 }
 
 struct StreamArgs {
@@ -363,13 +373,24 @@ __device__ __forceinline__ void stream_rows_impl(const StreamArgs& a, float (&to
     for (int t = 0; t < TC; ++t) total[c][t] = t < ROWS ? part[c][t < ROWS ? t : 0] : 0.0f;
 }
 
+static_assert(kMaxItemTokens <= kMaxPassItemPairs && kLocalPlanMaxPairs <= kProjThreads,
+              "pass_routing.cuh: a block's item holds up to kMaxItemTokens pairs; one thread per pair");
+
 template <int TC, bool AFFINE>
 __global__ void __launch_bounds__(kProjThreads, TC == 1 ? 6 : TC == 2 ? 4 : 3)  // blocks per SM
 projection_kernel(const __grid_constant__ PassArgs a) {
+  // Launched as a dependent (launch.hpp): the next kernel may place its blocks as ours finish.
+  allow_dependents();
   const int item_index = blockIdx.x;
-  if (item_index >= *a.num_items) return;
-  const int32_t* item = a.items + static_cast<int64_t>(item_index) * kWorkItemInts;
-  const int expert = item[0], first = item[1], count = item[2];
+  __shared__ PassItem item;
+  find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), item_index, item);
+  if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
+    zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, item_index, gridDim.x);
+  if (item.count == 0) {
+    wait_for_predecessor();  // launch.hpp's rule: no block exits before its predecessor is done
+    return;
+  }
+  const int expert = item.expert, first = item.first, count = item.count;
   const int col_group = blockIdx.y;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
   const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
@@ -403,7 +424,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   }
 
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
-  stage_activations(a, w, expert, first, count, TC, k_tile0, k_tiles, kr, xs, xs_stride);
+  stage_activations(a, w, item, TC, k_tile0, k_tiles, kr, xs, xs_stride);
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -451,14 +472,15 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     a.partial[((static_cast<int64_t>(p) * a.k_splits + split) * a.pairs + first + t) * N + n] = v * (AFFINE ? pp.step : 1.0f);
   }
 
-  finish_if_last(a, item_index, expert, first, count, TC, col_group, kColsPerBlock, finish, flag);
+  finish_if_last(a, item_index, item, TC, col_group, kColsPerBlock, finish, flag);
 }
 
 template <int TC, bool AFFINE>
 void launch_one(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  projection_kernel<TC, AFFINE><<<grid, kProjThreads, shared_bytes, stream>>>(args);
+  launch_dependent(projection_kernel<TC, AFFINE>, grid, dim3(kProjThreads), shared_bytes, stream,
+                   args.routing.programmatic != 0, args);
 }
 
 template <int TC, bool AFFINE>
@@ -467,15 +489,18 @@ void raise_shared_limit() {
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The tensor-core kernel (affine grids; see projection.cuh).
 
 // Units whose loads a warp keeps in flight (registers): 3 blocks of 8 warps per SM then hold
 // ~24 x 4 x 384 B = 36 KB of 3-bit weights in flight per SM.
-inline constexpr int kUnitsInFlight = 4;
+#ifndef TMOE_MMA_UNITS_IN_FLIGHT
+#define TMOE_MMA_UNITS_IN_FLIGHT 4
+#define TMOE_MMA_MIN_BLOCKS 3
+#endif
+inline constexpr int kUnitsInFlight = TMOE_MMA_UNITS_IN_FLIGHT;
 // Blocks per SM the launch bounds ask for (registers): 3 for 4-row items, 2 for 8 and 16.
-TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? 3 : 2; }
+TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? TMOE_MMA_MIN_BLOCKS : 2; }
 
 // d += a . b, m16n8k16, bf16 operands, fp32 accumulators.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -502,8 +527,9 @@ TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }
 // (items of up to 4 CB rows). QUAD_GROUPS: the scale group is a multiple of 64 (whole units), so
 // the group-boundary test runs once per unit instead of once per k-tile.
 template <int BITS, int CB, bool QUAD_GROUPS>
-__device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, int expert, int first,
-                                                     int count, int p, int split, int col_group) {
+__device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, const PassItem& item, int p,
+                                                     int split, int col_group) {
+  const int expert = item.expert, first = item.first, count = item.count;
   constexpr int kRows = CB * kMmaRowsPerBlock;
   constexpr int kUnitWords = 32 * BITS;
   const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
@@ -514,7 +540,8 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   const int kr = a.k_tiles_per_block;  // a multiple of 4: splits start at a unit
   const int xs_stride = mma_xs_stride(kr);
   float* xs = shared;                        // [kRows][xs_stride]: fp32, then B fragments in place
-  float* group_sums = xs + kRows * xs_stride;  // [kRows][kr]: grid0/step * sum of x over a scale group
+  float* tile_sums = xs + kRows * xs_stride;   // [kRows][kr]: sum of x over a k-tile row
+  float* group_sums = tile_sums + kRows * kr;  // [kRows][kr]: grid0/step * sum of x over a scale group
   float* finish = shared;                    // [2][kRows][finish cols], after the main loop
   int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(kRows, kr, a.finish_groups_cols));
 
@@ -534,25 +561,15 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 #pragma unroll
       for (int v = 0; v < BITS; ++v) ring[d][v] = __ldg(units + d * kUnitWords + v * 32);
 
-  // --- activations: fp32 rows, the affine term's group sums, then in place into B-fragment order.
-  stage_activations(a, w, expert, first, count, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
-  const int tiles_per_group = w.group_size / kTileDim;
-  const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
-  const int local_groups = last_group - group0 + 1;  // <= kr
-  for (int i = threadIdx.x; i < kRows * local_groups; i += blockDim.x) {
-    const int t = i / local_groups, g = i - t * local_groups;
-    const int kt_begin = max(0, (group0 + g) * tiles_per_group - k_tile0);
-    const int kt_end = min(k_tiles, (group0 + g + 1) * tiles_per_group - k_tile0);
-    float sum = 0.0f;
-    for (int k = kt_begin * kTileDim; k < kt_end * kTileDim; ++k) sum += xs[t * xs_stride + k];
-    group_sums[t * kr + g] = sum * pp.grid0_over_step;
-  }
-  __syncthreads();
+  // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
+  stage_activations(a, w, item, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
   // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
   // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
   // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
-  for (int i = threadIdx.x; i < kRows * quads * kQuadTiles; i += blockDim.x) {
-    const int t = i / (quads * kQuadTiles), kt = i - t * (quads * kQuadTiles);
+  // The same pass keeps each k-tile row's sum for the affine term.
+  const int kt_staged = quads * kQuadTiles;
+  for (int i = threadIdx.x; i < kRows * kt_staged; i += blockDim.x) {
+    const int t = i / kt_staged, kt = i - t * kt_staged;
     float* row = xs + t * xs_stride + kt * kTileDim;
     float v[kTileDim];
 #pragma unroll
@@ -560,6 +577,10 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       const float4 f = reinterpret_cast<const float4*>(row)[q];
       v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
     }
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) sum += v[j];
+    tile_sums[t * kr + kt] = sum;
     uint32_t out[kTileDim];
 #pragma unroll
     for (int tq = 0; tq < 4; ++tq)
@@ -570,6 +591,20 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+  }
+  __syncthreads();
+  // grid0/step times the sum of x over each scale group's part of the K range (v8's first version
+  // summed a group's values serially in one thread: up to 1024 dependent shared loads).
+  const int tiles_per_group = w.group_size / kTileDim;
+  const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
+  const int local_groups = last_group - group0 + 1;  // <= kr
+  for (int i = threadIdx.x; i < kRows * local_groups; i += blockDim.x) {
+    const int t = i / local_groups, g = i - t * local_groups;
+    const int kt_begin = max(0, (group0 + g) * tiles_per_group - k_tile0);
+    const int kt_end = min(k_tiles, (group0 + g + 1) * tiles_per_group - k_tile0);
+    float sum = 0.0f;
+    for (int kt = kt_begin; kt < kt_end; ++kt) sum += tile_sums[t * kr + kt];
+    group_sums[t * kr + g] = sum * pp.grid0_over_step;
   }
   __syncthreads();
 
@@ -650,21 +685,28 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       }
     }
   }
-  finish_if_last(a, item_index, expert, first, count, kRows, col_group, kMmaColsPerBlock, finish, flag);
+  finish_if_last(a, item_index, item, kRows, col_group, kMmaColsPerBlock, finish, flag);
 }
 
 template <int CB, bool QUAD_GROUPS>
 __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB))
 mma_projection_kernel(const __grid_constant__ PassArgs a) {
+  // Launched as a dependent (launch.hpp): the next kernel may place its blocks as ours finish.
+  allow_dependents();
   const int item_index = blockIdx.x;
-  if (item_index >= *a.num_items) return;
-  const int32_t* item = a.items + static_cast<int64_t>(item_index) * kWorkItemInts;
-  const int expert = item[0], first = item[1], count = item[2];
+  __shared__ PassItem item;
+  find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), item_index, item);
+  if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
+    zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, item_index, gridDim.x);
+  if (item.count == 0) {
+    wait_for_predecessor();  // launch.hpp's rule: no block exits before its predecessor is done
+    return;
+  }
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
   switch (a.proj[p == 0 ? 0 : 1].w.bits) {
-    case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, expert, first, count, p, split, blockIdx.y); break;
-    case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, expert, first, count, p, split, blockIdx.y); break;
-    default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, expert, first, count, p, split, blockIdx.y); break;
+    case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+    case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+    default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
   }
 }
 
@@ -672,7 +714,8 @@ template <int CB, bool QUAD_GROUPS>
 void launch_mma(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  mma_projection_kernel<CB, QUAD_GROUPS><<<grid, kMmaThreads, shared_bytes, stream>>>(args);
+  launch_dependent(mma_projection_kernel<CB, QUAD_GROUPS>, grid, dim3(kMmaThreads), shared_bytes, stream,
+                   args.routing.programmatic != 0, args);
 }
 
 template <int CB>
@@ -698,8 +741,8 @@ void prepare_projection_kernels() {
   raise_shared_limit<4, false>();
   raise_shared_limit<4, true>();
   raise_mma_shared_limit<1>();
-  raise_mma_shared_limit<2>();
-  raise_mma_shared_limit<4>();
+  if constexpr (kMmaBlocksBuilt<2>) raise_mma_shared_limit<2>();
+  if constexpr (kMmaBlocksBuilt<4>) raise_mma_shared_limit<4>();
 }
 
 size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols) {
@@ -713,8 +756,8 @@ int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes) {
   };
   switch (mma_item_rows(tokens_per_item)) {
     case 4: query(mma_projection_kernel<1, true>); break;
-    case 8: query(mma_projection_kernel<2, true>); break;
-    default: query(mma_projection_kernel<4, true>); break;
+    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true>); break;
+    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true>); break;
   }
   return std::max(blocks, 1);
 }
@@ -735,10 +778,14 @@ int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_byt
 void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t max_items,
                             size_t shared_bytes, cudaStream_t stream) {
   if (tensor_core_pass(args.proj, args.nproj)) {
+    if (tokens_per_item > kMaxMmaItemTokens)
+      throw Error(ErrorKind::internal, "projection pass: items of " + std::to_string(tokens_per_item) +
+                                           " rows; the tensor-core kernel takes up to " +
+                                           std::to_string(kMaxMmaItemTokens));
     switch (mma_item_rows(tokens_per_item)) {
       case 4: launch_mma_groups<1>(args, max_items, shared_bytes, stream); break;
-      case 8: launch_mma_groups<2>(args, max_items, shared_bytes, stream); break;
-      default: launch_mma_groups<4>(args, max_items, shared_bytes, stream); break;
+      case 8: if constexpr (kMmaBlocksBuilt<2>) launch_mma_groups<2>(args, max_items, shared_bytes, stream); break;
+      default: if constexpr (kMmaBlocksBuilt<4>) launch_mma_groups<4>(args, max_items, shared_bytes, stream); break;
     }
     TMOE_CUDA_CHECK(cudaGetLastError());
     return;

@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "device_weights.cuh"
+#include "pass_routing.cuh"
 #include "routing.hpp"
 #include "tmoe/half.hpp"
 
@@ -41,12 +42,17 @@ inline constexpr int kTilesPerStepRow = 4;              // n-tiles per warp step
 inline constexpr int kColsPerBlock = kTilesPerStepRow * kTileDim;  // 64
 inline constexpr int kMaxItemTokens = 4;                // rows per work item (register budget)
 // Tensor-core kernel: 8 warps, one n-tile each; items of up to kMaxMmaItemTokens rows (4 per
-// 8-column mma block, hi and lo halves of each row).
+// 8-column mma block, hi and lo halves of each row). Items hold at most kMaxPassItemPairs pairs
+// (pass_routing.cuh's PassItem, 4 today): the 8- and 16-row variants are built only once it allows
+// them (measured before that limit existed: see docs/notes-cuda.md, v8).
 inline constexpr int kMmaWarps = 8;
 inline constexpr int kMmaThreads = kMmaWarps * 32;
 inline constexpr int kMmaColsPerBlock = kMmaWarps * kTileDim;  // 128
 inline constexpr int kMmaRowsPerBlock = 4;                     // item rows per 8-column mma block
-inline constexpr int kMaxMmaItemTokens = 16;
+inline constexpr int kMaxMmaItemTokens = kMaxPassItemPairs < 16 ? kMaxPassItemPairs : 16;
+// Whether the variant with CB mma column blocks (items of up to 4 CB rows) is built.
+template <int CB>
+inline constexpr bool kMmaBlocksBuilt = CB == 1 || (CB / 2) * kMmaRowsPerBlock < kMaxMmaItemTokens;
 inline constexpr int kMaxHadamard = 256;                // largest Hadamard block the passes take
 // A stage of a warp's cp.async ring: 4 k-tile rows of 4 tiles and their 4 x 64 fp16 scales.
 // 3 stages (2 steps in flight per warp) keep a block's shared memory small enough for 6 blocks
@@ -91,6 +97,8 @@ struct PassArgs {
   float* partial = nullptr;     // [nproj][k_splits][P][N]
   int32_t* counters = nullptr;  // [max items][num_finish_groups]
   float* dst = nullptr;         // [P][N]: h for gate+up, the pair outputs for down
+  PassRouting routing;          // where blocks find their work item (pass_routing.cuh)
+  PassCombine combine;          // down pass: the combine over each token's slots, fused
 };
 
 // Shared memory (floats) the pass needs for `tokens` rows per item.
@@ -105,9 +113,9 @@ inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_co
 }
 
 // Floats of the tensor-core kernel's shared data for `rows` staged rows (its flag follows): the
-// activations [rows][16 kr + 16] and group sums [rows][kr], later reused by the finish rows.
+// activations [rows][16 kr + 16], tile sums and group sums [rows][kr], later reused by the finish rows.
 TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int finish_cols) {
-  const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + rows * k_tiles_per_block;
+  const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + 2 * rows * k_tiles_per_block;
   const int finishing = 2 * rows * finish_cols;
   return staging > finishing ? staging : finishing;
 }

@@ -171,8 +171,9 @@ TEST(CudaMoe, SplitKAndWideHadamard) {
 
 // The tensor-core kernel's scale-group flushes: groups of 16 (a flush after every k-tile), 48 (flushes
 // inside units, groups straddling K splits) and 64 (whole units), with several K splits, partial last
-// units (K = 640: 40 k-tiles) and column groups (I = 640: 40 n-tiles, 8 per block), items of 4, 8
-// and 16 rows (T up to 64 on 8 experts, k = 2: up to 16 pairs per expert), Hadamard, half inputs.
+// units (K = 640: 40 k-tiles) and column groups (I = 640: 40 n-tiles, 8 per block), full items
+// (T up to 64 on 8 experts, k = 2: up to 16 pairs per expert, items of up to kMaxMmaItemTokens
+// rows), Hadamard, half inputs.
 TEST(CudaMoe, TensorCoreGroupsSplitsAndItemRows) {
   TMOE_REQUIRE_GPU();
   MoeCase c;
@@ -189,7 +190,7 @@ TEST(CudaMoe, TensorCoreGroupsSplitsAndItemRows) {
   }
   c.group = 128;
   c.hadamard = 0;
-  c.routing = RoutingKind::one_expert;  // 64 pairs of one expert: items of 16 rows, all full
+  c.routing = RoutingKind::one_expert;  // 64 pairs of one expert: every item full
   check_against_reference(c, 64);
 }
 

@@ -299,6 +299,21 @@ TEST(Grouped, HadamardRotation) {
   expect_matches_reference(c);
 }
 
+// A long down projection (K = I = 4112: 65 steps of 64, the last one partial) with few column
+// blocks: the atomic path splits down's K across blocks (uneven split); deterministic mode does not.
+TEST(Grouped, SplitKDown) {
+  Case c;
+  c.shape = {"long-down", 128, 4112, 4, 2};
+  c.tokens = 100;
+  c.layer.group_size = 64;
+  expect_matches_reference(c);
+  c.out_dtype = DType::bf16;
+  c.tile_rows = 32;
+  expect_matches_reference(c);
+  c.deterministic = true;
+  expect_matches_reference(c);
+}
+
 TEST(Grouped, RealShapeFewTokens) {
   Case c;
   c.shape = model_shape("qwen3-30b-a3b");

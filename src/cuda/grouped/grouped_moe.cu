@@ -15,7 +15,9 @@
 #include <algorithm>
 #include <string>
 #include <type_traits>
+#include <utility>
 
+#include "cuda/fragment_decode.cuh"
 #include "cuda/grouped/grouped_moe.cuh"
 #include "tmoe/error.hpp"
 #include "tmoe/trellis_decode.hpp"
@@ -26,25 +28,24 @@ namespace {
 // ---- tiling constants of grouped_gemm -------------------------------------------------------
 // A block computes BM rows (pairs of one expert) x kBN output columns (split between the
 // projections it runs: gate+up get 64 columns each, so SwiGLU pairs stay in one thread's
-// registers). kBK = 64 gives each pipeline stage 4 tiles of K; 8 warps as 2 (rows) x 4 (columns),
-// each warp 64 rows x 32 columns = 4 x 4 mma tiles of 16x8: 64 fp32 accumulators per thread.
-// Three row-tile heights, chosen from the average rows per expert: kSmallRows (32) when experts
-// hold few rows (a taller tile would mostly multiply padding), kMidRows (128), and kHugeRows (256,
-// 16 warps as 4 x 4, one block per SM) for well-filled experts: the decode of a stage costs the
-// same for any height, so taller tiles spend fewer instructions per flop (the kernel is issue
-// bound, not tensor bound: see docs/notes-grouped.md).
+// registers). kBK = 64 gives each pipeline stage 4 tiles of K (one fragment-layout quad). Warps
+// sit 4 side by side (columns), each owning 32 columns = two units; every warp decodes its own
+// units in registers, so warps stacked along the rows would decode the same units again: tiles of
+// up to 128 rows use one warp row (a warp then holds up to 128 x 32 fp32 accumulators), 256-row
+// tiles two. Row-tile heights, chosen from the average rows per expert: kSmallRows (32) when
+// experts hold few rows (a taller tile would mostly multiply padding), kMidRows (128), kHugeRows
+// (256, one block per SM) for well-filled experts.
 constexpr int kBN = 128, kBK = 64;
 constexpr int kSmallRows = 32, kMidRows = 128, kHugeRows = 256;
-constexpr int threads_for(int rows) { return rows == kHugeRows ? 512 : 256; }
-constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : 2; }
+constexpr int threads_for(int rows) { return rows == kHugeRows ? 256 : 128; }
+constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : rows == kSmallRows ? 4 : 2; }
 // cp.async stages in flight: 4 where one block owns the SM (more latency to cover per block), 3
 // where two blocks share it (two blocks' shared memory must fit in 227 KB).
 constexpr int stages_for(int rows) { return rows == kHugeRows ? 4 : 3; }
 constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
-constexpr int kBStride = kBK + kRowPad;     // decoded B [kBN][kBStride] bf16 (n-major, k contiguous)
-constexpr int kMaxTileBytes = 128;          // 4 bits
+constexpr int kMaxBits = 4;
 constexpr int kMaxGrid = 16;
 
 enum Epilogue : int {
@@ -57,8 +58,7 @@ enum Epilogue : int {
 
 struct GemmParams {
   DeviceProjection proj[2];
-  bool fold_su[2];              // multiply decoded rows by su (hadamard = 0)
-  const __nv_bfloat16* su16[2]; // su as bf16 [E, K] (fold_su only)
+  const __nv_bfloat16* su16[2]; // su as bf16 [E, K] (gate/up with hadamard = 0: folded into B)
   const __nv_bfloat16* a[2];    // A sources (a[1] used only with separate A operands)
   bool gather_tokens;           // A row of pair row r is order[r] / top_k (else r)
   int top_k;
@@ -69,7 +69,9 @@ struct GemmParams {
   const int32_t* order;
   const float* probs;
   int epilogue;
+  int k_splits;                 // blocks along K (gridDim.z); > 1 only with kAtomic
   __nv_bfloat16* h;             // kSwiglu
+  const uint16_t* h_su;         // kSwiglu: down's su (fp16 [E, N]) folded into h, or null
   float* g_raw;                 // kRawPair
   float* u_raw;
   float* rows;                  // kRowsScaled, kRowsRaw: [pairs, N]
@@ -111,55 +113,124 @@ __device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v));
 __device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
 // ---- shared memory of grouped_gemm ----------------------------------------------------------
+// How a projection's codebook maps to weights (read from the device grid once per block):
+// affine grids (grid[i] = grid0 + step * i, the default) decode an index straight into bf16 and
+// take one HFMA2 with (step * scale, grid0 * scale); other grids look the pair of levels up.
+struct GridForm {
+  float grid0, step;
+  int affine;
+};
+
 template <int NUM_PROJ, bool SEPARATE_A, int BM>
 struct GemmSmem {
   static constexpr int kStages = stages_for(BM);
   static constexpr int kNumA = SEPARATE_A ? 2 : 1;
   static constexpr int kProjCols = kBN / NUM_PROJ;          // columns per projection
-  static constexpr int kProjNTiles = kProjCols / kTileDim;  // tiles of N per projection
+  static constexpr int kProjNTiles = kProjCols / kTileDim;  // tiles of N (= units) per projection
   __nv_bfloat16 a[kStages][kNumA][BM * kAStride];
-  uint8_t packed[kStages][NUM_PROJ][kProjNTiles][kKTiles][kMaxTileBytes];
+  // The stage's fragment-layout units (fragment_layout.hpp), raw: 3 bits per weight in shared
+  // memory; each warp decodes its own units into registers (no decoded B in shared memory).
+  uint32_t units[kStages][NUM_PROJ][kProjNTiles][unit_words(kMaxBits)];
   uint16_t scales[kStages][NUM_PROJ][kKTiles][kProjCols];
   uint16_t su[kStages][NUM_PROJ][kBK];  // bf16 bits
-  // Decoded B, double-buffered: stage kb+1 is decoded while the MMAs consume stage kb, so
-  // decode (ALU) and MMA (tensor) warps overlap between the same two barriers.
-  __nv_bfloat16 b[2][kBN * kBStride];
-  // (grid[i], grid[j]) for the pair of indices (i, j) of two consecutive k: one lookup per two
-  // weights. A pair of BITS-bit fields is one 2*BITS-bit field of the column word.
-  float2 grid_pairs[NUM_PROJ][kMaxGrid * kMaxGrid];
+  // weight = X * c.x + c.y per (k-tile, column), c.x / c.y bf16x2 broadcasts; X = the index
+  // (affine grid: c = (step * scale, grid0 * scale)) or the level (other grids: c = (scale, 0)).
+  // Double-buffered: computed for stage kb+1 while the warps read stage kb's.
+  uint2 coef[2][NUM_PROJ][kKTiles][kProjCols];
+  // Other grids: bf16x2 (grid[lo], grid[hi]) for a pair of indices lo | hi << BITS.
+  uint32_t level_pairs[NUM_PROJ][kMaxGrid * kMaxGrid];
+  GridForm grid[NUM_PROJ];
   const __nv_bfloat16* a_src[kNumA][BM];
 };
 
-// Decodes one tile column (16 k-values of output column n_in_tile) to bf16:
-// w[k] = bf16(grid[index] * scale) * su[k] (FORMAT.md, su folded into the weights; su is +-1 in
-// practice, so the bf16 product is exact; null su: the caller applied it to the activations).
-template <int BITS>
-__device__ __forceinline__ void decode_column(const uint8_t* tile, int n_in_tile,
-                                              const float2* grid_pairs, float scale,
-                                              const uint16_t* su, uint32_t (&out)[8]) {
-  const uint64_t word = load_column_word<BITS>(tile, n_in_tile);
-#pragma unroll
-  for (int k = 0; k < kTileDim; k += 2) {
-    const float2 g = grid_pairs[column_index<2 * BITS>(word, k / 2)];
-    out[k / 2] = pack_bf16(g.x * scale, g.y * scale);
+// Reads a projection's grid and decides whether it is affine: every level within 1e-6 of the
+// largest of grid0 + step * i (the error of treating it so is ~1e-7 relative, far below bf16's).
+__device__ GridForm grid_form(const DeviceProjection& w) {
+  const int levels = 1 << w.bits;
+  const double g0 = w.grid[0], step = (static_cast<double>(w.grid[levels - 1]) - g0) / (levels - 1);
+  double largest = 0.0;
+  for (int i = 0; i < levels; ++i) largest = fmax(largest, fabs(static_cast<double>(w.grid[i])));
+  bool affine = step != 0.0;
+  for (int i = 0; i < levels; ++i)
+    affine = affine && fabs(w.grid[i] - (g0 + step * i)) <= 1e-6 * largest;
+  return {static_cast<float>(g0), static_cast<float>(step), affine ? 1 : 0};
+}
+
+// Pair P's two fields of a lane's unit words as one 2*BITS-bit index lo | hi << BITS (the level
+// table's index for grids that are not affine). Same bit positions as fragment_decode.cuh's.
+template <int BITS, int P>
+__device__ __forceinline__ uint32_t level_pair_index(const uint32_t (&w)[BITS]) {
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  if constexpr (BITS == 3 && P == 15) {  // the spare bits 0 and 16 of the three words
+    const uint32_t m = 0x00010001u;
+    const uint32_t g = (w[0] & m) | ((w[1] << 1) & (m << 1)) | ((w[2] << 2) & (m << 2));
+    return (g & mask) | ((g >> (16 - BITS)) & (mask << BITS));
+  } else {
+    constexpr int b = fragment_detail::pair_bit<BITS>(P);
+    const uint32_t word = w[fragment_detail::pair_word<BITS>(P)];
+    return ((word >> b) & mask) | ((word >> (b + 16 - BITS)) & (mask << BITS));
   }
-  if (su) {
-    uint32_t signs[8];
-    *reinterpret_cast<uint4*>(&signs[0]) = *reinterpret_cast<const uint4*>(su);
-    *reinterpret_cast<uint4*>(&signs[4]) = *reinterpret_cast<const uint4*>(su + 8);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&out[i]),
-                                       *reinterpret_cast<const __nv_bfloat162*>(&signs[i]));
-      out[i] = *reinterpret_cast<const uint32_t*>(&v);
-    }
+}
+
+__device__ __forceinline__ uint32_t hfma2_bits(uint32_t x, uint32_t a, uint32_t b) {
+  const __nv_bfloat162 v = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&x),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&a),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t hmul2_bits(uint32_t x, uint32_t a) {
+  const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&a));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The B fragments of k-tile KT of one unit, for the n8 tile of its left (columns g) and right
+// (g + 8) half: bf16 weights X * c.x + c.y (times su[k] when su_pairs is given).
+// words: the lane's BITS words of the unit; coef_left / coef_right: column g's and g+8's
+// coefficients for this k-tile; with_su: multiply by su_low (su at k = 2t, 2t+1 of the k-tile)
+// and su_high (k = 2t+8, 2t+9). Everything by value: a pointer to a register array would put it in
+// local memory.
+template <int BITS, int KT>
+__device__ __forceinline__ void unit_b_fragments(const uint32_t (&words)[kMaxBits], bool affine,
+                                                 const uint32_t* level_pairs, uint2 coef_left,
+                                                 uint2 coef_right, bool with_su, uint32_t su_low,
+                                                 uint32_t su_high, uint32_t (&left)[2],
+                                                 uint32_t (&right)[2]) {
+  const uint32_t(&w)[BITS] = *reinterpret_cast<const uint32_t(*)[BITS]>(&words);
+  uint32_t x[4];  // pair 4 KT + r: r & 1 = right half, r >> 1 = k + 8
+  if (affine) {
+    x[0] = fragment_detail::decode_pair<BITS, 4 * KT + 0>(w);
+    x[1] = fragment_detail::decode_pair<BITS, 4 * KT + 1>(w);
+    x[2] = fragment_detail::decode_pair<BITS, 4 * KT + 2>(w);
+    x[3] = fragment_detail::decode_pair<BITS, 4 * KT + 3>(w);
+  } else {
+    x[0] = level_pairs[level_pair_index<BITS, 4 * KT + 0>(w)];
+    x[1] = level_pairs[level_pair_index<BITS, 4 * KT + 1>(w)];
+    x[2] = level_pairs[level_pair_index<BITS, 4 * KT + 2>(w)];
+    x[3] = level_pairs[level_pair_index<BITS, 4 * KT + 3>(w)];
   }
+  left[0] = hfma2_bits(x[0], coef_left.x, coef_left.y);
+  right[0] = hfma2_bits(x[1], coef_right.x, coef_right.y);
+  left[1] = hfma2_bits(x[2], coef_left.x, coef_left.y);
+  right[1] = hfma2_bits(x[3], coef_right.x, coef_right.y);
+  if (with_su) {
+    left[0] = hmul2_bits(left[0], su_low);
+    right[0] = hmul2_bits(right[0], su_low);
+    left[1] = hmul2_bits(left[1], su_high);
+    right[1] = hmul2_bits(right[1], su_high);
+  }
+}
+
+template <int... I, typename F>
+__device__ __forceinline__ void static_for(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>{}), ...);
 }
 
 // One block: BM rows of one expert's pairs x kBN columns of NUM_PROJ projections (same K).
 // Blocks past the work list exit at once (the grid is sized for the worst case, so no host
-// synchronisation is needed to know how many tiles the routing produced). Two blocks per SM
-// (<= 128 registers) so one block's decode overlaps the other's MMAs.
+// synchronisation is needed to know how many tiles the routing produced).
+// B operand: each warp owns two units per stage (gate + up of one n-tile, or two n-tiles of down),
+// loads their raw words from shared memory and decodes them into B fragments in registers.
 template <int NUM_PROJ, bool SEPARATE_A, int BM>
 __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
     grouped_gemm(const GemmParams p) {
@@ -174,8 +245,12 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   constexpr int kProjNTiles = Smem::kProjNTiles;
   constexpr int kWarpCols = kProjCols / 4;      // per projection: 16 (gate/up) or 32 (down)
   constexpr int kWarpNFrags = kWarpCols / 8;    // n8 fragments per projection per warp
-  constexpr int kNFrags = NUM_PROJ * kWarpNFrags;  // 4
-  constexpr int kMFrags = kWarpRows / 16;          // 4
+  constexpr int kNFrags = NUM_PROJ * kWarpNFrags;  // 4: two units of two n8 halves each
+  constexpr int kMFrags = kWarpRows / 16;
+  static_assert(kNFrags == 4, "each warp decodes exactly two units per stage");
+  // su is folded into the decoded weights for gate/up without Hadamard (one shared A operand);
+  // down's su is in h, and the Hadamard path applies su to its separate A operands.
+  constexpr bool kFoldSu = NUM_PROJ == 2 && !SEPARATE_A;
 
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(smem_raw);
@@ -190,7 +265,6 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // warp_m < kWarpsM
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
-  const int tiles_k = K / kTileDim;
 
   // Per-row A sources (nullptr: padding row, zero-filled).
   for (int i = tid; i < kNumA * kBM; i += kThreads) {
@@ -202,33 +276,43 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
     }
     s.a_src[which][r] = src;
   }
+  if (tid < NUM_PROJ) s.grid[tid] = grid_form(p.proj[tid]);
   for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += kThreads) {
     const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
     const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
     if (pair < (1 << (2 * bits)))
-      s.grid_pairs[q][pair] = make_float2(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
+      s.level_pairs[q][pair] = pack_bf16(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
   }
 
   // Each thread's share of a stage's copies is fixed; its global addresses are computed once here
   // and advance by one stage per k-step (the k loop then costs a few instructions per copy).
-  // Packed tiles: exactly one 16-byte chunk per thread (NUM_PROJ * kProjNTiles * kKTiles * 8 = 256).
-  static_assert(NUM_PROJ * kProjNTiles * kKTiles * (kMaxTileBytes / 16) == 256);
-  const int tile_tid = tid & 255;  // threads >= 256 (16-warp blocks) copy no tiles
-  const int tile_chunk = tile_tid % 8, tile_kt = (tile_tid / 8) % kKTiles;
-  const int tile_nt = (tile_tid / (8 * kKTiles)) % kProjNTiles;
-  const int tile_q = tile_tid / (8 * kKTiles * kProjNTiles);
-  const uint8_t* tile_src = nullptr;
-  int64_t tile_step = 0;  // bytes per stage along K
-  if (tid < 256) {
-    const DeviceProjection& w = p.proj[tile_q];
-    const int gn = n0 / kTileDim + tile_nt;
-    if (tile_chunk * 16 < tile_bytes(w.bits) && gn < N / kTileDim)
-      tile_src = w.tile(expert, tile_kt, gn) + tile_chunk * 16;
-    tile_step = kKTiles * w.k_tile_stride;
+  // Units: 16-byte chunks, unit_bytes(bits) / 16 per unit; the next stage is the next quad.
+  constexpr int kUnitChunks = NUM_PROJ * kProjNTiles * unit_bytes(kMaxBits) / 16;  // 256
+  constexpr int kUnitCopies = (kUnitChunks + kThreads - 1) / kThreads;
+  const uint32_t* unit_src[kUnitCopies];
+  uint32_t* unit_dst[kUnitCopies];
+  int unit_step[kUnitCopies];  // words per quad
+#pragma unroll
+  for (int i = 0; i < kUnitCopies; ++i) {
+    const int c = tid + i * kThreads;
+    const int chunk = c % (unit_bytes(kMaxBits) / 16), u = c / (unit_bytes(kMaxBits) / 16);
+    const int q = u / kProjNTiles, nt = u % kProjNTiles;
+    unit_src[i] = nullptr;
+    unit_dst[i] = nullptr;
+    unit_step[i] = 0;
+    if (c < kUnitChunks) {
+      const DeviceProjection& w = p.proj[q];
+      const int gn = n0 / kTileDim + nt;
+      if (chunk * 16 < unit_bytes(w.bits) && gn < N / kTileDim) {
+        unit_src[i] = w.unit(expert, gn, 0) + chunk * 4;
+        unit_step[i] = unit_words(w.bits);
+        unit_dst[i] = &s.units[0][q][nt][chunk * 4];
+      }
+    }
   }
-  uint8_t* const tile_dst = &s.packed[0][tile_q][tile_nt][tile_kt][tile_chunk * 16];
   // Scales: threads [0, kScaleChunks) copy one 16-byte row piece each; su: the next NUM_PROJ * 8.
   constexpr int kScaleChunks = NUM_PROJ * kKTiles * (kProjCols / 8);
+  static_assert(kScaleChunks + NUM_PROJ * (kBK / 8) <= kThreads);
   const uint16_t* meta_src = nullptr;
   uint16_t* meta_dst = nullptr;
   int meta_kt = 0, meta_group_size = 1;
@@ -245,15 +329,16 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   } else if (tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
     const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
     meta_kt = chunk;  // su: chunk of 8 k-values
-    if (p.fold_su[q])
+    if (kFoldSu)
       meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K +
                  chunk * 8;
     meta_dst = &s.su[0][q][chunk * 8];
   }
   __syncthreads();
 
-  // Issues the cp.async copies of stage `kb` (A rows, packed tiles, scales, su) into buffer `buf`.
-  // Chunks outside K / N / the expert's rows are zero-filled (src-size 0), so the MMA sees zeros.
+  // Issues the cp.async copies of stage `kb` (A rows, units, scales, su) into buffer `buf`.
+  // Chunks outside K / N / the expert's rows are zero-filled (src-size 0), so the MMA sees zeros
+  // (a zero scale or su makes the weights of padded k and n zero; padded units hold index 0).
   auto load_stage = [&](int buf, int kb) {
     const int k0 = kb * kBK;
     constexpr int kAChunks = kNumA * kBM * (kBK / 8) / kThreads;
@@ -268,11 +353,10 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], ok ? src + k : p.a[0],
                  ok ? 16 : 0);
     }
-    if (tile_src) {
-      const bool ok = kb * kKTiles + tile_kt < tiles_k;
-      cp_async16(tile_dst + buf * sizeof(s.packed[0]), ok ? tile_src + kb * tile_step : tile_src,
-                 ok ? 16 : 0);
-    }
+#pragma unroll
+    for (int i = 0; i < kUnitCopies; ++i)
+      if (unit_src[i])
+        cp_async16(unit_dst[i] + buf * (sizeof(s.units[0]) / 4), unit_src[i] + kb * unit_step[i], 16);
     if (meta_dst) {
       const bool is_scale = tid < kScaleChunks;
       const int k = k0 + meta_kt * (is_scale ? kTileDim : 8);
@@ -281,44 +365,34 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
                             : is_scale ? meta_src + static_cast<int64_t>(k / meta_group_size) * N
                                        : meta_src + k0;
       const size_t stage_halves = is_scale ? sizeof(s.scales[0]) / 2 : sizeof(s.su[0]) / 2;
-      if (is_scale || ok) cp_async16(meta_dst + buf * stage_halves, src, ok ? 16 : 0);
+      cp_async16(meta_dst + buf * stage_halves, src, ok ? 16 : 0);
     }
   };
 
-  // Decodes buffer `buf` (stage kb) into s.b[b_index]: row = output column, k contiguous.
-  // Thread: one column `col` of the block, tiles of K dec_kt (+ 2 with 256 threads).
-  constexpr int kDecodeColumns = kBN * kKTiles / kThreads;  // column words per thread: 2 or 1
-  const int dec_col = tid % kBN, dec_kt = tid / kBN;
-  const int dec_q = dec_col / kProjCols, dec_qcol = dec_col % kProjCols;
-  const int dec_bits = p.proj[dec_q].bits;
-  const bool dec_fold_su = p.fold_su[dec_q];
-  const bool dec_col_ok = n0 + dec_qcol < N;
-  auto decode_stage = [&](int buf, int kb, int b_index) {
-    auto columns = [&](auto bits_constant) {
-      constexpr int BITS = decltype(bits_constant)::value;
-#pragma unroll
-      for (int j = 0; j < kDecodeColumns; ++j) {
-        const int kt = dec_kt + (kThreads / kBN) * j;
-        uint32_t out[8];
-        if (dec_col_ok && kb * kKTiles + kt < tiles_k) {
-          decode_column<BITS>(s.packed[buf][dec_q][dec_qcol / kTileDim][kt], dec_qcol % kTileDim,
-                              s.grid_pairs[dec_q], h2f(s.scales[buf][dec_q][kt][dec_qcol]),
-                              dec_fold_su ? &s.su[buf][dec_q][kt * kTileDim] : nullptr, out);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) out[i] = 0;
-        }
-        uint4* dst = reinterpret_cast<uint4*>(&s.b[b_index][dec_col * kBStride + kt * kTileDim]);
-        dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
-        dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
-      }
-    };
-    switch (dec_bits) {  // uniform per warp (a warp's columns belong to one projection)
-      case 2: columns(std::integral_constant<int, 2>{}); break;
-      case 4: columns(std::integral_constant<int, 4>{}); break;
-      default: columns(std::integral_constant<int, 3>{}); break;
+  // Coefficients of stage `buf` into s.coef[cb] (one (k-tile, column) entry per thread and pass).
+  auto compute_coefs = [&](int buf, int cb) {
+    for (int i = tid; i < NUM_PROJ * kKTiles * kProjCols; i += kThreads) {
+      const int q = i / (kKTiles * kProjCols), kt = (i / kProjCols) % kKTiles, col = i % kProjCols;
+      const float scale = h2f(s.scales[buf][q][kt][col]);
+      const GridForm g = s.grid[q];
+      const float a = g.affine ? g.step * scale : scale, b = g.affine ? g.grid0 * scale : 0.0f;
+      s.coef[cb][q][kt][col] = make_uint2(pack_bf16(a, a), pack_bf16(b, b));
     }
   };
+
+  // The warp's two units: (projection, n-tile in the block).
+  int unit_q[2], unit_nt[2], unit_bits[2];
+  bool unit_affine[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    unit_q[u] = NUM_PROJ == 2 ? u : 0;
+    unit_nt[u] = NUM_PROJ == 2 ? warp_n : 2 * warp_n + u;
+    unit_bits[u] = p.proj[unit_q[u]].bits;
+    unit_affine[u] = s.grid[unit_q[u]].affine != 0;
+  }
+  const int g = lane >> 2, t = lane & 3;
+  // Row fragments of this warp that hold any valid row (the others are padding: no MMAs).
+  const int warp_row_frags = min(kMFrags, max(0, (rows_valid - warp_m * kWarpRows + 15) / 16));
 
   float acc[kMFrags][kNFrags][4];
 #pragma unroll
@@ -328,62 +402,113 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-  // Pipeline: copies run kStages-1 stages ahead; stage kb+1 is decoded in the same barrier
-  // interval as stage kb's MMAs (decode one ahead), so there is one barrier per K step.
-  const int num_kb = (K + kBK - 1) / kBK;
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < num_kb) load_stage(st, st);
-    cp_async_commit();
-  }
-  cp_async_wait<kStages - 2>();
-  __syncthreads();
-  decode_stage(0, 0, 0);
+  // This block's K range: split-K (p.k_splits > 1, atomic down epilogue only) gives each
+  // blockIdx.z a contiguous run of 64-deep steps.
+  const int total_kb = (K + kBK - 1) / kBK;
+  const int kb_per_split = (total_kb + p.k_splits - 1) / p.k_splits;
+  const int kb_begin = blockIdx.z * kb_per_split;
+  const int num_kb = min(total_kb - kb_begin, kb_per_split);  // this block's steps
+  if (num_kb <= 0) return;
 
-  for (int kb = 0; kb < num_kb; ++kb) {
-    const int buf = kb % kStages;
-    cp_async_wait<kStages - 3>();  // stage kb+1 landed (this thread's copies)
-    // All copies of stage kb+1 visible; stage kb decoded; every warp is done with the MMAs of
-    // stage kb-1, so its A buffer and decoded-B buffer may be overwritten.
-    __syncthreads();
-    {
-      const int next = kb + kStages - 1;
-      if (next < num_kb) load_stage(next % kStages, next);
-      cp_async_commit();
-    }
-    if (kb + 1 < num_kb) decode_stage((kb + 1) % kStages, kb + 1, (kb + 1) & 1);
-
+  // One K step's decode and MMAs. BITS_ALL = 2, 3, 4: every unit of this block has those bits and
+  // an affine grid (compile-time decode, no branches between the MMAs); 0: per-unit switches.
+  auto k_step = [&](auto bits_constant, int i) {
+    constexpr int BITS_ALL = decltype(bits_constant)::value;
+    const int buf = i % kStages, cb = i & 1;
+    uint32_t words[2][kMaxBits];
 #pragma unroll
-    for (int ks = 0; ks < kKTiles; ++ks) {
-      uint32_t afrag[kNumA][kMFrags][4];
+    for (int u = 0; u < 2; ++u)
 #pragma unroll
-      for (int which = 0; which < kNumA; ++which)
-#pragma unroll
-        for (int mf = 0; mf < kMFrags; ++mf) {
-          const int row = warp_m * kWarpRows + mf * 16 + (lane & 15);
-          ldmatrix_x4(afrag[which][mf],
-                      &s.a[buf][which][row * kAStride + ks * kTileDim + (lane >> 4) * 8]);
-        }
+      for (int w = 0; w < kMaxBits; ++w)
+        words[u][w] = w < (BITS_ALL ? BITS_ALL : unit_bits[u])
+                          ? s.units[buf][unit_q[u]][unit_nt[u]][w * 32 + lane]
+                          : 0u;
+    // Padding k-tiles of the last quad need no test: their A columns and scales are zero.
+    static_for(std::make_integer_sequence<int, kKTiles>{}, [&](auto ks_constant) {
+      constexpr int ks = decltype(ks_constant)::value;
       uint32_t bfrag[kNFrags][2];
 #pragma unroll
-      for (int q = 0; q < NUM_PROJ; ++q)
-#pragma unroll
-        for (int jj = 0; jj < kWarpNFrags / 2; ++jj) {
-          const int col = q * kProjCols + warp_n * kWarpCols + jj * 16 + (lane >> 4) * 8 + (lane & 7);
-          uint32_t r[4];
-          ldmatrix_x4(r, &s.b[kb & 1][col * kBStride + ks * kTileDim + ((lane >> 3) & 1) * 8]);
-          bfrag[q * kWarpNFrags + jj * 2][0] = r[0];
-          bfrag[q * kWarpNFrags + jj * 2][1] = r[1];
-          bfrag[q * kWarpNFrags + jj * 2 + 1][0] = r[2];
-          bfrag[q * kWarpNFrags + jj * 2 + 1][1] = r[3];
+      for (int u = 0; u < 2; ++u) {
+        const int q = unit_q[u], col = unit_nt[u] * kTileDim + g;
+        const uint2 cl = s.coef[cb][q][ks][col], cr = s.coef[cb][q][ks][col + 8];
+        uint32_t su_low = 0, su_high = 0;
+        if constexpr (kFoldSu) {
+          su_low = *reinterpret_cast<const uint32_t*>(&s.su[buf][q][ks * kTileDim + 2 * t]);
+          su_high = *reinterpret_cast<const uint32_t*>(&s.su[buf][q][ks * kTileDim + 2 * t + 8]);
         }
+        const uint32_t* lp = s.level_pairs[q];
+        if constexpr (BITS_ALL != 0) {
+          unit_b_fragments<BITS_ALL, ks>(words[u], true, lp, cl, cr, kFoldSu, su_low, su_high,
+                                         bfrag[2 * u], bfrag[2 * u + 1]);
+        } else {
+          switch (unit_bits[u]) {
+            case 2:
+              unit_b_fragments<2, ks>(words[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
+                                      su_high, bfrag[2 * u], bfrag[2 * u + 1]);
+              break;
+            case 4:
+              unit_b_fragments<4, ks>(words[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
+                                      su_high, bfrag[2 * u], bfrag[2 * u + 1]);
+              break;
+            default:
+              unit_b_fragments<3, ks>(words[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
+                                      su_high, bfrag[2 * u], bfrag[2 * u + 1]);
+              break;
+          }
+        }
+      }
 #pragma unroll
-      for (int mf = 0; mf < kMFrags; ++mf)
+      for (int mf = 0; mf < kMFrags; ++mf) {
+        if (mf >= warp_row_frags) break;
+        uint32_t afrag[kNumA][4];
+        const int row = warp_m * kWarpRows + mf * 16 + (lane & 15);
+#pragma unroll
+        for (int which = 0; which < kNumA; ++which)
+          ldmatrix_x4(afrag[which], &s.a[buf][which][row * kAStride + ks * kTileDim + (lane >> 4) * 8]);
 #pragma unroll
         for (int nf = 0; nf < kNFrags; ++nf)
-          mma_bf16(acc[mf][nf], afrag[SEPARATE_A ? nf / kWarpNFrags : 0][mf], bfrag[nf][0],
-                   bfrag[nf][1]);
+          mma_bf16(acc[mf][nf], afrag[SEPARATE_A ? nf / kWarpNFrags : 0], bfrag[nf][0], bfrag[nf][1]);
+      }
+    });
+  };
+
+  // Pipeline: copies run kStages-1 stages ahead; the coefficients of stage i+1 are computed in
+  // the same barrier interval as stage i's decode and MMAs, so there is one barrier per K step.
+  // Buffers are indexed by the local step i; load_stage takes the global step kb_begin + i.
+  auto main_loop = [&](auto bits_constant) {
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (st < num_kb) load_stage(st, kb_begin + st);
+      cp_async_commit();
     }
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    compute_coefs(0, 0);
+    for (int i = 0; i < num_kb; ++i) {
+      cp_async_wait<kStages - 3>();  // stage i+1 landed (this thread's copies)
+      // All copies of stage i+1 visible; stage i's coefficients visible; every warp is done with
+      // stage i-1, so its buffers (and coefficient buffer (i-1) & 1) may be overwritten.
+      __syncthreads();
+      {
+        const int next = i + kStages - 1;
+        if (next < num_kb) load_stage(next % kStages, kb_begin + next);
+        cp_async_commit();
+      }
+      if (i + 1 < num_kb) compute_coefs((i + 1) % kStages, (i + 1) & 1);
+      k_step(bits_constant, i);
+    }
+  };
+  // One decode variant for the whole block: all units share bits and have affine grids (the
+  // common case, and the fast one), or the general per-unit switch.
+  int common_bits = unit_bits[0];
+#pragma unroll
+  for (int q = 0; q < NUM_PROJ; ++q)
+    if (p.proj[q].bits != common_bits || !s.grid[q].affine) common_bits = 0;
+  switch (common_bits) {
+    case 2: main_loop(std::integral_constant<int, 2>{}); break;
+    case 3: main_loop(std::integral_constant<int, 3>{}); break;
+    case 4: main_loop(std::integral_constant<int, 4>{}); break;
+    default: main_loop(std::integral_constant<int, 0>{}); break;
   }
   cp_async_wait<0>();
 
@@ -407,8 +532,12 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
             const uint16_t* svg = p.proj[0].sv + static_cast<int64_t>(expert) * N;
             const uint16_t* svu = p.proj[1].sv + static_cast<int64_t>(expert) * N;
             const float g0 = v0 * h2f(svg[n]), g1 = v1 * h2f(svg[n + 1]);
-            const float h0 = silu(g0) * u0 * h2f(svu[n]);
-            const float h1 = silu(g1) * u1 * h2f(svu[n + 1]);
+            float h0 = silu(g0) * u0 * h2f(svu[n]);
+            float h1 = silu(g1) * u1 * h2f(svu[n + 1]);
+            if (p.h_su) {  // down's su: h . su_d is down's A operand
+              h0 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n]);
+              h1 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n + 1]);
+            }
             *reinterpret_cast<uint32_t*>(&p.h[r * N + n]) = pack_bf16(h0, h1);
           } else {
             *reinterpret_cast<float2*>(&p.g_raw[r * N + n]) = make_float2(v0, v1);
@@ -658,6 +787,21 @@ int tile_rows_for(const GroupedMoeArgs& a) {
   return pairs >= 256 * a.gate.experts && huge_fits ? kHugeRows : kMidRows;
 }
 
+// Split-K for down (atomic combine only: the partial sums meet in the float atomics): when the
+// column blocks x row tiles fill fewer than two waves of blocks, e.g. mixtral at 128 tokens
+// (8 experts x 32 column blocks of H = 4096), each block would stream a whole K = 14336 alone.
+int down_k_splits(const GroupedMoeArgs& a, int tile_rows, int64_t max_items) {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  const int64_t slots = int64_t{sms} * blocks_per_sm_for(tile_rows);
+  const int64_t blocks = ceil_div(a.down.N, kBN) * max_items;
+  const int64_t steps = ceil_div(a.down.K, kBK);
+  int splits = 1;
+  while (splits < 8 && blocks * splits < 2 * slots && steps >= 16 * splits) splits *= 2;
+  return splits;
+}
+
 // Workspace carve-up; the same function sizes and places the buffers.
 struct Workspace {
   int32_t* items = nullptr;
@@ -671,7 +815,7 @@ struct Workspace {
   float* u_raw = nullptr;
   float* rows = nullptr;            // [pairs, H] fixed-order combine / Hadamard path
   float* out_acc = nullptr;         // [T, H]   atomic combine into a 16-bit output
-  __nv_bfloat16* su16[3] = {};      // gate, up, down su as bf16 (hadamard = 0)
+  __nv_bfloat16* su16[2] = {};      // gate, up su as bf16 (hadamard = 0; down's is folded into h)
   size_t bytes = 0;
 };
 
@@ -704,7 +848,6 @@ Workspace carve(const GroupedMoeArgs& a, uint8_t* base) {
     const int64_t E = a.gate.experts;
     take(w.su16[0], E * H);
     take(w.su16[1], E * H);
-    take(w.su16[2], E * I);
   }
   w.bytes = (at + 255) / 256 * 256;
   return w;
@@ -726,10 +869,12 @@ void validate_projection(const DeviceProjection& w, const char* name, bool check
       bad(n + ": Hadamard block " + std::to_string(b) + " must be a power of two dividing K and N");
   }
   if (!check_pointers) return;
-  if (!w.tiles || !w.scales || !w.su || !w.sv || !w.grid) bad(n + ": null device pointer");
-  if (!aligned16(w.tiles) || !aligned16(w.scales) || !aligned16(w.su) ||
-      w.expert_stride % 16 || w.k_tile_stride % 16 || w.n_tile_stride % 16)
-    bad(n + ": tiles, scales and su must be 16-byte aligned and tile strides multiples of 16");
+  if (!w.units || !w.scales || !w.su || !w.sv || !w.grid) bad(n + ": null device pointer");
+  if (!aligned16(w.units) || !aligned16(w.scales) || !aligned16(w.su))
+    bad(n + ": units, scales and su must be 16-byte aligned");
+  if (w.quads != quads_of(w.K))
+    bad(n + ": quads is " + std::to_string(w.quads) + ", expected " + std::to_string(quads_of(w.K)) +
+        " (fragment layout of K = " + std::to_string(w.K) + ")");
 }
 
 void validate(const GroupedMoeArgs& a, bool check_pointers) {
@@ -772,7 +917,8 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
                "cudaFuncSetAttribute");
     configured = true;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items),
+                  static_cast<unsigned>(p.k_splits));
   grouped_gemm<NUM_PROJ, SEPARATE_A, BM><<<grid, threads_for(BM), smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
@@ -826,6 +972,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.order = a.order;
   p.probs = a.probs;
   p.top_k = a.top_k;
+  p.k_splits = 1;
   // Launches grouped_gemm<NUM_PROJ, false, tile_rows>.
   auto launch = [&](auto num_proj) {
     constexpr int kNumProj = decltype(num_proj)::value;
@@ -850,9 +997,8 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     }
     p.a[0] = p.a[1] = x16;
     p.gather_tokens = true;
-    p.fold_su[0] = p.fold_su[1] = true;
-    const DeviceProjection* projections[3] = {&a.gate, &a.up, &a.down};
-    for (int q = 0; q < 3; ++q) {
+    const DeviceProjection* projections[2] = {&a.gate, &a.up};
+    for (int q = 0; q < 2; ++q) {
       const int64_t count = projections[q]->experts * projections[q]->K;
       su_to_bf16<<<elementwise_blocks(count), 256, 0, stream>>>(projections[q]->su, count,
                                                                 ws.su16[q]);
@@ -862,6 +1008,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.su16[1] = ws.su16[1];
     p.epilogue = kSwiglu;
     p.h = ws.h;
+    p.h_su = a.down.su;
     launch(std::integral_constant<int, 2>{});
   } else {
     const size_t row_bytes = H * sizeof(float);
@@ -872,7 +1019,6 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.a[0] = ws.a_gate;
     p.a[1] = ws.a_up;
     p.gather_tokens = false;
-    p.fold_su[0] = p.fold_su[1] = false;
     p.epilogue = kRawPair;
     p.g_raw = ws.g_raw;
     p.u_raw = ws.u_raw;
@@ -889,10 +1035,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.proj[1] = DeviceProjection{};
   p.a[0] = p.a[1] = ws.h;
   p.gather_tokens = false;
-  p.fold_su[0] = !hadamard;
-  p.fold_su[1] = false;
-  p.su16[0] = ws.su16[2];
-  p.su16[1] = nullptr;
+  p.su16[0] = p.su16[1] = nullptr;  // down's su is in h (or applied by the Hadamard path)
   p.K = I;
   p.N = H;
   if (!fixed_order) {
@@ -900,6 +1043,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     check_cuda(cudaMemsetAsync(acc, 0, T * H * sizeof(float), stream), "memset");
     p.epilogue = kAtomic;
     p.out_acc = acc;
+    p.k_splits = down_k_splits(a, tile_rows, max_items);
     launch(std::integral_constant<int, 1>{});
     if (a.out_dtype != DType::f32) {
       convert_from_f32<<<elementwise_blocks(T * H), 256, 0, stream>>>(acc, T * H, a.out,

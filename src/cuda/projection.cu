@@ -502,6 +502,18 @@ inline constexpr int kUnitsInFlight = TMOE_MMA_UNITS_IN_FLIGHT;
 // Blocks per SM the launch bounds ask for (registers): 3 for 4-row items, 2 for 8 and 16.
 TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? TMOE_MMA_MIN_BLOCKS : 2; }
 
+// One 32-bit word of a unit (read-only, streamed once). TMOE_MMA_L2_256: with the L2::256B prefetch
+// hint (each 128-byte warp request also brings the next 128 bytes of the warp's stream into L2).
+__device__ __forceinline__ uint32_t load_unit_word(const uint32_t* p) {
+#if defined(TMOE_MMA_L2_256) && TMOE_MMA_L2_256
+  uint32_t v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+#else
+  return __ldg(p);
+#endif
+}
+
 // d += a . b, m16n8k16, bf16 operands, fp32 accumulators.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
@@ -559,7 +571,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   for (int d = 0; d < kUnitsInFlight; ++d)
     if (active && d < quads)
 #pragma unroll
-      for (int v = 0; v < BITS; ++v) ring[d][v] = __ldg(units + d * kUnitWords + v * 32);
+      for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + d * kUnitWords + v * 32);
 
   // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
   stage_activations(a, w, item, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
@@ -653,7 +665,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
         for (int v = 0; v < BITS; ++v) words[v] = ring[d][v];
         if (q + kUnitsInFlight < quads)
 #pragma unroll
-          for (int v = 0; v < BITS; ++v) ring[d][v] = __ldg(units + (q + kUnitsInFlight) * kUnitWords + v * 32);
+          for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + (q + kUnitsInFlight) * kUnitWords + v * 32);
         uint32_t pairs[16];
         decode_unit_pairs<BITS>(words, pairs);
 #pragma unroll

@@ -39,9 +39,10 @@ constexpr int kBN = 128, kBK = 64;
 constexpr int kSmallRows = 32, kMidRows = 128, kHugeRows = 256;
 constexpr int threads_for(int rows) { return rows == kHugeRows ? 256 : 128; }
 constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : rows == kSmallRows ? 4 : 2; }
-// cp.async stages in flight: 4 where one block owns the SM (more latency to cover per block), 3
-// where two blocks share it (two blocks' shared memory must fit in 227 KB).
-constexpr int stages_for(int rows) { return rows == kHugeRows ? 4 : 3; }
+// cp.async stages in flight: 4 for every height (3 ahead). Tiles with few valid rows (small T)
+// are bound by the latency of their weight stream, not by issue: more bytes in flight per SM.
+// Shared memory: 32 rows ~50 KB x 4 blocks, 128 rows ~107 KB x 2, 256 rows ~180 KB x 1 per SM.
+constexpr int stages_for(int) { return 4; }
 constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
@@ -349,9 +350,11 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       const int which = c / (kBM * (kBK / 8)), row = (c / (kBK / 8)) % kBM;
       const int k = k0 + (c % (kBK / 8)) * 8;
       const __nv_bfloat16* src = s.a_src[which][row];
-      const bool ok = src != nullptr && k < K;
-      cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], ok ? src + k : p.a[0],
-                 ok ? 16 : 0);
+      // Padding rows are not copied at all: an output row depends only on its own A row, and
+      // the epilogue never stores padding rows (row fragments without valid rows skip the MMAs).
+      if (src == nullptr) continue;
+      cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], k < K ? src + k : p.a[0],
+                 k < K ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < kUnitCopies; ++i)

@@ -374,7 +374,11 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 
   // Coefficients of stage `buf` into s.coef[cb] (one (k-tile, column) entry per thread and pass).
   auto compute_coefs = [&](int buf, int cb) {
-    for (int i = tid; i < NUM_PROJ * kKTiles * kProjCols; i += kThreads) {
+    constexpr int kEntries = NUM_PROJ * kKTiles * kProjCols;
+    static_assert(kEntries % kThreads == 0);
+#pragma unroll  // independent entries: loads of all passes in flight together
+    for (int pass = 0; pass < kEntries / kThreads; ++pass) {
+      const int i = tid + pass * kThreads;
       const int q = i / (kKTiles * kProjCols), kt = (i / kProjCols) % kKTiles, col = i % kProjCols;
       const float scale = h2f(s.scales[buf][q][kt][col]);
       const GridForm g = s.grid[q];

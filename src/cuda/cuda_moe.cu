@@ -1,4 +1,6 @@
-// CudaMoe: upload, workspace plan and the four launches of forward().
+// CudaMoe: upload, workspace plan and the launches of forward(): routing, gate+up pass, down pass
+// (with the combine fused into its finish), each a programmatic dependent of the one before
+// (launch.hpp), or routing and the grouped path.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -60,6 +62,12 @@ void check_projection(const TrellisTensor& t, const char* name) {
 }
 
 size_t align_up(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
+
+// A pass is chained to the kernel before it (programmatic dependent launch, launch.hpp; items from
+// the ids, pass_routing.cuh) when its grid is at most this many waves of resident blocks. Measured
+// on H100 (docs/notes-cuda.md, "Latency"): chaining every pass saved 5 us at qwen3 1-2 tokens (one
+// wave) but made many-wave passes slower (mixtral 8 tokens, ~50 waves: 871 -> 1015 us).
+constexpr int64_t kChainMaxWaves = 1;
 
 // Launch geometry and workspace layout of one forward call; a function of (T, k) and the shape
 // only, so a captured graph replays the same launches.
@@ -202,7 +210,10 @@ struct CudaMoe::Impl {
     f.down = plan_pass(down, 1, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, busy,
                        f.tokens_per_item, occupancy);
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
-    f.num_counters = f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups);
+    // Finish counters per (item, finish group) of each pass, then the fused combine's per (token,
+    // finish group of the down pass).
+    f.num_counters = f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups) +
+                     tokens * f.down.num_finish_groups;
     size_t at = 0;
     auto take = [&](size_t bytes) {
       const size_t here = at;
@@ -237,26 +248,6 @@ struct CudaMoe::Impl {
     return f;
   }
 };
-
-namespace {
-
-// out[t] = sum_j p[t,j] * y[inverse[t,j]] in slot order (deterministic), converted to out_dtype.
-__global__ void combine_kernel(const float* __restrict__ y, const int32_t* __restrict__ inverse,
-                               const float* __restrict__ probs, int64_t tokens, int top_k, int64_t H, void* out,
-                               DType out_dtype) {
-  for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y)
-  for (int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; n < H;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float sum = 0.0f;
-    for (int j = 0; j < top_k; ++j) {
-      const int32_t pos = inverse[t * top_k + j];
-      if (pos >= 0) sum = fmaf(probs[t * top_k + j], y[static_cast<int64_t>(pos) * H + n], sum);
-    }
-    store_from_float(out, t * H + n, out_dtype, sum);
-  }
-}
-
-}  // namespace
 
 CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : impl_(std::make_unique<Impl>()) {
   weights.validate();
@@ -334,7 +325,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   r.items = at(f.items);
   r.num_items = at(f.num_items);
   r.counters = at(f.counters);
-  r.num_counters = f.num_counters;
+  r.num_counters = f.grouped ? 0 : f.num_counters;  // only the decode passes count arrivals
   r.error = m.error;
   launch_routing(b.expert_ids, b.tokens, b.top_k, m.shape.experts, f.tokens_per_item, r, stream);
 
@@ -374,6 +365,18 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   gu.partial = at_f(f.partial_gate_up);
   gu.counters = r.counters;
   gu.dst = at_f(f.h);
+  gu.routing.experts = static_cast<int>(m.shape.experts);
+  gu.routing.tokens_per_item = f.tokens_per_item;
+  // One-wave passes start while the kernel before drains; with few pairs their blocks derive their
+  // work items from the ids, so they need the routing kernel's plan only for the finish counters.
+  auto chain = [&](PassArgs& a, const PassPlan& p, bool affine) {
+    const int64_t blocks = f.max_items * p.col_groups * a.nproj * p.k_splits;
+    const int64_t at_once =
+        static_cast<int64_t>(m.occupancy.blocks_per_sm(f.tokens_per_item, affine, p.shared)) * m.occupancy.sms;
+    a.routing.programmatic = blocks <= kChainMaxWaves * at_once;
+    a.routing.expert_ids = a.routing.programmatic && f.pairs <= kLocalPlanMaxPairs ? b.expert_ids : nullptr;
+  };
+  chain(gu, f.gate_up, m.gate_pass.affine && m.up_pass.affine);
   launch_projection_pass(gu, f.tokens_per_item, f.max_items, f.gate_up.shared, stream);
 
   PassArgs dn = gu;
@@ -392,13 +395,16 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   dn.partial = at_f(f.partial_down);
   dn.counters = r.counters + f.max_items * f.gate_up.num_finish_groups;
   dn.dst = at_f(f.y);
+  dn.combine.out = b.out;
+  dn.combine.out_dtype = b.out_dtype;
+  dn.combine.probs = b.expert_probs;
+  dn.combine.expert_ids = b.expert_ids;
+  dn.combine.inverse = r.inverse;
+  dn.combine.counters = dn.counters + f.max_items * f.down.num_finish_groups;
+  dn.combine.tokens = b.tokens;
+  dn.combine.experts = static_cast<int>(m.shape.experts);
+  chain(dn, f.down, m.down_pass.affine != 0);
   launch_projection_pass(dn, f.tokens_per_item, f.max_items, f.down.shared, stream);
-
-  const int threads = 256;
-  const dim3 grid(static_cast<unsigned>(ceil_div(m.shape.hidden, threads)), static_cast<unsigned>(std::min<int64_t>(b.tokens, 65535)));
-  combine_kernel<<<grid, threads, 0, stream>>>(at_f(f.y), r.inverse, b.expert_probs, b.tokens, b.top_k,
-                                               m.shape.hidden, b.out, b.out_dtype);
-  TMOE_CUDA_CHECK(cudaGetLastError());
 }
 
 void CudaMoe::check_errors() const {

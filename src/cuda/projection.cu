@@ -259,13 +259,24 @@ __device__ __forceinline__ void stream_rows_impl(const StreamArgs& a, float (&to
     for (int t = 0; t < TC; ++t) total[c][t] = t < ROWS ? part[c][t < ROWS ? t : 0] : 0.0f;
 }
 
+static_assert(kMaxItemTokens <= kMaxPassItemPairs && kLocalPlanMaxPairs <= kProjThreads,
+              "pass_routing.cuh: a block's item holds up to kMaxItemTokens pairs; one thread per pair");
+
 template <int TC, bool AFFINE>
 __global__ void __launch_bounds__(kProjThreads, TC == 1 ? 6 : TC == 2 ? 4 : 3)  // blocks per SM
 projection_kernel(const __grid_constant__ PassArgs a) {
+  // Launched as a dependent (launch.hpp): the next kernel may place its blocks as ours finish.
+  allow_dependents();
   const int item_index = blockIdx.x;
-  if (item_index >= *a.num_items) return;
-  const int32_t* item = a.items + static_cast<int64_t>(item_index) * kWorkItemInts;
-  const int expert = item[0], first = item[1], count = item[2];
+  __shared__ PassItem item;
+  find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), item_index, item);
+  if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
+    zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, item_index, gridDim.x);
+  if (item.count == 0) {
+    wait_for_predecessor();  // launch.hpp's rule: no block exits before its predecessor is done
+    return;
+  }
+  const int expert = item.expert, first = item.first, count = item.count;
   const int col_group = blockIdx.y;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
   const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
@@ -307,6 +318,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
   const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
   const uint16_t* su = w.su + static_cast<int64_t>(expert) * K;
+  if (!a.src_by_token) wait_for_predecessor();  // rows by position: h, written by the gate+up pass
   for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
     const int t = i / kr, kt = i - t * kr;
     float v[kTileDim];
@@ -314,7 +326,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     for (int j = 0; j < kTileDim; ++j) v[j] = 0.0f;
     if (t < count && kt < k_tiles) {
       const int64_t pos = first + t;
-      const int64_t row = a.src_by_token ? a.order[pos] / a.top_k : pos;
+      const int64_t row = a.src_by_token ? item.pair[t] / a.top_k : pos;
       const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
 #pragma unroll
       for (int j = 0; j < kTileDim; ++j)
@@ -391,6 +403,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   const int groups_per_finish = a.finish_groups_cols / kColsPerBlock;
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
+  wait_for_predecessor();  // the routing kernel zeroed the counters
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -432,13 +445,16 @@ projection_kernel(const __grid_constant__ PassArgs a) {
     }
     a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
   }
+  if (a.combine.out != nullptr)
+    combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
 }
 
 template <int TC, bool AFFINE>
 void launch_one(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  projection_kernel<TC, AFFINE><<<grid, kProjThreads, shared_bytes, stream>>>(args);
+  launch_dependent(projection_kernel<TC, AFFINE>, grid, dim3(kProjThreads), shared_bytes, stream,
+                   args.routing.programmatic != 0, args);
 }
 
 template <int TC, bool AFFINE>

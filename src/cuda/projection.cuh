@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "device_weights.cuh"
+#include "pass_routing.cuh"
 #include "routing.hpp"
 #include "tmoe/half.hpp"
 
@@ -65,6 +66,8 @@ struct PassArgs {
   float* partial = nullptr;     // [nproj][k_splits][P][N]
   int32_t* counters = nullptr;  // [max items][num_finish_groups]
   float* dst = nullptr;         // [P][N]: h for gate+up, the pair outputs for down
+  PassRouting routing;          // where blocks find their work item (pass_routing.cuh)
+  PassCombine combine;          // down pass: the combine over each token's slots, fused
 };
 
 // Shared memory (floats) the pass needs for `tokens` rows per item.

@@ -2,9 +2,15 @@
 // offsets (block scan), the stable order (one warp walks the pairs in order, 32 at a time, ranking
 // equal ids with __match_any_sync), and the work items (a second scan over per-expert chunk
 // counts). Pairs per forward are small (T * k), so one block is plenty and saves launches.
+//
+// It is the first kernel of a forward and is launched as a programmatic dependent (launch.hpp): it
+// waits for whatever ran before it on the stream (the caller's producer of x and the ids, or the
+// previous forward, which may still use this workspace) and only then lets the passes launch, so
+// they may read x and the ids before their own wait.
 #include <climits>
 
 #include "cuda_check.hpp"
+#include "launch.hpp"
 #include "routing.hpp"
 
 namespace tmoe::cuda {
@@ -55,6 +61,8 @@ routing_kernel(const int32_t* __restrict__ ids, int pairs, int top_k, int expert
   int* cursor = item_offsets + experts;  // [E]: pairs placed so far (stable placement)
   int* warp_sums = cursor + experts;     // [32]
 
+  wait_for_predecessor();
+  allow_dependents();
   for (int e = threadIdx.x; e <= experts; e += kRoutingThreads) {
     offsets[e] = 0;
     if (e < experts) cursor[e] = 0;
@@ -133,9 +141,8 @@ void launch_routing(const int32_t* expert_ids, int64_t tokens, int top_k, int ex
   if (shared > 48 * 1024)
     TMOE_CUDA_CHECK(cudaFuncSetAttribute(routing_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(shared)));
-  routing_kernel<<<1, kRoutingThreads, shared, stream>>>(expert_ids, static_cast<int>(pairs), top_k,
-                                                          experts, tokens_per_item, out);
-  TMOE_CUDA_CHECK(cudaGetLastError());
+  launch_dependent(routing_kernel, dim3(1), dim3(kRoutingThreads), shared, stream, true, expert_ids,
+                   static_cast<int>(pairs), top_k, experts, tokens_per_item, out);
 }
 
 }  // namespace tmoe::cuda

@@ -38,7 +38,9 @@ struct RoutingOutputs {
 inline constexpr int kMaxRoutingExperts = 4096;
 
 // Builds the plan for expert_ids [tokens, top_k] on `stream` (one block). Ids of -1 are skipped;
-// other ids outside [0, experts) are skipped and counted in `error`.
+// other ids outside [0, experts) are skipped and counted in `error`. Launched as a programmatic
+// dependent (launch.hpp): kernels after it on the stream may start before it ends, and must wait
+// for it (wait_for_predecessor) before they read its outputs or the counters.
 void launch_routing(const int32_t* expert_ids, int64_t tokens, int top_k, int experts,
                     int tokens_per_item, const RoutingOutputs& out, cudaStream_t stream);
 

@@ -1,0 +1,179 @@
+// What a projection-pass block needs from the routing, and the combine fused into the down pass.
+//
+// Work item of a block: for small batches (at most kLocalPlanMaxPairs routed pairs) every block
+// derives its own item straight from expert_ids, so the gate+up pass need not wait for the routing
+// kernel before it prefetches weights and stages activations (it waits only before its finish
+// counters, which the routing kernel zeroes), and the down pass prefetches its weights while the
+// gate+up pass drains. The derivation gives exactly the routing kernel's plan (routing.cu): pairs in
+// stable order by expert, work items = chunks of tokens_per_item consecutive pairs of one expert,
+// numbered expert by expert. Larger batches read the routing kernel's items after waiting for it.
+//
+// Combine: the down pass's finishing block of (item, finish group) has written its pairs' outputs y
+// for that group's columns; per (token, finish group) an integer counter counts the token's routed
+// pairs done, and the block that completes a token sums its k slots in slot order (a fixed order:
+// bitwise repeatable) into the output, converted to the output dtype.
+#pragma once
+
+#include <cstdint>
+
+#include "launch.hpp"
+#include "routing.hpp"
+#include "tmoe/half.hpp"
+
+namespace tmoe::cuda {
+
+// Largest pair count (tokens x top_k) for which pass blocks derive their item from the ids: each
+// thread of the block ranks one pair against all others in shared memory, so it must not exceed
+// the block's threads, and the two O(pairs) loops per thread stay well under a microsecond.
+inline constexpr int kLocalPlanMaxPairs = 64;
+// Most pairs in one work item (the passes' kMaxItemTokens must not exceed it).
+inline constexpr int kMaxPassItemPairs = 4;
+
+// How a pass is launched and where its blocks find their work item. The routing kernel's plan
+// (items, num_items, order) is read when expert_ids is null.
+struct PassRouting {
+  const int32_t* expert_ids = nullptr;  // [pairs]: derive items from the ids (pairs <= kLocalPlanMaxPairs)
+  int experts = 0;
+  int tokens_per_item = 1;
+  int programmatic = 0;  // launched as a programmatic dependent of the kernel before (launch.hpp)
+};
+
+// Set on the down pass (out non-null): its finishing blocks also combine the k slots of each token.
+struct PassCombine {
+  void* out = nullptr;                  // [tokens][H] in out_dtype
+  DType out_dtype = DType::f32;
+  const float* probs = nullptr;         // [tokens][top_k]
+  const int32_t* expert_ids = nullptr;  // [tokens][top_k]: which slots are routed
+  const int32_t* inverse = nullptr;     // [tokens][top_k]: position of the slot's pair, -1 skipped
+  int32_t* counters = nullptr;          // [tokens][finish groups], zeroed by the routing kernel
+  int64_t tokens = 0;
+  int experts = 0;
+};
+
+// A block's work item: `count` (0: the block has none) pairs of `expert` at positions first ..
+// first + count - 1 of the stable order; pair[t] = the (token * top_k + slot) index of position first + t.
+struct PassItem {
+  int expert, first, count;
+  int pair[kMaxPassItemPairs];
+};
+
+// Fills `item` (shared memory) for work item `item_index`; every thread of the block calls it and
+// sees the result. Needs blockDim.x >= kLocalPlanMaxPairs when routing.expert_ids is set.
+__device__ inline void find_pass_item(const PassRouting& routing, const int32_t* items, const int32_t* num_items,
+                                      const int32_t* order, int pairs, int item_index, PassItem& item) {
+  __shared__ int ids[kLocalPlanMaxPairs];     // routed ids, -1 for skipped slots
+  __shared__ int chunks[kLocalPlanMaxPairs];  // at an expert's first pair: its item count
+  if (threadIdx.x == 0) item.count = 0;
+  if (routing.expert_ids == nullptr) {  // the routing kernel's plan
+    wait_for_predecessor();
+    if (threadIdx.x == 0 && item_index < *num_items) {
+      const int32_t* it = items + static_cast<int64_t>(item_index) * kWorkItemInts;
+      item.expert = it[0];
+      item.first = it[1];
+      item.count = it[2];
+      for (int t = 0; t < item.count; ++t) item.pair[t] = order[item.first + t];
+    }
+    __syncthreads();
+    return;
+  }
+  const int p = threadIdx.x, m = routing.tokens_per_item;
+  int id = -1;
+  if (p < pairs) {
+    id = routing.expert_ids[p];
+    if (id < 0 || id >= routing.experts) id = -1;  // skipped (bad ids are flagged by the routing kernel)
+    ids[p] = id;
+  }
+  __syncthreads();
+  int before = 0, same = 0, same_before = 0;  // routed pairs of smaller experts; of this one; of it before p
+  if (id >= 0) {
+#pragma unroll 4
+    for (int q = 0; q < pairs; ++q) {
+      const int v = ids[q];
+      before += v >= 0 && v < id;
+      same += v == id;
+      same_before += v == id && q < p;
+    }
+    chunks[p] = same_before == 0 ? (same + m - 1) / m : 0;
+  }
+  __syncthreads();
+  if (id >= 0) {
+    int items_before = 0;  // items of the smaller experts
+#pragma unroll 4
+    for (int q = 0; q < pairs; ++q) {
+      const int v = ids[q];
+      if (v >= 0 && v < id) items_before += chunks[q];
+    }
+    const int chunk = same_before / m;
+    if (items_before + chunk == item_index) {
+      const int t = same_before - chunk * m;
+      item.pair[t] = p;
+      if (t == 0) {
+        item.expert = id;
+        item.first = before + same_before;
+        item.count = min(m, same - same_before);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// True when token `token` has at least one routed slot (called by one thread).
+__device__ inline int routed_slots(const PassCombine& c, int64_t token, int top_k) {
+  int routed = 0;
+  for (int j = 0; j < top_k; ++j) {
+    const int id = c.expert_ids[token * top_k + j];
+    routed += id >= 0 && id < c.experts;
+  }
+  return routed;
+}
+
+// Output rows of tokens with no routed slot are zero; no finishing block would write them. The
+// blocks of one column group and split share the tokens (block b takes tokens b, b + stride, ...).
+__device__ inline void zero_unrouted_rows(const PassCombine& c, int top_k, int64_t H, int block, int stride) {
+  __shared__ int unrouted;
+  for (int64_t token = block; token < c.tokens; token += stride) {
+    __syncthreads();  // the previous token's `unrouted` is read by all
+    if (threadIdx.x == 0) unrouted = routed_slots(c, token, top_k) == 0;
+    __syncthreads();
+    if (unrouted)
+      for (int64_t n = threadIdx.x; n < H; n += blockDim.x) store_from_float(c.out, token * H + n, c.out_dtype, 0.0f);
+  }
+}
+
+// Called by every thread of a down-pass finishing block after it wrote y[first + t][col0 .. col0 +
+// cols) for its item's pairs: counts them per token and finish group, and the block completing a
+// token writes out[token][col0 .. col0 + cols) = sum over its slots j in order of probs * y[inverse].
+__device__ inline void combine_completed_tokens(const PassCombine& c, const PassItem& item, int top_k,
+                                                const float* y, int64_t H, int finish_group,
+                                                int num_finish_groups, int64_t col0, int cols) {
+  __shared__ int complete[kMaxPassItemPairs];  // token completed by this block, or -1
+  __threadfence();  // this block's y is visible before its counts are
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int t = 0; t < kMaxPassItemPairs; ++t) {
+      complete[t] = -1;
+      if (t >= item.count) continue;
+      const int token = item.pair[t] / top_k;
+      const int done =
+          atomicAdd(&c.counters[static_cast<int64_t>(token) * num_finish_groups + finish_group], 1);
+      if (done == routed_slots(c, token, top_k) - 1) complete[t] = token;
+    }
+  }
+  __syncthreads();
+  for (int t = 0; t < kMaxPassItemPairs; ++t) {
+    const int token = complete[t];
+    if (token < 0) continue;
+    __threadfence();
+    const int64_t slot0 = static_cast<int64_t>(token) * top_k;
+    for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+      float sum = 0.0f;
+      for (int j = 0; j < top_k; ++j) {
+        const int32_t pos = c.inverse[slot0 + j];
+        if (pos >= 0) sum = fmaf(c.probs[slot0 + j], __ldcg(&y[pos * H + col0 + col]), sum);
+      }
+      store_from_float(c.out, token * H + col0 + col, c.out_dtype, sum);
+    }
+  }
+}
+
+}  // namespace tmoe::cuda

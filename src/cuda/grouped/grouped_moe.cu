@@ -39,9 +39,10 @@ constexpr int kBN = 128, kBK = 64;
 constexpr int kSmallRows = 32, kMidRows = 128, kHugeRows = 256;
 constexpr int threads_for(int rows) { return rows == kHugeRows ? 256 : 128; }
 constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : rows == kSmallRows ? 4 : 2; }
-// cp.async stages in flight: 4 where one block owns the SM (more latency to cover per block), 3
-// where two blocks share it (two blocks' shared memory must fit in 227 KB).
-constexpr int stages_for(int rows) { return rows == kHugeRows ? 4 : 3; }
+// cp.async stages in flight: 4 for every height (3 ahead). Tiles with few valid rows (small T)
+// are bound by the latency of their weight stream, not by issue: more bytes in flight per SM.
+// Shared memory: 32 rows ~50 KB x 4 blocks, 128 rows ~107 KB x 2, 256 rows ~180 KB x 1 per SM.
+constexpr int stages_for(int) { return 4; }
 constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
@@ -114,10 +115,14 @@ __device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(__usho
 
 // ---- shared memory of grouped_gemm ----------------------------------------------------------
 // How a projection's codebook maps to weights (read from the device grid once per block):
-// affine grids (grid[i] = grid0 + step * i, the default) decode an index straight into bf16 and
-// take one HFMA2 with (step * scale, grid0 * scale); other grids look the pair of levels up.
+// affine grids (grid[i] = grid0 + step * i, the default) decode an index straight into bf16,
+// centre it (i - c, c = (2^bits - 1) / 2: exact in bf16) and take one HFMA2 with
+// (step * scale, center * scale), center = grid0 + c * step (0 for symmetric grids). Centring
+// matters for accuracy: with (step * scale, grid0 * scale) the bf16 rounding of both
+// coefficients adds up to ~(|idx| + |grid0 / step|) * 2^-9 per weight, ~2.5x a bf16 weight's.
+// Other grids look the pair of levels up.
 struct GridForm {
-  float grid0, step;
+  float center, step;
   int affine;
 };
 
@@ -133,8 +138,8 @@ struct GemmSmem {
   uint32_t units[kStages][NUM_PROJ][kProjNTiles][unit_words(kMaxBits)];
   uint16_t scales[kStages][NUM_PROJ][kKTiles][kProjCols];
   uint16_t su[kStages][NUM_PROJ][kBK];  // bf16 bits
-  // weight = X * c.x + c.y per (k-tile, column), c.x / c.y bf16x2 broadcasts; X = the index
-  // (affine grid: c = (step * scale, grid0 * scale)) or the level (other grids: c = (scale, 0)).
+  // weight = X * c.x + c.y per (k-tile, column), c.x / c.y bf16x2 broadcasts; X = the centred
+  // index (affine grid: c = (step * scale, center * scale)) or the level (c = (scale, 0)).
   // Double-buffered: computed for stage kb+1 while the warps read stage kb's.
   uint2 coef[2][NUM_PROJ][kKTiles][kProjCols];
   // Other grids: bf16x2 (grid[lo], grid[hi]) for a pair of indices lo | hi << BITS.
@@ -153,7 +158,8 @@ __device__ GridForm grid_form(const DeviceProjection& w) {
   bool affine = step != 0.0;
   for (int i = 0; i < levels; ++i)
     affine = affine && fabs(w.grid[i] - (g0 + step * i)) <= 1e-6 * largest;
-  return {static_cast<float>(g0), static_cast<float>(step), affine ? 1 : 0};
+  const double center = g0 + step * ((levels - 1) * 0.5);
+  return {static_cast<float>(center), static_cast<float>(step), affine ? 1 : 0};
 }
 
 // Pair P's two fields of a lane's unit words as one 2*BITS-bit index lo | hi << BITS (the level
@@ -178,6 +184,11 @@ __device__ __forceinline__ uint32_t hfma2_bits(uint32_t x, uint32_t a, uint32_t 
                                    *reinterpret_cast<const __nv_bfloat162*>(&b));
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+__device__ __forceinline__ uint32_t hadd2_bits(uint32_t x, uint32_t a) {
+  const __nv_bfloat162 v = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&x),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&a));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 __device__ __forceinline__ uint32_t hmul2_bits(uint32_t x, uint32_t a) {
   const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x),
                                    *reinterpret_cast<const __nv_bfloat162*>(&a));
@@ -199,10 +210,13 @@ __device__ __forceinline__ void unit_b_fragments(const uint32_t (&words)[kMaxBit
   const uint32_t(&w)[BITS] = *reinterpret_cast<const uint32_t(*)[BITS]>(&words);
   uint32_t x[4];  // pair 4 KT + r: r & 1 = right half, r >> 1 = k + 8
   if (affine) {
-    x[0] = fragment_detail::decode_pair<BITS, 4 * KT + 0>(w);
-    x[1] = fragment_detail::decode_pair<BITS, 4 * KT + 1>(w);
-    x[2] = fragment_detail::decode_pair<BITS, 4 * KT + 2>(w);
-    x[3] = fragment_detail::decode_pair<BITS, 4 * KT + 3>(w);
+    // bf16 bits of -c = -(2^BITS - 1) / 2 (-1.5, -3.5, -7.5) in both halves: idx - c is exact.
+    constexpr uint32_t minus_center = BITS == 2 ? 0xBFC0u : BITS == 3 ? 0xC060u : 0xC0F0u;
+    constexpr uint32_t minus_centers = minus_center | (minus_center << 16);
+    x[0] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 0>(w), minus_centers);
+    x[1] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 1>(w), minus_centers);
+    x[2] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 2>(w), minus_centers);
+    x[3] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 3>(w), minus_centers);
   } else {
     x[0] = level_pairs[level_pair_index<BITS, 4 * KT + 0>(w)];
     x[1] = level_pairs[level_pair_index<BITS, 4 * KT + 1>(w)];
@@ -349,9 +363,11 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       const int which = c / (kBM * (kBK / 8)), row = (c / (kBK / 8)) % kBM;
       const int k = k0 + (c % (kBK / 8)) * 8;
       const __nv_bfloat16* src = s.a_src[which][row];
-      const bool ok = src != nullptr && k < K;
-      cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], ok ? src + k : p.a[0],
-                 ok ? 16 : 0);
+      // Padding rows are not copied at all: an output row depends only on its own A row, and
+      // the epilogue never stores padding rows (row fragments without valid rows skip the MMAs).
+      if (src == nullptr) continue;
+      cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], k < K ? src + k : p.a[0],
+                 k < K ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < kUnitCopies; ++i)
@@ -371,11 +387,15 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 
   // Coefficients of stage `buf` into s.coef[cb] (one (k-tile, column) entry per thread and pass).
   auto compute_coefs = [&](int buf, int cb) {
-    for (int i = tid; i < NUM_PROJ * kKTiles * kProjCols; i += kThreads) {
+    constexpr int kEntries = NUM_PROJ * kKTiles * kProjCols;
+    static_assert(kEntries % kThreads == 0);
+#pragma unroll  // independent entries: loads of all passes in flight together
+    for (int pass = 0; pass < kEntries / kThreads; ++pass) {
+      const int i = tid + pass * kThreads;
       const int q = i / (kKTiles * kProjCols), kt = (i / kProjCols) % kKTiles, col = i % kProjCols;
       const float scale = h2f(s.scales[buf][q][kt][col]);
       const GridForm g = s.grid[q];
-      const float a = g.affine ? g.step * scale : scale, b = g.affine ? g.grid0 * scale : 0.0f;
+      const float a = g.affine ? g.step * scale : scale, b = g.affine ? g.center * scale : 0.0f;
       s.coef[cb][q][kt][col] = make_uint2(pack_bf16(a, a), pack_bf16(b, b));
     }
   };

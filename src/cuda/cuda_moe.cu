@@ -108,10 +108,7 @@ struct Occupancy {
 // rows. Tensor-core kernel: a unit (4 k-tile rows) costs a lane ~60 instructions, the staging of a
 // k-tile row ~150 per row and thread for 8 warps; estimated, not measured.
 inline constexpr int kFixedRowsCudaCore = 12;
-#ifndef TMOE_MMA_FIXED_ROWS
-#define TMOE_MMA_FIXED_ROWS 16
-#endif
-inline constexpr int kFixedRowsTensorCore = TMOE_MMA_FIXED_ROWS;
+inline constexpr int kFixedRowsTensorCore = 16;
 // The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
 inline constexpr size_t kMaxPassShared = 96 * 1024;
 

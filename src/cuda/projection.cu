@@ -493,17 +493,15 @@ void raise_shared_limit() {
 // The tensor-core kernel (affine grids; see projection.cuh).
 
 // Units whose loads a warp keeps in flight (registers): 3 blocks of 8 warps per SM then hold
-// ~24 x 4 x 384 B = 36 KB of 3-bit weights in flight per SM.
-#ifndef TMOE_MMA_UNITS_IN_FLIGHT
-#define TMOE_MMA_UNITS_IN_FLIGHT 4
-#define TMOE_MMA_MIN_BLOCKS 3
-#endif
-inline constexpr int kUnitsInFlight = TMOE_MMA_UNITS_IN_FLIGHT;
+// ~24 x 4 x 384 B = 36 KB of 3-bit weights in flight per SM. (8 units at 2 blocks per SM, 48 KB,
+// was 5-20% slower: docs/notes-cuda.md, v8.)
+inline constexpr int kUnitsInFlight = 4;
 // Blocks per SM the launch bounds ask for (registers): 3 for 4-row items, 2 for 8 and 16.
-TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? TMOE_MMA_MIN_BLOCKS : 2; }
+TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? 3 : 2; }
 
 // One 32-bit word of a unit (read-only, streamed once). TMOE_MMA_L2_256: with the L2::256B prefetch
-// hint (each 128-byte warp request also brings the next 128 bytes of the warp's stream into L2).
+// hint (each 128-byte warp request also brings the next 128 bytes of the warp's stream into L2):
+// 3-6% faster at 1..4 tokens in one benchmark run (notes-cuda.md, v8), not yet through the tests.
 __device__ __forceinline__ uint32_t load_unit_word(const uint32_t* p) {
 #if defined(TMOE_MMA_L2_256) && TMOE_MMA_L2_256
   uint32_t v;

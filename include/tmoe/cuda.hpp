@@ -7,12 +7,17 @@
 //   moe.check_errors();                                     // after the stream: bad expert ids?
 //
 // For few pairs per expert (the dispatcher's rule, src/cuda/dispatch.hpp; path() says which path a
-// batch takes), forward() runs four kernels: device routing
-// (counts, offsets, stable order, work items), the gate+up pass (SwiGLU fused in its finishing
-// step), the down pass, and the fixed-order combine over the k slots of each token; results are
-// bitwise repeatable whatever `deterministic` says (all float reductions run in a fixed order, the
-// only atomics count integers). Larger batches feed the routing to the tensor-core grouped path
+// batch takes), forward() runs three kernels: device routing (counts, offsets, stable order, work
+// items), the gate+up pass (SwiGLU fused in its finishing step) and the down pass, whose finishing
+// step also does the fixed-order combine over the k slots of each token. Passes of one wave are
+// chained with programmatic dependent launch (sm_90), and with <= 64 pairs their blocks derive
+// their work items from the ids themselves, so they start before routing ends. Results are bitwise
+// repeatable whatever `deterministic` says (all float reductions run in a fixed order, the only
+// atomics count integers). Larger batches feed the routing to the tensor-core grouped path
 // (src/cuda/grouped/), which honours `deterministic` (default off: it is faster with atomics).
+// Weights: the indices are stored once, in the fragment layout (src/cuda/fragment_layout.hpp)
+// that every tensor-core kernel reads; a projection with a custom (non-affine) grid also keeps the
+// tile layout for the CUDA-core decode kernel.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -48,7 +53,8 @@ class CudaMoe {
   CudaMoe& operator=(const CudaMoe&) = delete;
 
   MoeShape shape() const;       // hidden, intermediate, experts (top_k 0: it is per call)
-  int64_t device_bytes() const;  // bytes of the uploaded weights
+  int64_t device_bytes() const;  // bytes of the uploaded weights (one copy of the indices; two for
+                                 // projections with custom grids, which the CUDA-core kernel reads)
 
   // The kernel path forward() takes for this batch size: "decode", "small-batch" or "grouped".
   const char* path(int64_t tokens, int top_k) const;

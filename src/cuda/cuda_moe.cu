@@ -171,19 +171,25 @@ struct CudaMoe::Impl {
     for (void* p : owned) cudaFree(p);
   }
 
-  DeviceProjection upload_projection(const TrellisTensor& t) {
+  // `with_tiles`: also upload the tile layout, which only the CUDA-core general path (custom,
+  // non-affine grids) reads. Every other kernel reads the fragment layout, so a model with the
+  // default grids holds ONE copy of its indices on the device.
+  DeviceProjection upload_projection(const TrellisTensor& t, bool with_tiles) {
     DeviceProjection d;
-    // Tiles n-tile-major (each column strip's tiles contiguous along K): a projection block then
-    // reads one contiguous region front to back. The tiles themselves keep FORMAT.md's bytes.
     const int64_t tb = tile_bytes(t.bits), tk = t.tiles_k(), tn = t.tiles_n();
-    std::vector<uint8_t> strips(t.indices.size());
-    for (int64_t e = 0; e < t.experts; ++e)
-      for (int64_t k = 0; k < tk; ++k)
-        for (int64_t n = 0; n < tn; ++n)
-          std::memcpy(strips.data() + ((e * tn + n) * tk + k) * tb,
-                      t.indices.data() + ((e * tk + k) * tn + n) * tb, tb);
-    d.tiles = upload(strips, owned);
-    d.units = upload(pack_fragment_units(t.view()), owned);
+    if (with_tiles) {
+      // Tiles n-tile-major (each column strip's tiles contiguous along K): a projection block then
+      // reads one contiguous region front to back. The tiles themselves keep FORMAT.md's bytes.
+      std::vector<uint8_t> strips(t.indices.size());
+      for (int64_t e = 0; e < t.experts; ++e)
+        for (int64_t k = 0; k < tk; ++k)
+          for (int64_t n = 0; n < tn; ++n)
+            std::memcpy(strips.data() + ((e * tn + n) * tk + k) * tb,
+                        t.indices.data() + ((e * tk + k) * tn + n) * tb, tb);
+      d.tiles = upload(strips, owned);
+    }
+    const std::vector<uint32_t> units = pack_fragment_units(t.view());
+    d.units = upload(units, owned);
     d.quads = quads_of(t.K);
     d.k_tile_stride = tb;
     d.n_tile_stride = tk * tb;
@@ -198,7 +204,8 @@ struct CudaMoe::Impl {
     d.bits = t.bits;
     d.group_size = t.group_size;
     d.hadamard = t.hadamard;
-    bytes += static_cast<int64_t>(t.indices.size() + 2 * (t.scales.size() + t.su.size() + t.sv.size()));
+    bytes += static_cast<int64_t>(units.size() * 4 + (with_tiles ? t.indices.size() : 0) +
+                                  2 * (t.scales.size() + t.su.size() + t.sv.size()));
     return d;
   }
 
@@ -302,9 +309,11 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
     for (int affine = 0; affine < 2; ++affine)
       m.occupancy.register_blocks[r][affine] = projection_blocks_per_sm(rows[r], affine != 0, 0);
   for (int r = 0; r < 3; ++r) m.occupancy.mma_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, 0);
-  m.gate = m.upload_projection(weights.gate);
-  m.up = m.upload_projection(weights.up);
-  m.down = m.upload_projection(weights.down);
+  // gate and up share a pass, so they take the CUDA-core kernel together when either grid is custom.
+  const bool gate_up_affine = describe(weights.gate, {}).affine && describe(weights.up, {}).affine;
+  m.gate = m.upload_projection(weights.gate, !gate_up_affine);
+  m.up = m.upload_projection(weights.up, !gate_up_affine);
+  m.down = m.upload_projection(weights.down, !describe(weights.down, {}).affine);
   m.gate_pass = describe(weights.gate, m.gate);
   m.up_pass = describe(weights.up, m.up);
   m.down_pass = describe(weights.down, m.down);

@@ -27,7 +27,7 @@ namespace tmoe::cuda {
 // the block's threads, and the two O(pairs) loops per thread stay well under a microsecond.
 inline constexpr int kLocalPlanMaxPairs = 64;
 // Most pairs in one work item (the passes' kMaxItemTokens must not exceed it).
-inline constexpr int kMaxPassItemPairs = 4;
+inline constexpr int kMaxPassItemPairs = 16;
 
 // How a pass is launched and where its blocks find their work item. The routing kernel's plan
 // (items, num_items, order) is read when expert_ids is null.
@@ -71,8 +71,10 @@ __device__ inline void find_pass_item(const PassRouting& routing, const int32_t*
       item.expert = it[0];
       item.first = it[1];
       item.count = it[2];
-      for (int t = 0; t < item.count; ++t) item.pair[t] = order[item.first + t];
     }
+    __syncthreads();
+    // One thread per pair: the order loads go out together, not one after another in thread 0.
+    if (static_cast<int>(threadIdx.x) < item.count) item.pair[threadIdx.x] = order[item.first + threadIdx.x];
     __syncthreads();
     return;
   }
@@ -149,10 +151,10 @@ __device__ inline void combine_completed_tokens(const PassCombine& c, const Pass
   __shared__ int complete[kMaxPassItemPairs];  // token completed by this block, or -1
   __threadfence();  // this block's y is visible before its counts are
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int t = 0; t < kMaxPassItemPairs; ++t) {
-      complete[t] = -1;
-      if (t >= item.count) continue;
+  if (threadIdx.x < kMaxPassItemPairs) {  // one thread per pair: the atomics go out together
+    const int t = threadIdx.x;
+    complete[t] = -1;
+    if (t < item.count) {
       const int token = item.pair[t] / top_k;
       const int done =
           atomicAdd(&c.counters[static_cast<int64_t>(token) * num_finish_groups + finish_group], 1);

@@ -499,11 +499,12 @@ inline constexpr int kUnitsInFlight = 4;
 // Blocks per SM the launch bounds ask for (registers): 3 for 4-row items, 2 for 8 and 16.
 TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? 3 : 2; }
 
-// One 32-bit word of a unit (read-only, streamed once). TMOE_MMA_L2_256: with the L2::256B prefetch
-// hint (each 128-byte warp request also brings the next 128 bytes of the warp's stream into L2):
-// 3-6% faster at 1..4 tokens in one benchmark run (notes-cuda.md, v8), not yet through the tests.
+// One 32-bit word of a unit (read-only, streamed once), with the L2::256B prefetch hint (each
+// 128-byte warp request also brings the next 128 bytes of the warp's stream into L2; the 256-byte
+// block lies inside the 256-byte aligned allocation): 3-6% faster at 1..4 tokens, equal at 16..64
+// (notes-cuda.md, v8). -DTMOE_MMA_L2_256=0 turns it off.
 __device__ __forceinline__ uint32_t load_unit_word(const uint32_t* p) {
-#if defined(TMOE_MMA_L2_256) && TMOE_MMA_L2_256
+#if !defined(TMOE_MMA_L2_256) || TMOE_MMA_L2_256
   uint32_t v;
   asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;

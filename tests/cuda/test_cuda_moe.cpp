@@ -18,6 +18,7 @@
 #include <string>
 
 #include "cuda/dispatch.hpp"
+#include "cuda/fragment_layout.hpp"
 #include "cuda/routing.hpp"
 #include "cuda_test_util.hpp"
 #include "tmoe/cuda.hpp"
@@ -224,6 +225,24 @@ TEST(CudaMoe, PathFollowsTheDispatchRule) {
   cuda::CudaMoe always(make_weights(c, 1), forced);
   EXPECT_STRNE(always.path(1, c.k), "grouped");
   EXPECT_STREQ(always.path(2, c.k), "grouped");
+}
+
+// One device copy of the indices (the fragment layout) with the default grids; the tile layout is
+// added only for custom grids, which the CUDA-core kernel reads. K = 160 pads down's last unit.
+TEST(CudaMoe, DeviceBytesHoldOneCopyOfTheIndices) {
+  TMOE_REQUIRE_GPU();
+  for (bool custom : {false, true}) {
+    MoeCase c;
+    c.custom_grid = custom;
+    const MoeWeights w = make_weights(c, fresh_seed());
+    int64_t want = 0;
+    for (const TrellisTensor* t : {&w.gate, &w.up, &w.down}) {
+      want += t->experts * t->tiles_n() * cuda::quads_of(t->K) * cuda::unit_bytes(t->bits) +
+              2 * static_cast<int64_t>(t->scales.size() + t->su.size() + t->sv.size());
+      if (custom) want += static_cast<int64_t>(t->indices.size());
+    }
+    EXPECT_EQ(cuda::CudaMoe(w).device_bytes(), want) << (custom ? "custom grids" : "default grids");
+  }
 }
 
 TEST(CudaMoe, BackendOverHostPointers) {

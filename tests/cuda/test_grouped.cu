@@ -215,7 +215,7 @@ TEST_P(GroupedTileRows, PartialTiles) {
   c.tile_rows = GetParam();
   expect_matches_reference(c);
 }
-INSTANTIATE_TEST_SUITE_P(Heights, GroupedTileRows, ::testing::Values(32, 128, 256));
+INSTANTIATE_TEST_SUITE_P(Heights, GroupedTileRows, ::testing::Values(32, 64, 128, 256));
 
 TEST(Grouped, OneHotExpert) {
   Case c;
@@ -357,7 +357,7 @@ TEST(Grouped, RejectsBadShapes) {
   EXPECT_THROW(grouped_moe_workspace_bytes(args), Error);
   args.gate.group_size = 32;
   EXPECT_NO_THROW(grouped_moe_workspace_bytes(args));
-  args.tile_rows = 64;  // not a supported tile height
+  args.tile_rows = 96;  // not a supported tile height
   EXPECT_THROW(grouped_moe_workspace_bytes(args), Error);
   args.tile_rows = 0;
   args.up.K = 80;  // gate and up disagree

@@ -32,16 +32,18 @@ namespace {
 // sit 4 side by side (columns), each owning 32 columns = two units; every warp decodes its own
 // units in registers, so warps stacked along the rows would decode the same units again: tiles of
 // up to 128 rows use one warp row (a warp then holds up to 128 x 32 fp32 accumulators), 256-row
-// tiles two. Row-tile heights, chosen from the average rows per expert: kSmallRows (32) when
-// experts hold few rows (a taller tile would mostly multiply padding), kMidRows (128), kHugeRows
-// (256, one block per SM) for well-filled experts.
+// tiles two. Row-tile heights, chosen from the average rows per expert (tile_rows_for): kRows32
+// and kRows64 when experts hold few rows (a taller tile would mostly multiply padding and hold
+// fewer blocks per SM), kRows128, and kRows256 (one block per SM) for well-filled experts.
 constexpr int kBN = 128, kBK = 64;
-constexpr int kSmallRows = 32, kMidRows = 128, kHugeRows = 256;
-constexpr int threads_for(int rows) { return rows == kHugeRows ? 256 : 128; }
-constexpr int blocks_per_sm_for(int rows) { return rows == kHugeRows ? 1 : rows == kSmallRows ? 4 : 2; }
+constexpr int kRows32 = 32, kRows64 = 64, kRows128 = 128, kRows256 = 256;
+constexpr int threads_for(int rows) { return rows == kRows256 ? 256 : 128; }
+// Blocks per SM (launch bounds; shared memory ~50 / ~68 / ~107 / ~180 KB per block).
+constexpr int blocks_per_sm_for(int rows) {
+  return rows == kRows256 ? 1 : rows == kRows128 ? 2 : rows == kRows64 ? 3 : 4;
+}
 // cp.async stages in flight: 4 for every height (3 ahead). Tiles with few valid rows (small T)
 // are bound by the latency of their weight stream, not by issue: more bytes in flight per SM.
-// Shared memory: 32 rows ~50 KB x 4 blocks, 128 rows ~107 KB x 2, 256 rows ~180 KB x 1 per SM.
 constexpr int stages_for(int) { return 4; }
 constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
@@ -786,15 +788,15 @@ size_t device_shared_limit() {
 int tile_rows_for(const GroupedMoeArgs& a) {
   const size_t limit = device_shared_limit();
   if (any_hadamard(a)) {
-    if (sizeof(GemmSmem<2, true, kMidRows>) > limit)
-      bad("the Hadamard path needs " + std::to_string(sizeof(GemmSmem<2, true, kMidRows>)) +
+    if (sizeof(GemmSmem<2, true, kRows128>) > limit)
+      bad("the Hadamard path needs " + std::to_string(sizeof(GemmSmem<2, true, kRows128>)) +
           " bytes of shared memory per block; this device allows " + std::to_string(limit));
-    return kMidRows;
+    return kRows128;
   }
-  const bool huge_fits = sizeof(GemmSmem<2, false, kHugeRows>) <= limit &&
-                         sizeof(GemmSmem<1, false, kHugeRows>) <= limit;
+  const bool huge_fits = sizeof(GemmSmem<2, false, kRows256>) <= limit &&
+                         sizeof(GemmSmem<1, false, kRows256>) <= limit;
   if (a.tile_rows) {
-    if (a.tile_rows == kHugeRows && !huge_fits)
+    if (a.tile_rows == kRows256 && !huge_fits)
       bad("tile_rows = 256 needs more shared memory per block than this device allows");
     return a.tile_rows;
   }
@@ -803,8 +805,12 @@ int tile_rows_for(const GroupedMoeArgs& a) {
   // Measured (H100, mixtral, us): 32-row tiles 1172 / 1914 / 2892 at 16 / 32 / 64 rows per expert,
   // 128-row tiles 1707 / 2589 at 64 / 128; switching at 64 or 32 made time fall as T rose.
   const int64_t pairs = a.tokens * a.top_k;
-  if (pairs <= 16 * a.gate.experts) return kSmallRows;
-  return pairs >= 256 * a.gate.experts && huge_fits ? kHugeRows : kMidRows;
+  if (pairs <= 16 * a.gate.experts) return kRows32;
+  // 64-row tiles up to 48 rows per expert on average: random routing then rarely gives an expert a
+  // second tile, and 3 blocks per SM stream weights where 128-row tiles hold 2 (ncu, mixtral 256
+  // tokens on 128-row tiles: 1.95 active warps per scheduler, latency-bound).
+  if (pairs <= 48 * a.gate.experts) return kRows64;
+  return pairs >= 256 * a.gate.experts && huge_fits ? kRows256 : kRows128;
 }
 
 // Split-K for down (atomic combine only: the partial sums meet in the float atomics): when the
@@ -851,7 +857,7 @@ Workspace carve(const GroupedMoeArgs& a, uint8_t* base) {
   const int64_t T = a.tokens, pairs = a.tokens * a.top_k, H = a.gate.K, I = a.gate.N;
   const bool hadamard = any_hadamard(a);
   const bool fixed_order = a.deterministic || hadamard;
-  take(w.items, 2 * max_work_items(a, kSmallRows));  // the longest list of any tile height
+  take(w.items, 2 * max_work_items(a, kRows32));  // the longest list of any tile height
   take(w.num_items, 1);
   if (fixed_order) take(w.inverse, pairs);
   if (!hadamard && a.x_dtype != DType::bf16) take(w.x16, T * H);
@@ -908,11 +914,11 @@ void validate(const GroupedMoeArgs& a, bool check_pointers) {
         std::to_string(g.N) + ", up " + std::to_string(u.K) + "x" + std::to_string(u.N) +
         ", down " + std::to_string(d.K) + "x" + std::to_string(d.N) + ")");
   if (a.tokens < 0 || a.top_k <= 0) bad("tokens must be >= 0 and top_k > 0");
-  if (a.tile_rows != 0 && a.tile_rows != kSmallRows && a.tile_rows != kMidRows &&
-      a.tile_rows != kHugeRows)
-    bad("tile_rows must be 0, 32, 128 or 256, got " + std::to_string(a.tile_rows));
+  if (a.tile_rows != 0 && a.tile_rows != kRows32 && a.tile_rows != kRows64 && a.tile_rows != kRows128 &&
+      a.tile_rows != kRows256)
+    bad("tile_rows must be 0, 32, 64, 128 or 256, got " + std::to_string(a.tile_rows));
   if (a.tokens * a.top_k >= (int64_t{1} << 31)) bad("too many (token, slot) pairs");
-  if (max_work_items(a, kSmallRows) > 65535) bad("too many row tiles for one launch's grid");
+  if (max_work_items(a, kRows32) > 65535) bad("too many row tiles for one launch's grid");
   if (any_hadamard(a)) {
     const int64_t max_row = std::max(2 * g.N, g.K) * int64_t(sizeof(float));
     if (max_row > 200 * 1024) bad("Hadamard path: rows too long for shared memory");
@@ -997,9 +1003,10 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   auto launch = [&](auto num_proj) {
     constexpr int kNumProj = decltype(num_proj)::value;
     switch (tile_rows) {
-      case kSmallRows: launch_gemm<kNumProj, false, kSmallRows>(p, max_items, stream); break;
-      case kHugeRows: launch_gemm<kNumProj, false, kHugeRows>(p, max_items, stream); break;
-      default: launch_gemm<kNumProj, false, kMidRows>(p, max_items, stream); break;
+      case kRows32: launch_gemm<kNumProj, false, kRows32>(p, max_items, stream); break;
+      case kRows64: launch_gemm<kNumProj, false, kRows64>(p, max_items, stream); break;
+      case kRows256: launch_gemm<kNumProj, false, kRows256>(p, max_items, stream); break;
+      default: launch_gemm<kNumProj, false, kRows128>(p, max_items, stream); break;
     }
   };
 
@@ -1042,7 +1049,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     p.epilogue = kRawPair;
     p.g_raw = ws.g_raw;
     p.u_raw = ws.u_raw;
-    launch_gemm<2, true, kMidRows>(p, max_items, stream);
+    launch_gemm<2, true, kRows128>(p, max_items, stream);
     const size_t mid_bytes = 2 * I * sizeof(float);
     allow_shared(transform_intermediate, mid_bytes);
     transform_intermediate<<<static_cast<unsigned>(pairs), kRowThreads, mid_bytes, stream>>>(

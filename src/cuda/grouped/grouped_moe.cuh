@@ -47,7 +47,7 @@ struct GroupedMoeArgs {
   // Bitwise repeatable results: per-pair rows are combined in slot order by one kernel instead of
   // float atomics. Paths with a Hadamard transform are always deterministic.
   bool deterministic = false;
-  // Row-tile height of the GEMMs: 0 picks it from the average rows per expert; 32, 128 or 256
+  // Row-tile height of the GEMMs: 0 picks it from the average rows per expert; 32, 64, 128 or 256
   // force one (tests cover each, benchmarks compare them). The Hadamard path always uses 128.
   int tile_rows = 0;
 };

@@ -105,10 +105,16 @@ struct Occupancy {
 
 // A block's fixed work (staging, group sums, finish test) in k-tile rows of its main loop. CUDA-core
 // kernel: ncu on v6 counted ~1400 instructions per thread outside the decode steps, ~3 steps of 4
-// rows. Tensor-core kernel: a unit (4 k-tile rows) costs a lane ~60 instructions, the staging of a
-// k-tile row ~150 per row and thread for 8 warps; estimated, not measured.
+// rows. Tensor-core kernel: measured (H100, one run, each value twice, us; `tmoe bench --tokens
+// 1,2,4 --grouped-min-tokens 1000000000` with the constant overridden):
+//   fixed rows   qwen3 1 / 4 tokens   mixtral 1 / 2 / 4     glm 1 / 2 tokens   deepseek 1 / 4
+//   16           30.6 / 74.2          130.9 / 209 / 322     65.4 / 116         136.2 / 436.5
+//   40           30.3 / 72.0          129.3 / 209 / 319     62.9 / 115         --
+//   96           30.1 / 72.1          128.8 / 219 / 329     62.8 / 118         140.6 / 431.2
+//   256          30.4 / 72.2          152.4 / 221 / 325     62.8 / 117         --
+// 40 is best or within 1% everywhere (glm 1 token -4%, qwen3 4 tokens -3% against 16).
 inline constexpr int kFixedRowsCudaCore = 12;
-inline constexpr int kFixedRowsTensorCore = 16;
+inline constexpr int kFixedRowsTensorCore = 40;
 // The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
 inline constexpr size_t kMaxPassShared = 96 * 1024;
 

@@ -682,6 +682,17 @@ void expect_loaded_transposed(const HfCheckpoint& ckpt, const SyntheticCheckpoin
           mismatches += stacked[(e * in + k) * out + n] != w[n * in + k];
     }
     EXPECT_EQ(mismatches, 0);
+    // Any range of experts loads the same values as the stacked whole (the quantizer streams them).
+    for (int64_t first = 0; first < c.experts; ++first)
+      for (int64_t count : {int64_t{1}, c.experts - first}) {
+        std::vector<float> part(static_cast<size_t>(count * in * out), std::nanf(""));
+        ckpt.load_experts(layer, projections[p], first, count, part);
+        EXPECT_TRUE(std::equal(part.begin(), part.end(), stacked.begin() + first * in * out))
+            << "experts " << first << " + " << count;
+      }
+    std::vector<float> one(static_cast<size_t>(in * out));
+    expect_error_containing([&] { ckpt.load_experts(layer, projections[p], c.experts, 1, one); }, "load_experts");
+    expect_error_containing([&] { ckpt.load_experts(layer, projections[p], 0, 2, one); }, "the output holds");
   }
 }
 

@@ -69,6 +69,45 @@ double relative_error(const std::vector<float>& w, const TrellisTensor& t) {
 }
 
 
+// The streaming entry point (ExpertLoader, what `tmoe quantize` uses) gives bitwise the same
+// tensor and report as quantizing the whole W at once, over several chunks of experts (1M weights
+// per expert: 16 per chunk, so 20 experts take two), for the uniform and the fitted grid with
+// rotation; and it never asks for more than one chunk at a time.
+TEST(Quantize, StreamedExpertsMatchTheWholeTensorBitwise) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  const int64_t E = 20, K = 1024, N = 1024;
+  const std::vector<float> w = weights(Dist::heavy, E * K * N, seed);
+  for (GridKind grid : {GridKind::uniform, GridKind::fit}) {
+    QuantizeOptions o;
+    o.grid = grid;
+    o.hadamard = grid == GridKind::fit ? 128 : 0;
+    QuantizeReport whole_report, streamed_report;
+    const TrellisTensor whole = tmoe::quantize(w, E, K, N, o, &whole_report);
+    int64_t most = 0;
+    const tmoe::ExpertLoader load = [&](int64_t first, int64_t count, std::span<float> out) {
+      most = std::max(most, count);
+      ASSERT_EQ(out.size(), static_cast<size_t>(count * K * N));
+      std::copy_n(w.data() + first * K * N, count * K * N, out.data());
+    };
+    const TrellisTensor streamed = tmoe::quantize(load, E, K, N, o, &streamed_report);
+    EXPECT_LT(most, E);
+    EXPECT_EQ(streamed.grid, whole.grid);
+    EXPECT_EQ(streamed.indices, whole.indices);
+    EXPECT_EQ(streamed.scales, whole.scales);
+    EXPECT_EQ(streamed.su, whole.su);
+    EXPECT_EQ(streamed.sv, whole.sv);
+    EXPECT_EQ(streamed_report.relative_error, whole_report.relative_error);
+  }
+  // A non-finite weight is reported with its place, wherever its chunk is.
+  std::vector<float> bad(static_cast<size_t>(E * K * N), 0.01f);
+  bad[static_cast<size_t>((17 * K + 3) * N + 5)] = std::nanf("");
+  const tmoe::ExpertLoader load_bad = [&](int64_t first, int64_t count, std::span<float> out) {
+    std::copy_n(bad.data() + first * K * N, count * K * N, out.data());
+  };
+  expect_bad_input([&] { tmoe::quantize(load_bad, E, K, N, {}); }, "W[17][3][5] is not finite");
+}
+
 }  // namespace
 
 // The table for the closing note, and error bounds per (bits, rotation, distribution).

@@ -166,6 +166,9 @@ class HfCheckpoint {
   // The projection's weights stacked over experts and transposed to [E, K, N] = (in, out), fp32
   // (Hugging Face stores each expert as [out, in]).
   std::vector<float> load_stacked(int layer, const std::string& proj) const;
+  // Experts first .. first + count - 1 of the same, into `out` (count * K * N floats): what the
+  // quantizer streams, so a projection never has to fit in memory at once.
+  void load_experts(int layer, const std::string& proj, int64_t first, int64_t count, std::span<float> out) const;
 
  private:
   struct Impl;

@@ -31,12 +31,23 @@ struct QuantizeReport {
   // W_hat is the effective weight of the result (tmoe::effective_weight), i.e. the true W error.
 };
 
+// Fills `out` (count * K * N floats) with the weights of experts first .. first + count - 1,
+// row-major [count][K][N]. Called from the calling thread.
+using ExpertLoader = std::function<void(int64_t first, int64_t count, std::span<float> out)>;
+
 // Quantizes W [experts, K, N] (row-major fp32; K = in, N = out). `progress`, if set, is called with
 // (experts done, experts) from the calling thread. Throws tmoe::Error (bad input) on bad options,
 // a W of the wrong size, a non-finite weight or one too large for an fp16 scale. With
 // GridKind::fit the 2^bits levels are fitted (Lloyd-Max) on a sample of the target and kept only if
 // they beat the uniform grid there.
 TrellisTensor quantize(std::span<const float> w, int64_t experts, int64_t K, int64_t N,
+                       const QuantizeOptions& options, QuantizeReport* report = nullptr,
+                       const std::function<void(int64_t, int64_t)>& progress = {});
+
+// The same, reading the experts through `load` a chunk at a time (at most ~64 MB of weights held at
+// once), so a projection larger than memory can be quantized; the result is bitwise the same as
+// quantizing the whole W at once.
+TrellisTensor quantize(const ExpertLoader& load, int64_t experts, int64_t K, int64_t N,
                        const QuantizeOptions& options, QuantizeReport* report = nullptr,
                        const std::function<void(int64_t, int64_t)>& progress = {});
 

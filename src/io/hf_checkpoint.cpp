@@ -240,9 +240,22 @@ MoeShape HfCheckpoint::layer_shape(int layer) const {
 }
 
 std::vector<float> HfCheckpoint::load_stacked(int layer, const std::string& proj) const {
-  const ProjectionTensors& tensors = impl_->projection(layer, proj);
   const ProjectionShape s = projection_shape(layer, proj);
   std::vector<float> out(static_cast<size_t>(s.experts * s.K * s.N));
+  load_experts(layer, proj, 0, s.experts, out);
+  return out;
+}
+
+void HfCheckpoint::load_experts(int layer, const std::string& proj, int64_t first, int64_t count,
+                                std::span<float> out) const {
+  const ProjectionTensors& tensors = impl_->projection(layer, proj);
+  const ProjectionShape s = projection_shape(layer, proj);
+  require(first >= 0 && count >= 0 && first + count <= s.experts,
+          "load_experts: experts {} .. {} of layer {} {} (it has {})", first, first + count - 1, layer, proj,
+          s.experts);
+  require(out.size() == static_cast<size_t>(count * s.K * s.N),
+          "load_experts: the output holds {} floats, {} experts of {} x {} need {}", out.size(), count, s.K,
+          s.N, count * s.K * s.N);
 
   // Everything that may throw happens here, before the parallel region.
   struct Source {
@@ -253,6 +266,7 @@ std::vector<float> HfCheckpoint::load_stacked(int layer, const std::string& proj
   };
   std::vector<Source> sources;
   for (const auto& [e, t] : tensors) {
+    if (e < first || e >= first + count) continue;
     const std::span<const uint8_t> bytes = t.file->bytes(*t.info);
     const size_t size = static_cast<size_t>(tensor_dtype_size(t.info->dtype));
     require(bytes.size() == static_cast<size_t>(s.K * s.N) * size, "{}: internal size mismatch", t.info->name);
@@ -271,9 +285,9 @@ std::vector<float> HfCheckpoint::load_stacked(int layer, const std::string& proj
   {
     std::vector<float> rows(static_cast<size_t>(kBlock * kBlock));
 #pragma omp for schedule(static)
-    for (int64_t job = 0; job < s.experts * n_blocks; ++job) {
+    for (int64_t job = 0; job < count * n_blocks; ++job) {
       const int64_t e = job / n_blocks, n0 = (job % n_blocks) * kBlock, n1 = std::min(s.N, n0 + kBlock);
-      const Source& src = sources[static_cast<size_t>(e)];
+      const Source& src = sources[static_cast<size_t>(e)];  // e: position in the range
       float* expert_out = out.data() + static_cast<size_t>(e * s.K * s.N);
       for (int64_t k0 = 0; k0 < s.K; k0 += kBlock) {
         const int64_t k1 = std::min(s.K, k0 + kBlock), width = k1 - k0;
@@ -291,7 +305,6 @@ std::vector<float> HfCheckpoint::load_stacked(int layer, const std::string& proj
       }
     }
   }
-  return out;
 }
 
 }  // namespace tmoe

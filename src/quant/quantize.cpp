@@ -142,9 +142,20 @@ void store_column_word(uint8_t* tile, int n_in_tile, int bits, const uint8_t* id
 }
 
 struct Problem {
-  std::span<const float> w;
+  const ExpertLoader& load_experts;
   int64_t experts, K, N;
   const QuantizeOptions& options;
+
+  // Experts first .. first + count - 1 into out (count * K * N floats), checked finite.
+  void load(int64_t first, int64_t count, float* out) const {
+    load_experts(first, count, std::span<float>(out, static_cast<size_t>(count * K * N)));
+    for (int64_t i = 0; i < count * K * N; ++i) {
+      if (!std::isfinite(out[i])) {
+        const int64_t per = K * N, e = first + i / per, r = i % per;
+        fail("quantize: W[{}][{}][{}] is not finite ({})", e, r / N, r % N, out[i]);
+      }
+    }
+  }
 
   int64_t groups() const { return ceil_div(K, options.group_size); }
   // Sign vectors of expert e (all +1 without rotation).
@@ -155,11 +166,10 @@ struct Problem {
     for (int64_t k = 0; k < K; ++k) su[k] = random_sign(options.seed, e, k);
     for (int64_t n = 0; n < N; ++n) sv[n] = random_sign(options.seed, e, K + n);
   }
-  // The quantization target of expert e, transposed: out[n * K + k] = R[k][n].
-  void target(int64_t e, float* out) const {
+  // The quantization target of expert e (weights `we`), transposed: out[n * K + k] = R[k][n].
+  void target(int64_t e, const float* we, float* out) const {
     std::vector<float> su, sv;
     signs(e, su, sv);
-    const float* we = w.data() + e * K * N;
     constexpr int kRows = 16;  // rows per pass: each transposed write fills 64 contiguous bytes
     std::vector<float> rows(kRows * N);
     for (int64_t k0 = 0; k0 < K; k0 += kRows) {
@@ -206,9 +216,11 @@ std::vector<float> fit_grid(const Problem& p, std::vector<float> grid, int threa
       kFitSampleValues / (sample_experts * p.K), 1, p.N);
   std::vector<float> sample;  // columns of K values
   {
-    std::vector<float> rotated(p.K * p.N);
+    std::vector<float> we(p.K * p.N), rotated(p.K * p.N);
     for (int64_t s = 0; s < sample_experts; ++s) {
-      p.target(s * p.experts / sample_experts, rotated.data());
+      const int64_t e = s * p.experts / sample_experts;
+      p.load(e, 1, we.data());
+      p.target(e, we.data(), rotated.data());
       for (int64_t c = 0; c < columns_per_expert; ++c) {
         const float* col = rotated.data() + (c * p.N / columns_per_expert) * p.K;
         sample.insert(sample.end(), col, col + p.K);
@@ -263,10 +275,9 @@ std::vector<float> fit_grid(const Problem& p, std::vector<float> grid, int threa
 
 // Squared error ||W_e - W_hat_e||^2 and ||W_e||^2 of expert e, W_hat the effective weight
 // (format.cpp) of what was stored: the true error, rotation included.
-void expert_error(const Problem& p, const TrellisTensor& t, int64_t e, std::vector<double>& w_hat,
-                  double& error, double& norm) {
+void expert_error(const Problem& p, const TrellisTensor& t, int64_t e, const float* we,
+                  std::vector<double>& w_hat, double& error, double& norm) {
   effective_weight(t, e, w_hat);
-  const float* we = p.w.data() + e * p.K * p.N;
   error = norm = 0;
   for (int64_t i = 0; i < p.K * p.N; ++i) {
     const double d = we[i] - w_hat[i];
@@ -285,15 +296,18 @@ void quantize_all(const Problem& p, TrellisTensor& t, int threads, ErrorSums* su
                   const std::function<void(int64_t, int64_t)>& progress) {
   if (p.options.grid == GridKind::fit) t.grid = fit_grid<L>(p, t.grid, threads);
   const Levels<L> grid(t.grid);
-  float max_w = 0;
-  for (float v : p.w) max_w = std::max(max_w, std::fabs(v));
-  require(max_w <= kMaxHalf * grid.max_abs,
-          "quantize: max |W| = {} needs a scale above the fp16 maximum {}", max_w, kMaxHalf);
+  // Experts are loaded a chunk at a time: the weights of one projection never need to fit in memory
+  // at once (DeepSeek-V3: 256 x 7168 x 2048 fp32 = 15 GB).
   const int64_t chunk = std::clamp<int64_t>(kChunkFloats / (p.K * p.N), 1, p.experts);
-  std::vector<float> rotated(chunk * p.K * p.N);
+  std::vector<float> raw(chunk * p.K * p.N), rotated(chunk * p.K * p.N);
   const int64_t blocks = t.tiles_n();  // a column block = the 16 columns of one tile column
   for (int64_t first = 0; first < p.experts; first += chunk) {
     const int64_t count = std::min(chunk, p.experts - first);
+    p.load(first, count, raw.data());
+    float max_w = 0;
+    for (int64_t i = 0; i < count * p.K * p.N; ++i) max_w = std::max(max_w, std::fabs(raw[i]));
+    require(max_w <= kMaxHalf * grid.max_abs,
+            "quantize: max |W| = {} needs a scale above the fp16 maximum {}", max_w, kMaxHalf);
     std::vector<float> su, sv;
     for (int64_t e = first; e < first + count; ++e) {
       p.signs(e, su, sv);
@@ -304,7 +318,8 @@ void quantize_all(const Problem& p, TrellisTensor& t, int threads, ErrorSums* su
     {
       // Targets: one expert per thread (the transforms need the whole matrix).
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < count; ++i) p.target(first + i, rotated.data() + i * p.K * p.N);
+      for (int64_t i = 0; i < count; ++i)
+        p.target(first + i, raw.data() + i * p.K * p.N, rotated.data() + i * p.K * p.N);
       std::vector<uint8_t> idx(t.tiles_k() * kTileDim);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < count * blocks; ++task) {
@@ -316,7 +331,7 @@ void quantize_all(const Problem& p, TrellisTensor& t, int threads, ErrorSums* su
         std::vector<double> w_hat(p.K * p.N);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t e = first; e < first + count; ++e)
-          expert_error(p, t, e, w_hat, sums->error[e], sums->norm[e]);
+          expert_error(p, t, e, raw.data() + (e - first) * p.K * p.N, w_hat, sums->error[e], sums->norm[e]);
       }
     }
     if (progress)
@@ -324,8 +339,7 @@ void quantize_all(const Problem& p, TrellisTensor& t, int threads, ErrorSums* su
   }
 }
 
-void validate(std::span<const float> w, int64_t experts, int64_t K, int64_t N,
-              const QuantizeOptions& o) {
+void validate(int64_t experts, int64_t K, int64_t N, const QuantizeOptions& o) {
   require(valid_bits(o.bits), "quantize: bits must be 2, 3 or 4, got {}", o.bits);
   require(o.group_size > 0 && o.group_size % kTileDim == 0,
           "quantize: group_size must be a positive multiple of 16, got {}", o.group_size);
@@ -337,25 +351,17 @@ void validate(std::span<const float> w, int64_t experts, int64_t K, int64_t N,
             "quantize: hadamard block {} must divide K={} and N={}", o.hadamard, K, N);
   }
   require(o.threads >= 0, "quantize: threads must be >= 0, got {}", o.threads);
-  require(w.size() == static_cast<size_t>(experts * K * N),
-          "quantize: W holds {} values, experts x K x N = {} x {} x {} needs {}", w.size(), experts,
-          K, N, experts * K * N);
-  for (size_t i = 0; i < w.size(); ++i) {
-    if (!std::isfinite(w[i])) {
-      const int64_t per = K * N, e = static_cast<int64_t>(i) / per, r = static_cast<int64_t>(i) % per;
-      fail("quantize: W[{}][{}][{}] is not finite ({})", e, r / N, r % N, w[i]);
-    }
-  }
 }
 
 }  // namespace
 
-TrellisTensor quantize(std::span<const float> w, int64_t experts, int64_t K, int64_t N,
+TrellisTensor quantize(const ExpertLoader& load, int64_t experts, int64_t K, int64_t N,
                        const QuantizeOptions& options, QuantizeReport* report,
                        const std::function<void(int64_t, int64_t)>& progress) {
-  validate(w, experts, K, N, options);
+  validate(experts, K, N, options);
+  require(static_cast<bool>(load), "quantize: no expert loader");
   const int threads = options.threads > 0 ? options.threads : omp_get_max_threads();
-  const Problem p{w, experts, K, N, options};
+  const Problem p{load, experts, K, N, options};
   TrellisTensor t = TrellisTensor::zeros(experts, K, N, options.bits, options.group_size,
                                          options.hadamard);
   ErrorSums sums{std::vector<double>(report ? experts : 0), std::vector<double>(report ? experts : 0)};
@@ -372,6 +378,19 @@ TrellisTensor quantize(std::span<const float> w, int64_t experts, int64_t K, int
     report->sqnr_db = error > 0 ? 10.0 * std::log10(norm / error) : INFINITY;
   }
   return t;
+}
+
+TrellisTensor quantize(std::span<const float> w, int64_t experts, int64_t K, int64_t N,
+                       const QuantizeOptions& options, QuantizeReport* report,
+                       const std::function<void(int64_t, int64_t)>& progress) {
+  validate(experts, K, N, options);
+  require(w.size() == static_cast<size_t>(experts * K * N),
+          "quantize: W holds {} values, experts x K x N = {} x {} x {} needs {}", w.size(), experts,
+          K, N, experts * K * N);
+  const ExpertLoader from_memory = [&](int64_t first, int64_t count, std::span<float> out) {
+    std::copy_n(w.data() + first * K * N, count * K * N, out.data());
+  };
+  return quantize(from_memory, experts, K, N, options, report, progress);
 }
 
 }  // namespace tmoe

@@ -57,11 +57,15 @@ void run_quantize(const QuantizeCommand& c) {
       const HfCheckpoint::ProjectionShape s = checkpoint.projection_shape(layer, name);
       const std::string label = fmt::format("layer {} ({}/{}) {}", layer, l + 1, layers.size(), name);
       progress.update(experts_done, label + ": loading");
-      const std::vector<float> w = checkpoint.load_stacked(layer, name);
+      // Streamed a chunk of experts at a time: a projection's fp32 weights (DeepSeek-V3: 15 GB)
+      // never sit in memory at once.
+      const ExpertLoader load = [&](int64_t first, int64_t count, std::span<float> out) {
+        checkpoint.load_experts(layer, name, first, count, out);
+      };
       QuantizeReport report;
       try {
         projection(weights, p) =
-            quantize(w, s.experts, s.K, s.N, options, &report, [&](int64_t done, int64_t total) {
+            quantize(load, s.experts, s.K, s.N, options, &report, [&](int64_t done, int64_t total) {
               progress.update(experts_done + done, fmt::format("{}: expert {}/{}", label, done, total));
             });
       } catch (const Error& e) {  // say which tensor the options do not fit

@@ -44,7 +44,7 @@ TrellisTensor quantize(std::span<const float> w, int64_t experts, int64_t K, int
                        const QuantizeOptions& options, QuantizeReport* report = nullptr,
                        const std::function<void(int64_t, int64_t)>& progress = {});
 
-// The same, reading the experts through `load` a chunk at a time (at most ~64 MB of weights held at
+// The same, reading the experts through `load` a chunk at a time (~64 MB of weights held at
 // once), so a projection larger than memory can be quantized; the result is bitwise the same as
 // quantizing the whole W at once.
 TrellisTensor quantize(const ExpertLoader& load, int64_t experts, int64_t K, int64_t N,

@@ -51,6 +51,7 @@ struct Case {
   DType out_dtype = DType::f32;
   bool deterministic = false;
   int tile_rows = 0;  // 0: automatic
+  GroupedKernel kernel = GroupedKernel::automatic;
 };
 
 // Expert ids [T, k]: distinct experts per token for the routed slots.
@@ -113,6 +114,7 @@ std::vector<float> run_grouped(const Case& c, const MoeWeights& weights,
   args.out_dtype = c.out_dtype;
   args.deterministic = c.deterministic;
   args.tile_rows = c.tile_rows;
+  args.kernel = c.kernel;
   DeviceBuffer<uint8_t> workspace(grouped_moe_workspace_bytes(args));
   args.workspace = workspace.ptr;
 
@@ -333,6 +335,118 @@ TEST(Grouped, DeterministicIsBitwiseRepeatable) {
   Inputs in = make_inputs(c, seed);
   const std::vector<float> first = run_grouped(c, in.weights, in.x, in.ids, in.probs);
   for (int repeat = 0; repeat < 3; ++repeat) {
+    const std::vector<float> again = run_grouped(c, in.weights, in.x, in.ids, in.probs);
+    ASSERT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)))
+        << "deterministic mode differs on repeat " << repeat;
+  }
+}
+
+// ---- the wgmma kernel (sm_90a), forced: the same checks where it is selected -------------------
+// On a Hopper device it must be selected (the default build has an sm_90a target); elsewhere the
+// forced choice falls back to the mma.sync kernel and these tests check that one again.
+Case wgmma_case(int64_t tokens) {
+  Case c;
+  c.shape = small_shape();
+  c.tokens = tokens;
+  c.kernel = GroupedKernel::wgmma;
+  return c;
+}
+
+TEST(GroupedWgmma, SelectedOnHopper) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  const Case c = wgmma_case(512);
+  MoeWeights weights = random_moe_weights(c.shape, c.layer);
+  const UploadedProjection gate(weights.gate), up(weights.up), down(weights.down);
+  GroupedMoeArgs args;
+  args.gate = gate.view();
+  args.up = up.view();
+  args.down = down.view();
+  args.tokens = c.tokens;
+  args.top_k = c.shape.top_k;
+  args.kernel = GroupedKernel::wgmma;
+  if (prop.major == 9 && prop.minor == 0) {
+    EXPECT_TRUE(grouped_uses_wgmma(args));
+    args.kernel = GroupedKernel::automatic;
+    EXPECT_TRUE(grouped_uses_wgmma(args)) << "512 x 4 pairs over 16 experts: 128 rows per expert";
+    args.tokens = 256;
+    EXPECT_FALSE(grouped_uses_wgmma(args));
+  } else {
+    EXPECT_FALSE(grouped_uses_wgmma(args));
+  }
+  args.kernel = GroupedKernel::mma_sync;
+  EXPECT_FALSE(grouped_uses_wgmma(args));
+}
+
+class GroupedWgmmaTokens : public ::testing::TestWithParam<int64_t> {};
+TEST_P(GroupedWgmmaTokens, MatchesReference) {
+  Case c = wgmma_case(GetParam());
+  expect_matches_reference(c);
+  c.deterministic = true;
+  c.out_dtype = DType::bf16;
+  expect_matches_reference(c);
+}
+INSTANTIATE_TEST_SUITE_P(Sizes, GroupedWgmmaTokens, ::testing::Values(1, 65, 128, 257, 1000, 4096));
+
+TEST(GroupedWgmma, RaggedRoutings) {
+  for (Routing routing : {Routing::uniform, Routing::one_hot, Routing::half_empty,
+                          Routing::some_skipped, Routing::all_skipped}) {
+    Case c = wgmma_case(700);
+    c.routing = routing;
+    c.deterministic = routing == Routing::half_empty;
+    expect_matches_reference(c);
+  }
+}
+
+// Every bit width alone (one decode variant per warp), then mixed widths with a fitted-style grid
+// (the level-table variant) and fp16 in / bf16 out.
+TEST(GroupedWgmma, BitWidthsAndGrids) {
+  for (int bits : {2, 3, 4}) {
+    Case c = wgmma_case(600);
+    c.layer.gate_bits = c.layer.up_bits = c.layer.down_bits = bits;
+    expect_matches_reference(c);
+  }
+  Case c = wgmma_case(600);
+  c.layer.gate_bits = 2;
+  c.layer.up_bits = 4;
+  c.layer.down_bits = 3;
+  c.layer.group_size = 32;
+  c.layer.custom_grid = true;
+  c.x_dtype = DType::f16;
+  c.out_dtype = DType::bf16;
+  expect_matches_reference(c);
+}
+
+// K and N multiples of 16 but not of the 64-deep step or the 128/256-wide column blocks, small
+// groups, fp32 in / fp16 out, and a K of 65 steps (the last one partial).
+TEST(GroupedWgmma, PartialTiles) {
+  Case c = wgmma_case(1100);
+  c.shape = {"odd", 208, 80, 12, 3};
+  c.layer.group_size = 48;
+  c.layer.gate_bits = 2;
+  c.layer.down_bits = 4;
+  c.x_dtype = DType::f32;
+  c.out_dtype = DType::f16;
+  expect_matches_reference(c);
+  c.deterministic = true;
+  expect_matches_reference(c);
+  c = wgmma_case(300);
+  c.shape = {"long-down", 128, 4112, 4, 2};
+  c.layer.group_size = 64;
+  expect_matches_reference(c);
+}
+
+TEST(GroupedWgmma, DeterministicIsBitwiseRepeatable) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  Case c = wgmma_case(1000);
+  c.routing = Routing::one_hot;
+  c.deterministic = true;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Inputs in = make_inputs(c, seed);
+  const std::vector<float> first = run_grouped(c, in.weights, in.x, in.ids, in.probs);
+  for (int repeat = 0; repeat < 2; ++repeat) {
     const std::vector<float> again = run_grouped(c, in.weights, in.x, in.ids, in.probs);
     ASSERT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)))
         << "deterministic mode differs on repeat " << repeat;

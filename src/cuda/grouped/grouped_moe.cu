@@ -13,12 +13,15 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <utility>
 
 #include "cuda/fragment_decode.cuh"
 #include "cuda/grouped/grouped_moe.cuh"
+#include "cuda/grouped/weight_decode.cuh"
+#include "cuda/grouped/wgmma.cuh"
 #include "tmoe/error.hpp"
 #include "tmoe/trellis_decode.hpp"
 
@@ -106,28 +109,12 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
 // fp16 bits -> float with the hardware conversion (half_to_float is the portable bit-exact one;
 // both are exact, this one is a single instruction).
 __device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
 // ---- shared memory of grouped_gemm ----------------------------------------------------------
-// How a projection's codebook maps to weights (read from the device grid once per block):
-// affine grids (grid[i] = grid0 + step * i, the default) decode an index straight into bf16,
-// centre it (i - c, c = (2^bits - 1) / 2: exact in bf16) and take one HFMA2 with
-// (step * scale, center * scale), center = grid0 + c * step (0 for symmetric grids). Centring
-// matters for accuracy: with (step * scale, grid0 * scale) the bf16 rounding of both
-// coefficients adds up to ~(|idx| + |grid0 / step|) * 2^-9 per weight, ~2.5x a bf16 weight's.
-// Other grids look the pair of levels up.
-struct GridForm {
-  float center, step;
-  int affine;
-};
-
 template <int NUM_PROJ, bool SEPARATE_A, int BM>
 struct GemmSmem {
   static constexpr int kStages = stages_for(BM);
@@ -150,59 +137,9 @@ struct GemmSmem {
   const __nv_bfloat16* a_src[kNumA][BM];
 };
 
-// Reads a projection's grid and decides whether it is affine: every level within 1e-6 of the
-// largest of grid0 + step * i (the error of treating it so is ~1e-7 relative, far below bf16's).
-__device__ GridForm grid_form(const DeviceProjection& w) {
-  const int levels = 1 << w.bits;
-  const double g0 = w.grid[0], step = (static_cast<double>(w.grid[levels - 1]) - g0) / (levels - 1);
-  double largest = 0.0;
-  for (int i = 0; i < levels; ++i) largest = fmax(largest, fabs(static_cast<double>(w.grid[i])));
-  bool affine = step != 0.0;
-  for (int i = 0; i < levels; ++i)
-    affine = affine && fabs(w.grid[i] - (g0 + step * i)) <= 1e-6 * largest;
-  const double center = g0 + step * ((levels - 1) * 0.5);
-  return {static_cast<float>(center), static_cast<float>(step), affine ? 1 : 0};
-}
-
-// Pair P's two fields of a lane's unit words as one 2*BITS-bit index lo | hi << BITS (the level
-// table's index for grids that are not affine). Same bit positions as fragment_decode.cuh's.
-template <int BITS, int P>
-__device__ __forceinline__ uint32_t level_pair_index(const uint32_t (&w)[BITS]) {
-  constexpr uint32_t mask = (1u << BITS) - 1u;
-  if constexpr (BITS == 3 && P == 15) {  // the spare bits 0 and 16 of the three words
-    const uint32_t m = 0x00010001u;
-    const uint32_t g = (w[0] & m) | ((w[1] << 1) & (m << 1)) | ((w[2] << 2) & (m << 2));
-    return (g & mask) | ((g >> (16 - BITS)) & (mask << BITS));
-  } else {
-    constexpr int b = fragment_detail::pair_bit<BITS>(P);
-    const uint32_t word = w[fragment_detail::pair_word<BITS>(P)];
-    return ((word >> b) & mask) | ((word >> (b + 16 - BITS)) & (mask << BITS));
-  }
-}
-
-__device__ __forceinline__ uint32_t hfma2_bits(uint32_t x, uint32_t a, uint32_t b) {
-  const __nv_bfloat162 v = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&x),
-                                   *reinterpret_cast<const __nv_bfloat162*>(&a),
-                                   *reinterpret_cast<const __nv_bfloat162*>(&b));
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t hadd2_bits(uint32_t x, uint32_t a) {
-  const __nv_bfloat162 v = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&x),
-                                   *reinterpret_cast<const __nv_bfloat162*>(&a));
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t hmul2_bits(uint32_t x, uint32_t a) {
-  const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x),
-                                   *reinterpret_cast<const __nv_bfloat162*>(&a));
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // The B fragments of k-tile KT of one unit, for the n8 tile of its left (columns g) and right
-// (g + 8) half: bf16 weights X * c.x + c.y (times su[k] when su_pairs is given).
-// words: the lane's BITS words of the unit; coef_left / coef_right: column g's and g+8's
-// coefficients for this k-tile; with_su: multiply by su_low (su at k = 2t, 2t+1 of the k-tile)
-// and su_high (k = 2t+8, 2t+9). Everything by value: a pointer to a register array would put it in
-// local memory.
+// (g + 8) half (scaled_weight_pairs in weight_decode.cuh; everything by value: a pointer to a
+// register array would put it in local memory).
 template <int BITS, int KT>
 __device__ __forceinline__ void unit_b_fragments(const uint32_t (&words)[kMaxBits], bool affine,
                                                  const uint32_t* level_pairs, uint2 coef_left,
@@ -210,36 +147,65 @@ __device__ __forceinline__ void unit_b_fragments(const uint32_t (&words)[kMaxBit
                                                  uint32_t su_high, uint32_t (&left)[2],
                                                  uint32_t (&right)[2]) {
   const uint32_t(&w)[BITS] = *reinterpret_cast<const uint32_t(*)[BITS]>(&words);
-  uint32_t x[4];  // pair 4 KT + r: r & 1 = right half, r >> 1 = k + 8
-  if (affine) {
-    // bf16 bits of -c = -(2^BITS - 1) / 2 (-1.5, -3.5, -7.5) in both halves: idx - c is exact.
-    constexpr uint32_t minus_center = BITS == 2 ? 0xBFC0u : BITS == 3 ? 0xC060u : 0xC0F0u;
-    constexpr uint32_t minus_centers = minus_center | (minus_center << 16);
-    x[0] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 0>(w), minus_centers);
-    x[1] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 1>(w), minus_centers);
-    x[2] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 2>(w), minus_centers);
-    x[3] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 3>(w), minus_centers);
-  } else {
-    x[0] = level_pairs[level_pair_index<BITS, 4 * KT + 0>(w)];
-    x[1] = level_pairs[level_pair_index<BITS, 4 * KT + 1>(w)];
-    x[2] = level_pairs[level_pair_index<BITS, 4 * KT + 2>(w)];
-    x[3] = level_pairs[level_pair_index<BITS, 4 * KT + 3>(w)];
-  }
-  left[0] = hfma2_bits(x[0], coef_left.x, coef_left.y);
-  right[0] = hfma2_bits(x[1], coef_right.x, coef_right.y);
-  left[1] = hfma2_bits(x[2], coef_left.x, coef_left.y);
-  right[1] = hfma2_bits(x[3], coef_right.x, coef_right.y);
-  if (with_su) {
-    left[0] = hmul2_bits(left[0], su_low);
-    right[0] = hmul2_bits(right[0], su_low);
-    left[1] = hmul2_bits(left[1], su_high);
-    right[1] = hmul2_bits(right[1], su_high);
-  }
+  uint32_t v[4];
+  if (affine)
+    scaled_weight_pairs<BITS, KT, true>(w, level_pairs, coef_left, coef_right, with_su, su_low, su_high, v);
+  else
+    scaled_weight_pairs<BITS, KT, false>(w, level_pairs, coef_left, coef_right, with_su, su_low, su_high, v);
+  left[0] = v[0];
+  right[0] = v[1];
+  left[1] = v[2];
+  right[1] = v[3];
 }
 
 template <int... I, typename F>
 __device__ __forceinline__ void static_for(std::integer_sequence<int, I...>, F&& f) {
   (f(std::integral_constant<int, I>{}), ...);
+}
+
+// The epilogue of both GEMM kernels for two adjacent output columns n, n+1 of pair row r (rows
+// past the expert's valid rows are never passed): v0, v1 = the projection's (gate's) accumulators,
+// u0, u1 = up's (NUM_PROJ == 2). By value: a pointer into a register array would move it to local
+// memory. Applies sv, SwiGLU (and down's su) or the router weight and the combine.
+template <int NUM_PROJ>
+__device__ __forceinline__ void store_output_pair(const GemmParams& p, int expert, int64_t r, int n,
+                                                  float v0, float v1, float u0, float u1) {
+  const int64_t N = p.N;
+  if (n >= N) return;  // N is a multiple of 16: n + 1 < N too
+  if constexpr (NUM_PROJ == 2) {
+    if (p.epilogue == kSwiglu) {
+      const uint16_t* svg = p.proj[0].sv + static_cast<int64_t>(expert) * N;
+      const uint16_t* svu = p.proj[1].sv + static_cast<int64_t>(expert) * N;
+      const float g0 = v0 * h2f(svg[n]), g1 = v1 * h2f(svg[n + 1]);
+      float h0 = silu(g0) * u0 * h2f(svu[n]);
+      float h1 = silu(g1) * u1 * h2f(svu[n + 1]);
+      if (p.h_su) {  // down's su: h . su_d is down's A operand
+        h0 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n]);
+        h1 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n + 1]);
+      }
+      *reinterpret_cast<uint32_t*>(&p.h[r * N + n]) = pack_bf16(h0, h1);
+    } else {
+      *reinterpret_cast<float2*>(&p.g_raw[r * N + n]) = make_float2(v0, v1);
+      *reinterpret_cast<float2*>(&p.u_raw[r * N + n]) = make_float2(u0, u1);
+    }
+  } else {
+    if (p.epilogue == kRowsRaw) {
+      *reinterpret_cast<float2*>(&p.rows[r * N + n]) = make_float2(v0, v1);
+      return;
+    }
+    const int32_t pair = p.order[r];
+    const float prob = p.probs[pair];
+    const uint16_t* sv = p.proj[0].sv + static_cast<int64_t>(expert) * N;
+    const float d0 = v0 * h2f(sv[n]) * prob;
+    const float d1 = v1 * h2f(sv[n + 1]) * prob;
+    if (p.epilogue == kAtomic) {
+      float* dst = p.out_acc + static_cast<int64_t>(pair / p.top_k) * N + n;
+      atomicAdd(dst, d0);
+      atomicAdd(dst + 1, d1);
+    } else {
+      *reinterpret_cast<float2*>(&p.rows[r * N + n]) = make_float2(d0, d1);
+    }
+  }
 }
 
 // One block: BM rows of one expert's pairs x kBN columns of NUM_PROJ projections (same K).
@@ -292,7 +258,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
     }
     s.a_src[which][r] = src;
   }
-  if (tid < NUM_PROJ) s.grid[tid] = grid_form(p.proj[tid]);
+  if (tid < NUM_PROJ) s.grid[tid] = grid_form(p.proj[tid].grid, p.proj[tid].bits);
   for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += kThreads) {
     const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
     const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
@@ -396,9 +362,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       const int i = tid + pass * kThreads;
       const int q = i / (kKTiles * kProjCols), kt = (i / kProjCols) % kKTiles, col = i % kProjCols;
       const float scale = h2f(s.scales[buf][q][kt][col]);
-      const GridForm g = s.grid[q];
-      const float a = g.affine ? g.step * scale : scale, b = g.affine ? g.center * scale : 0.0f;
-      s.coef[cb][q][kt][col] = make_uint2(pack_bf16(a, a), pack_bf16(b, b));
+      s.coef[cb][q][kt][col] = weight_coef(s.grid[q], scale);
     }
   };
 
@@ -541,50 +505,260 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
     for (int half = 0; half < 2; ++half) {
       const int local_row = warp_m * kWarpRows + mf * 16 + (lane >> 2) + half * 8;
       if (local_row >= rows_valid) continue;
-      const int64_t r = row0 + local_row;
 #pragma unroll
       for (int j = 0; j < kWarpNFrags; ++j) {
         const int n = n0 + warp_n * kWarpCols + j * 8 + (lane & 3) * 2;
-        if (n >= N) continue;  // N is a multiple of 16: n + 1 < N too
-        const float v0 = acc[mf][j][half * 2], v1 = acc[mf][j][half * 2 + 1];
-        if constexpr (NUM_PROJ == 2) {
-          const float u0 = acc[mf][kWarpNFrags + j][half * 2];
-          const float u1 = acc[mf][kWarpNFrags + j][half * 2 + 1];
-          if (p.epilogue == kSwiglu) {
-            const uint16_t* svg = p.proj[0].sv + static_cast<int64_t>(expert) * N;
-            const uint16_t* svu = p.proj[1].sv + static_cast<int64_t>(expert) * N;
-            const float g0 = v0 * h2f(svg[n]), g1 = v1 * h2f(svg[n + 1]);
-            float h0 = silu(g0) * u0 * h2f(svu[n]);
-            float h1 = silu(g1) * u1 * h2f(svu[n + 1]);
-            if (p.h_su) {  // down's su: h . su_d is down's A operand
-              h0 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n]);
-              h1 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n + 1]);
-            }
-            *reinterpret_cast<uint32_t*>(&p.h[r * N + n]) = pack_bf16(h0, h1);
-          } else {
-            *reinterpret_cast<float2*>(&p.g_raw[r * N + n]) = make_float2(v0, v1);
-            *reinterpret_cast<float2*>(&p.u_raw[r * N + n]) = make_float2(u0, u1);
-          }
-        } else {
-          if (p.epilogue == kRowsRaw) {
-            *reinterpret_cast<float2*>(&p.rows[r * N + n]) = make_float2(v0, v1);
-            continue;
-          }
-          const int32_t pair = p.order[r];
-          const float prob = p.probs[pair];
-          const uint16_t* sv = p.proj[0].sv + static_cast<int64_t>(expert) * N;
-          const float d0 = v0 * h2f(sv[n]) * prob;
-          const float d1 = v1 * h2f(sv[n + 1]) * prob;
-          if (p.epilogue == kAtomic) {
-            float* dst = p.out_acc + static_cast<int64_t>(pair / p.top_k) * N + n;
-            atomicAdd(dst, d0);
-            atomicAdd(dst + 1, d1);
-          } else {
-            *reinterpret_cast<float2*>(&p.rows[r * N + n]) = make_float2(d0, d1);
-          }
-        }
+        const int up = NUM_PROJ == 2 ? kWarpNFrags + j : j;
+        store_output_pair<NUM_PROJ>(p, expert, row0 + local_row, n, acc[mf][j][half * 2],
+                                    acc[mf][j][half * 2 + 1], acc[mf][up][half * 2],
+                                    acc[mf][up][half * 2 + 1]);
       }
     }
+}
+
+// ---- grouped_gemm_wgmma (sm_90a): producer / consumer warpgroups --------------------------------
+// One block: 128 rows of one expert's pairs x 256 B columns (gate 128 + up 128, or 256 of down),
+// 3 warpgroups. The PRODUCER warpgroup copies each 64-deep K step (A rows, raw fragment-layout
+// units, scales, su) with cp.async kWgAhead steps ahead, and decodes every unit of the step ONCE
+// into a bf16 K-major SW128 B tile (wgmma.cuh); 2 CONSUMER warpgroups (64 rows each) run
+// wgmma m64n256k16 from shared memory with fp32 accumulators in registers (128 per thread).
+// mbarriers: full[slot] (the step's A and decoded B are ready: 128 producer arrivals),
+// empty[slot] (the consumers' wgmmas of that step have retired: 256 arrivals). The decoded B is
+// double-buffered: the producer decodes step i while the consumers multiply step i-1.
+constexpr int kWgRows = 128, kWgCols = 256, kWgThreads = 384;
+constexpr int kWgStages = 5;                 // ring of A + raw weights
+[[maybe_unused]] constexpr int kWgAhead = kWgStages - 2;     // copies in flight ahead of the step being decoded
+constexpr int kWgUnits = kWgCols / kTileDim;  // 16 units per step
+// No setmaxnreg: every thread keeps the launch's 168 registers (launch bounds 384, 1), which hold
+// the consumers' 128 accumulators; with setmaxnreg (e.g. 88 producer / 208 consumer) ptxas spilled
+// ~3 KB per thread (CUDA 13.0), without it nothing.
+
+template <int NUM_PROJ>
+struct WgmmaSmem {
+  static constexpr int kProjCols = kWgCols / NUM_PROJ;
+  uint8_t a[kWgStages][kWgRows * wgmma::kRowBytes];  // SW128 K-major, 16 KB per step
+  uint8_t b[2][kWgCols * wgmma::kRowBytes];          // decoded weights, SW128 K-major, 32 KB
+  uint32_t units[kWgStages][kWgUnits][unit_words(kMaxBits)];
+  uint16_t scales[kWgStages][NUM_PROJ][kKTiles][kProjCols];
+  uint16_t su[kWgStages][NUM_PROJ][kBK];  // bf16 bits (gate/up: folded into the weights)
+  uint2 coef[NUM_PROJ][kKTiles][kProjCols];
+  uint32_t level_pairs[NUM_PROJ][kMaxGrid * kMaxGrid];
+  GridForm grid[NUM_PROJ];
+  const __nv_bfloat16* a_src[kWgRows];
+};
+// Dynamic shared memory of the kernel: the struct plus room to align it to 1024 bytes (SW128).
+template <int NUM_PROJ>
+constexpr size_t wgmma_smem_bytes() {
+  return sizeof(WgmmaSmem<NUM_PROJ>) + wgmma::kTileAlign;
+}
+
+template <int NUM_PROJ>
+__global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmParams p) {
+#ifdef TMOE_WGMMA_DEVICE
+  // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
+  __shared__ uint64_t full_bar[kWgStages], empty_bar[kWgStages];
+  using Smem = WgmmaSmem<NUM_PROJ>;
+  constexpr int kProjCols = Smem::kProjCols;
+  constexpr int kProjNTiles = kProjCols / kTileDim;
+  constexpr bool kFoldSu = NUM_PROJ == 2;  // gate/up without Hadamard (the only ones run here)
+  extern __shared__ uint8_t smem_raw[];
+  Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + wgmma::kTileAlign - 1) &
+                                     ~uintptr_t{wgmma::kTileAlign - 1});
+
+  const int item = blockIdx.y;
+  if (item >= *p.num_items) return;
+  const int n0 = blockIdx.x * kProjCols;  // first column of this block in each projection
+  if (n0 >= p.N) return;
+  const int expert = p.items[2 * item];
+  const int row0 = p.items[2 * item + 1];
+  const int rows_valid = min(kWgRows, p.offsets[expert + 1] - row0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
+  const int num_kb = (K + kBK - 1) / kBK;
+
+  for (int r = tid; r < kWgRows; r += kWgThreads) {
+    const __nv_bfloat16* src = nullptr;
+    if (r < rows_valid) {
+      const int64_t a_row = p.gather_tokens ? p.order[row0 + r] / p.top_k : row0 + r;
+      src = p.a[0] + a_row * K;
+    }
+    s.a_src[r] = src;
+  }
+  if (tid < NUM_PROJ) s.grid[tid] = grid_form(p.proj[tid].grid, p.proj[tid].bits);
+  for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += kWgThreads) {
+    const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
+    const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
+    if (pair < (1 << (2 * bits)))
+      s.level_pairs[q][pair] = pack_bf16(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
+  }
+  if (tid == 0) {
+    for (int st = 0; st < kWgStages; ++st) {
+      wgmma::mbarrier_init(&full_bar[st], 128);
+      wgmma::mbarrier_init(&empty_bar[st], 256);
+    }
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ---------------- producer warpgroup ----------------
+    const int ptid = tid;  // 0..127
+    // This warp's 4 units of every step: B rows 16 u .. 16 u + 15, u = 4 warp + i; gate/up:
+    // warps 0-1 decode gate (rows 0-127), warps 2-3 up (rows 128-255).
+    const int my_proj = NUM_PROJ == 2 ? warp / 2 : 0;
+
+    // The copies of step kb into ring slot `slot` (zero-filled outside K / N, like grouped_gemm's).
+    auto load_stage = [&](int slot, int kb) {
+      const int k0 = kb * kBK;
+#pragma unroll
+      for (int i = 0; i < kWgRows * 8 / 128; ++i) {  // A: 8 chunks of 16 bytes per row
+        const int row = ptid / 8 + 16 * i, chunk = ptid % 8;
+        const __nv_bfloat16* src = s.a_src[row];
+        if (src == nullptr) continue;  // padding rows: never stored, need no copy
+        const int k = k0 + chunk * 8;
+        cp_async16(&s.a[slot][wgmma::sw128_offset(row, chunk)], k < K ? src + k : p.a[0], k < K ? 16 : 0);
+      }
+#pragma unroll
+      for (int i = 0; i < kWgUnits * (unit_bytes(kMaxBits) / 16) / 128; ++i) {  // units
+        const int c = ptid + 128 * i;
+        const int u = c / (unit_bytes(kMaxBits) / 16), chunk = c % (unit_bytes(kMaxBits) / 16);
+        const int q = NUM_PROJ == 2 ? u / kProjNTiles : 0, gn = n0 / kTileDim + u % kProjNTiles;
+        const DeviceProjection& w = p.proj[q];
+        if (chunk * 16 < unit_bytes(w.bits) && gn < N / kTileDim)
+          cp_async16(&s.units[slot][u][chunk * 4], w.unit(expert, gn, kb) + chunk * 4, 16);
+      }
+      {  // scales: one 16-byte piece of a (k-tile, 8 columns) row per thread
+        static_assert(NUM_PROJ * kKTiles * (kProjCols / 8) == 128);
+        const int chunk = ptid % (kProjCols / 8), kt = (ptid / (kProjCols / 8)) % kKTiles;
+        const int q = ptid / ((kProjCols / 8) * kKTiles);
+        const DeviceProjection& w = p.proj[q];
+        const int k = k0 + kt * kTileDim, n = n0 + chunk * 8;
+        const bool ok = k < K && n < N;
+        const int64_t groups = (K + w.group_size - 1) / w.group_size;
+        const uint16_t* src =
+            ok ? w.scales + (static_cast<int64_t>(expert) * groups + k / w.group_size) * N + n : w.scales;
+        cp_async16(&s.scales[slot][q][kt][chunk * 8], src, ok ? 16 : 0);
+      }
+      if (kFoldSu && ptid < NUM_PROJ * (kBK / 8)) {  // su: 8 k-values per thread
+        const int chunk = ptid % (kBK / 8), q = ptid / (kBK / 8);
+        const int k = k0 + chunk * 8;
+        const bool ok = k < K;
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(p.su16[q]) +
+                              (ok ? static_cast<int64_t>(expert) * K + k : 0);
+        cp_async16(&s.su[slot][q][chunk * 8], src, ok ? 16 : 0);
+      }
+    };
+
+    auto producer_loop = [&](auto bits_constant, auto affine_constant) {
+      constexpr int BITS = decltype(bits_constant)::value;
+      constexpr bool AFFINE = decltype(affine_constant)::value;
+      const int g = lane >> 2;
+#pragma unroll
+      for (int st = 0; st < kWgAhead; ++st) {
+        if (st < num_kb) load_stage(st, st);
+        cp_async_commit();
+      }
+      for (int i = 0; i < num_kb; ++i) {
+        const int slot = i % kWgStages;
+        // Step i-2 has retired: its ring slot (= that of step i + kWgAhead) and its B buffer
+        // (= step i's) may be overwritten.
+        if (i >= 2) wgmma::mbarrier_wait(&empty_bar[(i - 2) % kWgStages], ((i - 2) / kWgStages) & 1);
+        {
+          const int next = i + kWgAhead;
+          if (next < num_kb) load_stage(next % kWgStages, next);
+          cp_async_commit();
+        }
+        cp_async_wait<kWgAhead>();     // this thread's copies of step i landed
+        wgmma::fence_proxy_async();    // ... and are visible to wgmma (A)
+        wgmma::named_barrier_sync(1, 128);  // everyone's copies of step i; coef free again
+#pragma unroll
+        for (int pass = 0; pass < NUM_PROJ * kKTiles * kProjCols / 128; ++pass) {
+          const int e = ptid + pass * 128;
+          const int q = e / (kKTiles * kProjCols), kt = (e / kProjCols) % kKTiles, col = e % kProjCols;
+          s.coef[q][kt][col] = weight_coef(s.grid[q], h2f(s.scales[slot][q][kt][col]));
+        }
+        wgmma::named_barrier_sync(1, 128);
+        uint32_t su_pairs[2 * kKTiles] = {};
+        if constexpr (kFoldSu) {
+#pragma unroll
+          for (int j = 0; j < 2 * kKTiles; ++j)
+            su_pairs[j] = *reinterpret_cast<const uint32_t*>(&s.su[slot][my_proj][8 * j + 2 * (lane & 3)]);
+        }
+        uint8_t* tile = s.b[i & 1];
+#pragma unroll 1  // one unit at a time: few registers (16 independent pairs each are enough ILP)
+        for (int iu = 0; iu < 4; ++iu) {
+          const int u = 4 * warp + iu, col0 = (u % kProjNTiles) * kTileDim;
+          uint32_t words[BITS];
+#pragma unroll
+          for (int b = 0; b < BITS; ++b) words[b] = s.units[slot][u][b * 32 + lane];
+          static_for(std::make_integer_sequence<int, kKTiles>{}, [&](auto kt_constant) {
+            constexpr int kt = decltype(kt_constant)::value;
+            uint32_t pairs[4];
+            scaled_weight_pairs<BITS, kt, AFFINE>(words, s.level_pairs[my_proj], s.coef[my_proj][kt][col0 + g],
+                                                  s.coef[my_proj][kt][col0 + g + 8], kFoldSu,
+                                                  su_pairs[2 * kt], su_pairs[2 * kt + 1], pairs);
+            wgmma::store_unit_pairs<kt>(tile, 16 * u, lane, pairs);
+          });
+        }
+        wgmma::fence_proxy_async();  // the decoded B, for wgmma
+        wgmma::mbarrier_arrive(&full_bar[slot]);
+      }
+      cp_async_wait<0>();
+    };
+    // One decode variant per warp (warp-uniform: each warp decodes one projection).
+    const int bits = p.proj[my_proj].bits;
+    const bool affine = s.grid[my_proj].affine != 0;
+    using True = std::true_type;
+    using False = std::false_type;
+    if (affine) {
+      if (bits == 2) producer_loop(std::integral_constant<int, 2>{}, True{});
+      else if (bits == 4) producer_loop(std::integral_constant<int, 4>{}, True{});
+      else producer_loop(std::integral_constant<int, 3>{}, True{});
+    } else {
+      if (bits == 2) producer_loop(std::integral_constant<int, 2>{}, False{});
+      else if (bits == 4) producer_loop(std::integral_constant<int, 4>{}, False{});
+      else producer_loop(std::integral_constant<int, 3>{}, False{});
+    }
+  } else {
+    // ---------------- consumer warpgroups ----------------
+    const int cw = warp / 4 - 1;  // 0, 1: rows 64 cw .. 64 cw + 63
+    const bool has_rows = rows_valid > 64 * cw;  // all-padding row halves skip their wgmmas
+    // Written only by wgmma (the first step's first one overwrites: scale-d = 0), so that no
+    // other instruction defines them inside the wgmma pipeline (ptxas would serialize it).
+    float acc[128];
+    for (int j = 0; j < num_kb; ++j) {
+      const int slot = j % kWgStages;
+      wgmma::mbarrier_wait(&full_bar[slot], (j / kWgStages) & 1);
+      if (has_rows) {
+        const uint32_t a_base = wgmma::smem_address(s.a[slot]) + 64 * cw * wgmma::kRowBytes;
+        const uint32_t b_base = wgmma::smem_address(s.b[j & 1]);
+        wgmma::fence_operands();
+#pragma unroll
+        for (int kk = 0; kk < kKTiles; ++kk)
+          wgmma::mma_m64n256k16(acc, wgmma::sw128_descriptor(a_base + 32 * kk),
+                                wgmma::sw128_descriptor(b_base + 32 * kk), j > 0 || kk > 0);
+        wgmma::commit_group();
+        wgmma::wait_group<1>();  // step j-1's wgmmas have retired
+      }
+      if (j >= 1) wgmma::mbarrier_arrive(&empty_bar[(j - 1) % kWgStages]);
+    }
+    wgmma::wait_group<0>();
+    if (!has_rows) return;
+    // Epilogue: acc[4 j + i] is row 16 (warp % 4) + g + 8 (i >> 1), column 8 j + 2 t + (i & 1).
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int local_row = 64 * cw + 16 * (warp % 4) + g + 8 * half;
+      if (local_row >= rows_valid) continue;
+#pragma unroll
+      for (int j = 0; j < kProjCols / 8; ++j) {
+        const int up = NUM_PROJ == 2 ? j + kProjCols / 8 : j;
+        store_output_pair<NUM_PROJ>(p, expert, row0 + local_row, n0 + 8 * j + 2 * t, acc[4 * j + 2 * half],
+                                    acc[4 * j + 2 * half + 1], acc[4 * up + 2 * half],
+                                    acc[4 * up + 2 * half + 1]);
+      }
+    }
+  }
+#endif
 }
 
 // ---- routing helpers ------------------------------------------------------------------------
@@ -813,6 +987,37 @@ int tile_rows_for(const GroupedMoeArgs& a) {
   return pairs >= 256 * a.gate.experts && huge_fits ? kRows256 : kRows128;
 }
 
+// Whether grouped_gemm_wgmma has its sm_90a body for the current device (the build has an sm_90a
+// target and the device runs it): only that body declares static shared memory (its mbarriers).
+bool wgmma_kernel_built() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  static int known[64] = {};  // per device: 0 unknown, 1 yes, 2 no
+  if (device < 64 && known[device]) return known[device] == 1;
+  cudaFuncAttributes gate_up{}, down{};
+  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1>), "cudaFuncGetAttributes");
+  const bool built = gate_up.sharedSizeBytes > 0 && down.sharedSizeBytes > 0 &&
+                     std::max(wgmma_smem_bytes<1>(), wgmma_smem_bytes<2>()) + gate_up.sharedSizeBytes <=
+                         device_shared_limit();
+  if (device < 64) known[device] = built ? 1 : 2;
+  return built;
+}
+
+bool use_wgmma(const GroupedMoeArgs& a) {
+  if (any_hadamard(a)) return false;
+  GroupedKernel choice = a.kernel;
+  if (choice == GroupedKernel::automatic) {
+    if (const char* env = std::getenv("TMOE_GROUPED_KERNEL")) {
+      if (std::string(env) == "mma") choice = GroupedKernel::mma_sync;
+      if (std::string(env) == "wgmma") choice = GroupedKernel::wgmma;
+    }
+  }
+  if (choice == GroupedKernel::mma_sync || !wgmma_kernel_built()) return false;
+  if (choice == GroupedKernel::wgmma) return true;
+  return a.tile_rows == 0 && a.tokens * a.top_k >= kWgmmaMinRowsPerExpert * a.gate.experts;
+}
+
 // Split-K for down (atomic combine only: the partial sums meet in the float atomics): when the
 // column blocks x row tiles fill fewer than two waves of blocks, e.g. mixtral at 128 tokens
 // (8 experts x 32 column blocks of H = 4096), each block would stream a whole K = 14336 alone.
@@ -949,6 +1154,22 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
 
+template <int NUM_PROJ>
+void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
+  constexpr int kProjCols = kWgCols / NUM_PROJ;
+  const size_t smem = wgmma_smem_bytes<NUM_PROJ>();
+  static bool configured = false;  // attribute set once per process and instantiation
+  if (!configured) {
+    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "cudaFuncSetAttribute");
+    configured = true;
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items), 1);
+  grouped_gemm_wgmma<NUM_PROJ><<<grid, kWgThreads, smem, stream>>>(p);
+  check_cuda(cudaGetLastError(), "grouped_gemm_wgmma launch");
+}
+
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
@@ -965,6 +1186,11 @@ unsigned elementwise_blocks(int64_t count) {
 
 void validate_grouped_moe(const GroupedMoeArgs& args) { validate(args, true); }
 
+bool grouped_uses_wgmma(const GroupedMoeArgs& args) {
+  validate(args, false);
+  return use_wgmma(args);
+}
+
 size_t grouped_moe_workspace_bytes(const GroupedMoeArgs& args) {
   validate(args, false);
   return carve(args, nullptr).bytes;
@@ -976,7 +1202,8 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   const Workspace ws = carve(a, static_cast<uint8_t*>(a.workspace));
   const int experts = static_cast<int>(a.gate.experts);
   const int64_t T = a.tokens, pairs = T * a.top_k, H = a.gate.K, I = a.gate.N;
-  const int tile_rows = tile_rows_for(a);
+  const bool wgmma_path = use_wgmma(a);
+  const int tile_rows = wgmma_path ? kWgRows : tile_rows_for(a);
   const int64_t max_items = max_work_items(a, tile_rows);
   const bool hadamard = any_hadamard(a);
   const bool fixed_order = a.deterministic || hadamard;
@@ -999,9 +1226,13 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.probs = a.probs;
   p.top_k = a.top_k;
   p.k_splits = 1;
-  // Launches grouped_gemm<NUM_PROJ, false, tile_rows>.
+  // Launches grouped_gemm_wgmma<NUM_PROJ> or grouped_gemm<NUM_PROJ, false, tile_rows>.
   auto launch = [&](auto num_proj) {
     constexpr int kNumProj = decltype(num_proj)::value;
+    if (wgmma_path) {
+      launch_gemm_wgmma<kNumProj>(p, max_items, stream);
+      return;
+    }
     switch (tile_rows) {
       case kRows32: launch_gemm<kNumProj, false, kRows32>(p, max_items, stream); break;
       case kRows64: launch_gemm<kNumProj, false, kRows64>(p, max_items, stream); break;
@@ -1070,7 +1301,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     check_cuda(cudaMemsetAsync(acc, 0, T * H * sizeof(float), stream), "memset");
     p.epilogue = kAtomic;
     p.out_acc = acc;
-    p.k_splits = down_k_splits(a, tile_rows, max_items);
+    p.k_splits = wgmma_path ? 1 : down_k_splits(a, tile_rows, max_items);
     launch(std::integral_constant<int, 1>{});
     if (a.out_dtype != DType::f32) {
       convert_from_f32<<<elementwise_blocks(T * H), 256, 0, stream>>>(acc, T * H, a.out,

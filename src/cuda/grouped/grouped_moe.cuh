@@ -31,6 +31,15 @@
 
 namespace tmoe::cuda::grouped {
 
+// Which GEMM kernel runs the projections. automatic: grouped_gemm_wgmma (sm_90a: a producer
+// warpgroup decodes each weight once per 128-row tile into shared memory, wgmma consumers) where the
+// build and device have it and experts average >= kWgmmaMinRowsPerExpert rows, else the mma.sync
+// kernel (every GPU). mma_sync / wgmma force one (wgmma falls back to mma_sync where it cannot run:
+// no sm_90a build for this device, or a Hadamard path). With automatic, the environment variable
+// TMOE_GROUPED_KERNEL=mma|wgmma overrides the choice (benchmarks through CudaMoe compare both).
+enum class GroupedKernel { automatic, mma_sync, wgmma };
+inline constexpr int64_t kWgmmaMinRowsPerExpert = 128;
+
 struct GroupedMoeArgs {
   DeviceProjection gate, up, down;
   int64_t tokens = 0;
@@ -50,7 +59,11 @@ struct GroupedMoeArgs {
   // Row-tile height of the GEMMs: 0 picks it from the average rows per expert; 32, 64, 128 or 256
   // force one (tests cover each, benchmarks compare them). The Hadamard path always uses 128.
   int tile_rows = 0;
+  GroupedKernel kernel = GroupedKernel::automatic;  // forcing wgmma ignores tile_rows
 };
+
+// True when grouped_moe_forward(args) runs its GEMMs with grouped_gemm_wgmma (see GroupedKernel).
+bool grouped_uses_wgmma(const GroupedMoeArgs& args);
 
 // Throws tmoe::Error (bad input) naming the first thing this path cannot run: shapes that do not
 // form one MoE layer, K or N not a multiple of 16, bad bits / group size / Hadamard block,

@@ -562,8 +562,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   constexpr int kProjNTiles = kProjCols / kTileDim;
   constexpr bool kFoldSu = NUM_PROJ == 2;  // gate/up without Hadamard (the only ones run here)
   extern __shared__ uint8_t smem_raw[];
-  Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + wgmma::kTileAlign - 1) &
-                                     ~uintptr_t{wgmma::kTileAlign - 1});
+  // Aligned by pointer arithmetic on smem_raw (not through an integer), so that the compiler still
+  // knows every access below is to shared memory (LDS / STS; generic loads cost ~2x in v8's ncu).
+  const uint32_t misalign = wgmma::smem_address(smem_raw) & (wgmma::kTileAlign - 1);
+  Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((wgmma::kTileAlign - misalign) & (wgmma::kTileAlign - 1)));
 
   const int item = blockIdx.y;
   if (item >= *p.num_items) return;
@@ -683,8 +685,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
           for (int j = 0; j < 2 * kKTiles; ++j)
             su_pairs[j] = *reinterpret_cast<const uint32_t*>(&s.su[slot][my_proj][8 * j + 2 * (lane & 3)]);
         }
+        // Unrolled over the warp's 4 units: 64 independent pairs for the one producer warp per
+        // scheduler (loading all words and coefficients first by hand spilled).
         uint8_t* tile = s.b[i & 1];
-#pragma unroll 1  // one unit at a time: few registers (16 independent pairs each are enough ILP)
+#pragma unroll
         for (int iu = 0; iu < 4; ++iu) {
           const int u = 4 * warp + iu, col0 = (u % kProjNTiles) * kTileDim;
           uint32_t words[BITS];

@@ -369,9 +369,9 @@ TEST(GroupedWgmma, SelectedOnHopper) {
   if (prop.major == 9 && prop.minor == 0) {
     EXPECT_TRUE(grouped_uses_wgmma(args));
     args.kernel = GroupedKernel::automatic;  // 512 x 4 pairs over 16 experts: 128 rows per expert
-    EXPECT_EQ(grouped_uses_wgmma(args), 128 >= kWgmmaMinRowsPerExpert);
+    EXPECT_EQ(grouped_uses_wgmma(args), kWgmmaAutomatic && 128 >= kWgmmaMinRowsPerExpert);
     args.tokens = 256;  // 64 rows per expert
-    EXPECT_EQ(grouped_uses_wgmma(args), 64 >= kWgmmaMinRowsPerExpert);
+    EXPECT_EQ(grouped_uses_wgmma(args), kWgmmaAutomatic && 64 >= kWgmmaMinRowsPerExpert);
     args.tokens = 512;
     args.tile_rows = 64;  // a forced tile height keeps the mma.sync kernel
     EXPECT_FALSE(grouped_uses_wgmma(args));

@@ -6,6 +6,8 @@
 //   scatter_inverse       pair id -> row in `order` (for the fixed-order combine)
 //   convert_to_bf16 / transform_pair_rows     the A operand of gate/up
 //   grouped_gemm<2, ...>  gate and up for the same columns in one block, SwiGLU epilogue
+//                         (or grouped_gemm_wgmma<2>, the sm_90a producer / consumer kernel, where
+//                         use_wgmma picks it; same for down with grouped_gemm_wgmma<1>)
 //   transform_intermediate (Hadamard only)
 //   grouped_gemm<1, ...>  down, with the router weight and the combine in the epilogue
 //   finish_rows / combine_rows / convert_from_f32
@@ -1019,7 +1021,8 @@ bool use_wgmma(const GroupedMoeArgs& a) {
   }
   if (choice == GroupedKernel::mma_sync || !wgmma_kernel_built()) return false;
   if (choice == GroupedKernel::wgmma) return true;
-  return a.tile_rows == 0 && a.tokens * a.top_k >= kWgmmaMinRowsPerExpert * a.gate.experts;
+  return kWgmmaAutomatic && a.tile_rows == 0 &&
+         a.tokens * a.top_k >= kWgmmaMinRowsPerExpert * a.gate.experts;
 }
 
 // Split-K for down (atomic combine only: the partial sums meet in the float atomics): when the

@@ -31,13 +31,16 @@
 
 namespace tmoe::cuda::grouped {
 
-// Which GEMM kernel runs the projections. automatic: grouped_gemm_wgmma (sm_90a: a producer
-// warpgroup decodes each weight once per 128-row tile into shared memory, wgmma consumers) where the
-// build and device have it and experts average >= kWgmmaMinRowsPerExpert rows, else the mma.sync
-// kernel (every GPU). mma_sync / wgmma force one (wgmma falls back to mma_sync where it cannot run:
-// no sm_90a build for this device, or a Hadamard path). With automatic, the environment variable
-// TMOE_GROUPED_KERNEL=mma|wgmma overrides the choice (benchmarks through CudaMoe compare both).
+// Which GEMM kernel runs the projections: the mma.sync kernel (every GPU) or grouped_gemm_wgmma
+// (sm_90a: a producer warpgroup decodes each weight once per 128-row tile into shared memory,
+// wgmma consumers; docs/notes-grouped.md "v8"). automatic takes the wgmma kernel only when
+// kWgmmaAutomatic is on (it is OFF: v8 measured no faster than mma.sync at any size) and experts
+// average >= kWgmmaMinRowsPerExpert rows; mma_sync / wgmma force one (wgmma falls back to mma_sync
+// where it cannot run: no sm_90a build for this device, or a Hadamard path). With automatic, the
+// environment variable TMOE_GROUPED_KERNEL=mma|wgmma overrides the choice (benchmarks through
+// CudaMoe compare both).
 enum class GroupedKernel { automatic, mma_sync, wgmma };
+inline constexpr bool kWgmmaAutomatic = false;
 inline constexpr int64_t kWgmmaMinRowsPerExpert = 128;
 
 struct GroupedMoeArgs {

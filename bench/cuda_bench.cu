@@ -348,6 +348,7 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       std::fprintf(stderr, "cuda bench: %-14s T=%-3lld %9.2f us  %7.1f GB/s (%.0f%% of copy)  bf16 %9.2f us  x%.2f\n",
                    shape.name.c_str(), static_cast<long long>(T), ours_us, row.gbps, 100 * row.bw_fraction, base_us,
                    row.speedup);
+      std::fprintf(stderr, "cuda bench:   plan: %s\n", copies[0]->plan_summary(T, k).c_str());
     }
   }
   cublasDestroy(handle);

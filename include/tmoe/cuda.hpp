@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <memory>
 
 #include "tmoe/moe.hpp"
@@ -58,6 +59,10 @@ class CudaMoe {
 
   // The kernel path forward() takes for this batch size: "decode", "small-batch" or "grouped".
   const char* path(int64_t tokens, int top_k) const;
+  // One line on the launches forward() makes for this batch size (for benchmarks and tuning): the
+  // path, rows per work item, and per pass its K splits, k-tiles per block, blocks per SM and
+  // shared memory per block.
+  std::string plan_summary(int64_t tokens, int top_k) const;
 
   // Workspace forward() needs for up to `tokens` tokens with `top_k` slots each.
   size_t workspace_bytes(int64_t tokens, int top_k) const;

@@ -334,6 +334,25 @@ const char* CudaMoe::path(int64_t tokens, int top_k) const {
   // "decode": one token (one row per item); "small-batch": items of several rows.
   return tokens == 1 || impl_->plan(tokens, top_k).tokens_per_item == 1 ? "decode" : "small-batch";
 }
+std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
+  const Impl& m = *impl_;
+  const ForwardPlan f = m.plan(tokens, top_k);
+  if (f.grouped) return "grouped";
+  std::string s = std::string(path(tokens, top_k)) + ": items of " + std::to_string(f.tokens_per_item) + " rows";
+  auto pass = [&](const char* name, const PassPlan& p, const PassProjection* proj, int nproj) {
+    const bool tc = tensor_core_pass(proj, nproj);
+    bool affine = true;
+    for (int i = 0; i < nproj; ++i) affine = affine && proj[i].affine;
+    s += std::string("; ") + name + (tc ? " (tensor cores)" : " (CUDA cores)") + ": " + std::to_string(p.k_splits) +
+         " splits x " + std::to_string(p.k_tiles_per_block) + " k-tiles, " + std::to_string(p.col_groups) +
+         " column groups, " + std::to_string(m.occupancy.blocks_per_sm(tc, f.tokens_per_item, affine, p.shared)) +
+         " blocks/SM, " + std::to_string((p.shared + 1023) / 1024) + " KB shared";
+  };
+  const PassProjection gu[2] = {m.gate_pass, m.up_pass};
+  pass("gate+up", f.gate_up, gu, 2);
+  pass("down", f.down, &m.down_pass, 1);
+  return s;
+}
 int64_t CudaMoe::device_bytes() const { return impl_->bytes; }
 const DeviceProjection& CudaMoe::gate() const { return impl_->gate; }
 const DeviceProjection& CudaMoe::up() const { return impl_->up; }

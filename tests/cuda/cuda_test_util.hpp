@@ -49,7 +49,14 @@ class DeviceArray {
     TMOE_CUDA_CHECK(cudaMemcpy(host.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
     return host;
   }
-  void poison() { TMOE_CUDA_CHECK(cudaMemset(p_, 0xff, std::max<size_t>(n_, 1) * sizeof(T))); }
+  // Synchronous: cudaMemset is asynchronous to the host and runs on the legacy default stream, which
+  // does not order against non-blocking streams, so a kernel launched next on such a stream could
+  // write before the poison lands (seen once: PassRouting.ChainedForwardsInAGraphMatchReference
+  // read NaN from forward 0 of a replay).
+  void poison() {
+    TMOE_CUDA_CHECK(cudaMemset(p_, 0xff, std::max<size_t>(n_, 1) * sizeof(T)));
+    TMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
 
  private:
   T* p_ = nullptr;

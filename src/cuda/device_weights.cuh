@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "cuda/fragment_layout.hpp"
 #include "tmoe/trellis_decode.hpp"
 
 namespace tmoe::cuda {
@@ -33,7 +34,7 @@ struct DeviceProjection {
   }
   // First word of unit (e, n_tile, quad).
   TMOE_HD const uint32_t* unit(int64_t e, int64_t n_tile, int64_t quad) const {
-    return units + ((e * tiles_n() + n_tile) * quads + quad) * 32 * bits;
+    return units + unit_word_offset(e, n_tile, quad, tiles_n(), quads, bits);
   }
   TMOE_HD int64_t tiles_k() const { return ceil_div(K, kTileDim); }
   TMOE_HD int64_t tiles_n() const { return ceil_div(N, kTileDim); }

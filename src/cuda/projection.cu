@@ -183,6 +183,21 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
     combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
 }
 
+// The prologue of both pass kernels. Launched as dependents (launch.hpp), they let the next kernel
+// place its blocks as theirs finish; the block finds its work item (grid x), the down pass's first
+// block column zeroes the output rows of tokens with no routed slot, and the result says whether
+// the item has rows (an empty one has still waited for its predecessor: launch.hpp's rule, no
+// block exits before that).
+__device__ __forceinline__ bool begin_pass_block(const PassArgs& a, PassItem& item) {
+  allow_dependents();
+  find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), blockIdx.x, item);
+  if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
+    zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, blockIdx.x, gridDim.x);
+  if (item.count > 0) return true;
+  wait_for_predecessor();
+  return false;
+}
+
 struct StreamArgs {
   const PassProjection* pp;
   int expert, k_tile0, k_tiles, n_tile0;  // n_tile0: the column group's first n-tile
@@ -379,17 +394,9 @@ static_assert(kMaxItemTokens <= kMaxPassItemPairs && kLocalPlanMaxPairs <= kProj
 template <int TC, bool AFFINE>
 __global__ void __launch_bounds__(kProjThreads, TC == 1 ? 6 : TC == 2 ? 4 : 3)  // blocks per SM
 projection_kernel(const __grid_constant__ PassArgs a) {
-  // Launched as a dependent (launch.hpp): the next kernel may place its blocks as ours finish.
-  allow_dependents();
-  const int item_index = blockIdx.x;
   __shared__ PassItem item;
-  find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), item_index, item);
-  if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
-    zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, item_index, gridDim.x);
-  if (item.count == 0) {
-    wait_for_predecessor();  // launch.hpp's rule: no block exits before its predecessor is done
-    return;
-  }
+  if (!begin_pass_block(a, item)) return;
+  const int item_index = blockIdx.x;
   const int expert = item.expert, first = item.first, count = item.count;
   const int col_group = blockIdx.y;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
@@ -702,17 +709,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 template <int CB, bool QUAD_GROUPS>
 __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB))
 mma_projection_kernel(const __grid_constant__ PassArgs a) {
-  // Launched as a dependent (launch.hpp): the next kernel may place its blocks as ours finish.
-  allow_dependents();
-  const int item_index = blockIdx.x;
   __shared__ PassItem item;
-  find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), item_index, item);
-  if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
-    zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, item_index, gridDim.x);
-  if (item.count == 0) {
-    wait_for_predecessor();  // launch.hpp's rule: no block exits before its predecessor is done
-    return;
-  }
+  if (!begin_pass_block(a, item)) return;
+  const int item_index = blockIdx.x;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
   switch (a.proj[p == 0 ? 0 : 1].w.bits) {
     case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;

@@ -210,6 +210,45 @@ __device__ __forceinline__ void store_output_pair(const GemmParams& p, int exper
   }
 }
 
+// The row tile of a GEMM block: grid y = work item (expert, first row of up to `tile_rows`), grid
+// x = block of `cols` columns of each projection. False when the block has nothing to do (past the
+// routing's item count or the last column): it exits at once.
+struct RowTile {
+  int expert, row0, rows_valid, n0;
+};
+__device__ __forceinline__ bool find_row_tile(const GemmParams& p, int tile_rows, int cols, RowTile& t) {
+  const int item = blockIdx.y;
+  if (item >= *p.num_items) return false;
+  t.n0 = blockIdx.x * cols;
+  if (t.n0 >= p.N) return false;
+  t.expert = p.items[2 * item];
+  t.row0 = p.items[2 * item + 1];
+  t.rows_valid = min(tile_rows, p.offsets[t.expert + 1] - t.row0);
+  return true;
+}
+
+// Where row r of the tile reads A operand `which` from (nullptr: a padding row, zero-filled).
+__device__ __forceinline__ const __nv_bfloat16* a_row_source(const GemmParams& p, const RowTile& t, int which, int r) {
+  if (r >= t.rows_valid) return nullptr;
+  const int64_t a_row = p.gather_tokens ? p.order[t.row0 + r] / p.top_k : t.row0 + r;
+  return p.a[which] + a_row * p.K;
+}
+
+// Each projection's grid form and its table of level pairs (grid[i], grid[j]) as bf16x2, indexed
+// by both fields of an index pair (the decode of non-affine grids), in shared memory.
+template <int NUM_PROJ>
+__device__ __forceinline__ void load_grid_tables(const GemmParams& p, GridForm (&grid)[NUM_PROJ],
+                                                 uint32_t (&level_pairs)[NUM_PROJ][kMaxGrid * kMaxGrid],
+                                                 int tid, int threads) {
+  if (tid < NUM_PROJ) grid[tid] = grid_form(p.proj[tid].grid, p.proj[tid].bits);
+  for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += threads) {
+    const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
+    const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
+    if (pair < (1 << (2 * bits)))
+      level_pairs[q][pair] = pack_bf16(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
+  }
+}
+
 // One block: BM rows of one expert's pairs x kBN columns of NUM_PROJ projections (same K).
 // Blocks past the work list exit at once (the grid is sized for the worst case, so no host
 // synchronisation is needed to know how many tiles the routing produced).
@@ -239,34 +278,16 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(smem_raw);
 
-  const int item = blockIdx.y;
-  if (item >= *p.num_items) return;
-  const int n0 = blockIdx.x * kProjCols;  // first column of this block in each projection
-  if (n0 >= p.N) return;
-  const int expert = p.items[2 * item];
-  const int row0 = p.items[2 * item + 1];
-  const int rows_valid = min(kBM, p.offsets[expert + 1] - row0);
+  RowTile tile;
+  if (!find_row_tile(p, kBM, kProjCols, tile)) return;
+  const int n0 = tile.n0, expert = tile.expert, row0 = tile.row0, rows_valid = tile.rows_valid;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // warp_m < kWarpsM
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
 
   // Per-row A sources (nullptr: padding row, zero-filled).
-  for (int i = tid; i < kNumA * kBM; i += kThreads) {
-    const int which = i / kBM, r = i % kBM;
-    const __nv_bfloat16* src = nullptr;
-    if (r < rows_valid) {
-      const int64_t a_row = p.gather_tokens ? p.order[row0 + r] / p.top_k : row0 + r;
-      src = p.a[which] + a_row * K;
-    }
-    s.a_src[which][r] = src;
-  }
-  if (tid < NUM_PROJ) s.grid[tid] = grid_form(p.proj[tid].grid, p.proj[tid].bits);
-  for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += kThreads) {
-    const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
-    const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
-    if (pair < (1 << (2 * bits)))
-      s.level_pairs[q][pair] = pack_bf16(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
-  }
+  for (int i = tid; i < kNumA * kBM; i += kThreads) s.a_src[i / kBM][i % kBM] = a_row_source(p, tile, i / kBM, i % kBM);
+  load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kThreads);
 
   // Each thread's share of a stage's copies is fixed; its global addresses are computed once here
   // and advance by one stage per k-step (the k loop then costs a few instructions per copy).
@@ -569,32 +590,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   const uint32_t misalign = wgmma::smem_address(smem_raw) & (wgmma::kTileAlign - 1);
   Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((wgmma::kTileAlign - misalign) & (wgmma::kTileAlign - 1)));
 
-  const int item = blockIdx.y;
-  if (item >= *p.num_items) return;
-  const int n0 = blockIdx.x * kProjCols;  // first column of this block in each projection
-  if (n0 >= p.N) return;
-  const int expert = p.items[2 * item];
-  const int row0 = p.items[2 * item + 1];
-  const int rows_valid = min(kWgRows, p.offsets[expert + 1] - row0);
+  RowTile tile;
+  if (!find_row_tile(p, kWgRows, kProjCols, tile)) return;
+  const int n0 = tile.n0, expert = tile.expert, row0 = tile.row0, rows_valid = tile.rows_valid;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
   const int num_kb = (K + kBK - 1) / kBK;
 
-  for (int r = tid; r < kWgRows; r += kWgThreads) {
-    const __nv_bfloat16* src = nullptr;
-    if (r < rows_valid) {
-      const int64_t a_row = p.gather_tokens ? p.order[row0 + r] / p.top_k : row0 + r;
-      src = p.a[0] + a_row * K;
-    }
-    s.a_src[r] = src;
-  }
-  if (tid < NUM_PROJ) s.grid[tid] = grid_form(p.proj[tid].grid, p.proj[tid].bits);
-  for (int i = tid; i < NUM_PROJ * kMaxGrid * kMaxGrid; i += kWgThreads) {
-    const int q = i / (kMaxGrid * kMaxGrid), pair = i % (kMaxGrid * kMaxGrid);
-    const int bits = p.proj[q].bits, mask = (1 << bits) - 1;
-    if (pair < (1 << (2 * bits)))
-      s.level_pairs[q][pair] = pack_bf16(p.proj[q].grid[pair & mask], p.proj[q].grid[pair >> bits]);
-  }
+  for (int r = tid; r < kWgRows; r += kWgThreads) s.a_src[r] = a_row_source(p, tile, 0, r);
+  load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kWgThreads);
   if (tid == 0) {
     for (int st = 0; st < kWgStages; ++st) {
       wgmma::mbarrier_init(&full_bar[st], 128);

@@ -1,5 +1,6 @@
-// Which CUDA path runs a batch: the decode / small-batch kernels (CUDA-core FMAs, bandwidth-bound)
-// or the tensor-core grouped path (src/cuda/grouped/). Host code; no CUDA types.
+// Which CUDA path runs a batch: the decode / small-batch kernels (bandwidth-bound; tensor-core mma
+// for affine grids, CUDA-core FMAs for custom ones) or the tensor-core grouped path
+// (src/cuda/grouped/). Host code; no CUDA types.
 #pragma once
 
 #include <cstdint>
@@ -8,27 +9,26 @@ namespace tmoe::cuda {
 
 // Expected (token, slot) pairs per expert at which the grouped path becomes the faster one.
 // The grouped path decodes each weight once per row tile of an expert's tokens and feeds tensor
-// cores; the decode path does one FMA per weight and token on CUDA cores, so its cost grows with
-// the pairs per expert and the grouped path's barely does until an expert fills a row tile.
-// Measured crossover (H100 80GB HBM3, 3-bit, group 128, both paths forced in one run of
-// `tmoe bench --backend cuda --grouped-min-tokens 0 | 1000000000 --min-seconds 0.15`: the grouped
-// path v7 of commit 5f45cc4 (mixtral 2 and 4 tokens: v7b, 5a7c0b4) against the decode /
-// small-batch path of main at fbf3e1c; times in us):
+// cores; the decode / small-batch path (tensor-core mma kernel since v8) streams every selected
+// expert's units once per work item of up to 16 rows, so it wins while items stay few per expert.
 //
-//   pairs/expert   qwen3 (T)        mixtral (T)       deepseek (T)        glm (T)
-//   0.25           --               --                784 | 1085 (8)      --
-//   0.5            125 | 158 (8)    230 | 285 (2)     1515 | 1825 (16)    351 | 427 (8)
-//   1              209 | 209 (16)   393 | 433 (4)     3125 | 2853 (32)    662 | 621 (16)
-//   2              434 | 268 (32)   859 | 541 (8)     7188 | 3812 (64)    1475 | 838 (32)
-//   4              632 | 299 (64)   1320 | 607 (16)   --                  2194 | 954 (64)
+// Measured (H100 80GB HBM3, 3-bit, group 128; us). Current (session 3): decode forced with
+// `tmoe bench --backend cuda --tokens 8,16,32,64 --grouped-min-tokens 1000000000 --min-seconds 0.1`
+// at d6e021e, grouped from the dispatcher's own sweep (`scripts/gpu-check`) at 2462c5e (the same
+// kernels; two device runs on H100s of the same kind):
+//
+//   pairs/expert   qwen3 (T)          mixtral (T)        deepseek (T)         glm (T)
+//   2              234 | 256 (32)     451 | 523 (8)      3092 | 3527 (64)     727 | 770 (32)
+//   4              403 | 287 (64)     733 | 573 (16)     --                   1233 | 870 (64)
 //                  (decode | grouped)
 //
-// Below 1 pair per expert the decode path wins (by 1.2-1.4x); at 1 it is mixed (decode 10% ahead
-// for mixtral, a tie for qwen3, grouped 6-9% ahead for glm and deepseek); from 2 on grouped wins
-// everywhere, by 1.6x to 1.9x. Switching at 2 costs at most 9% between 1 and 2 pairs per expert,
-// keeps the decode path's fp32-exact results for those small batches, and leaves no time drop at
-// the switch (each shape's time rises with T across it).
-inline constexpr double kGroupedMinPairsPerExpert = 2.0;
+// At 2 pairs per expert the decode path now wins everywhere (by 6-14%), at 4 the grouped path does
+// (by 1.3-1.4x); the earlier table (decode path of fbf3e1c, CUDA cores) had its crossover between 1
+// and 2. The switch sits at 3: every listed token count takes its faster path, and each shape's
+// time still rises with T across the switch (qwen3 32 -> 64: 234 -> 287, mixtral 8 -> 16: 451 ->
+// 573, deepseek 64 -> 128: 3092 -> 3993, glm 32 -> 64: 727 -> 870). Not measured: 2..3 pairs per
+// expert at token counts off the list (e.g. mixtral 10 or 11 tokens).
+inline constexpr double kGroupedMinPairsPerExpert = 3.0;
 
 // True when a batch of `tokens` x `top_k` over `experts` experts should take the grouped path.
 // `forced_min_tokens` >= 0 overrides the rule (CudaMoeOptions::grouped_min_tokens).

@@ -20,11 +20,13 @@
 #include "tmoe/half.hpp"
 #include "tmoe/io.hpp"
 #include "tmoe/moe.hpp"
+#include "test_support.hpp"
 
 namespace tmoe {
 namespace {
 
 namespace fs = std::filesystem;
+using tmoe::testing::expect_tensor_equal;
 using json = nlohmann::json;
 
 // Gives each test a fresh directory and a random seed (printed on failure).
@@ -399,21 +401,6 @@ TEST_F(IoTest, CorruptedFilesNeverCrash) {
 }
 
 // ------------------------------------------------------------------------------ quantized models
-
-void expect_tensor_equal(const TrellisTensor& a, const TrellisTensor& b) {
-  EXPECT_EQ(a.experts, b.experts);
-  EXPECT_EQ(a.K, b.K);
-  EXPECT_EQ(a.N, b.N);
-  EXPECT_EQ(a.bits, b.bits);
-  EXPECT_EQ(a.group_size, b.group_size);
-  EXPECT_EQ(a.hadamard, b.hadamard);
-  ASSERT_EQ(a.grid.size(), b.grid.size());
-  for (size_t i = 0; i < a.grid.size(); ++i) EXPECT_EQ(float_bits(a.grid[i]), float_bits(b.grid[i]));
-  EXPECT_EQ(a.indices, b.indices);
-  EXPECT_EQ(a.scales, b.scales);
-  EXPECT_EQ(a.su, b.su);
-  EXPECT_EQ(a.sv, b.sv);
-}
 
 void expect_weights_equal(const MoeWeights& a, const MoeWeights& b) {
   {

@@ -92,11 +92,7 @@ TEST(Quantize, StreamedExpertsMatchTheWholeTensorBitwise) {
     };
     const TrellisTensor streamed = tmoe::quantize(load, E, K, N, o, &streamed_report);
     EXPECT_LT(most, E);
-    EXPECT_EQ(streamed.grid, whole.grid);
-    EXPECT_EQ(streamed.indices, whole.indices);
-    EXPECT_EQ(streamed.scales, whole.scales);
-    EXPECT_EQ(streamed.su, whole.su);
-    EXPECT_EQ(streamed.sv, whole.sv);
+    tmoe::testing::expect_tensor_equal(streamed, whole);
     EXPECT_EQ(streamed_report.relative_error, whole_report.relative_error);
   }
   // A non-finite weight is reported with its place, wherever its chunk is.

@@ -8,6 +8,8 @@
 #include <string>
 
 #include "tmoe/error.hpp"
+#include "tmoe/format.hpp"
+#include "tmoe/half.hpp"
 
 namespace tmoe::testing {
 
@@ -27,6 +29,23 @@ void expect_bad_input(F&& f, const std::string& needle) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
         << "message '" << e.what() << "' does not mention '" << needle << "'";
   }
+}
+
+// Expects two quantized tensors to be the same bit for bit (shape, format fields, grid, indices,
+// scales and signs).
+inline void expect_tensor_equal(const TrellisTensor& a, const TrellisTensor& b) {
+  EXPECT_EQ(a.experts, b.experts);
+  EXPECT_EQ(a.K, b.K);
+  EXPECT_EQ(a.N, b.N);
+  EXPECT_EQ(a.bits, b.bits);
+  EXPECT_EQ(a.group_size, b.group_size);
+  EXPECT_EQ(a.hadamard, b.hadamard);
+  ASSERT_EQ(a.grid.size(), b.grid.size());
+  for (size_t i = 0; i < a.grid.size(); ++i) EXPECT_EQ(float_bits(a.grid[i]), float_bits(b.grid[i]));
+  EXPECT_EQ(a.indices, b.indices);
+  EXPECT_EQ(a.scales, b.scales);
+  EXPECT_EQ(a.su, b.su);
+  EXPECT_EQ(a.sv, b.sv);
 }
 
 }  // namespace tmoe::testing

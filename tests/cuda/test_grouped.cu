@@ -256,11 +256,8 @@ TEST(Grouped, AllSlotsSkippedGivesZeros) {
   expect_matches_reference(c);
 }
 
-// Mixed bits, a fitted-style grid, small groups, fp16 in / bf16 out.
-TEST(Grouped, MixedBitsCustomGridFp16) {
-  Case c;
-  c.shape = small_shape();
-  c.tokens = 200;
+// Mixed bits (2 / 4 / 3), a fitted-style grid, groups of 32, fp16 in / bf16 out.
+void make_mixed_bits_custom_grid_fp16(Case& c) {
   c.layer.gate_bits = 2;
   c.layer.up_bits = 4;
   c.layer.down_bits = 3;
@@ -268,6 +265,13 @@ TEST(Grouped, MixedBitsCustomGridFp16) {
   c.layer.custom_grid = true;
   c.x_dtype = DType::f16;
   c.out_dtype = DType::bf16;
+}
+
+TEST(Grouped, MixedBitsCustomGridFp16) {
+  Case c;
+  c.shape = small_shape();
+  c.tokens = 200;
+  make_mixed_bits_custom_grid_fp16(c);
   expect_matches_reference(c);
 }
 
@@ -412,13 +416,7 @@ TEST(GroupedWgmma, BitWidthsAndGrids) {
     expect_matches_reference(c);
   }
   Case c = wgmma_case(600);
-  c.layer.gate_bits = 2;
-  c.layer.up_bits = 4;
-  c.layer.down_bits = 3;
-  c.layer.group_size = 32;
-  c.layer.custom_grid = true;
-  c.x_dtype = DType::f16;
-  c.out_dtype = DType::bf16;
+  make_mixed_bits_custom_grid_fp16(c);
   expect_matches_reference(c);
 }
 

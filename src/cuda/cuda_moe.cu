@@ -340,12 +340,10 @@ std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
   if (f.grouped) return "grouped";
   std::string s = std::string(path(tokens, top_k)) + ": items of " + std::to_string(f.tokens_per_item) + " rows";
   auto pass = [&](const char* name, const PassPlan& p, const PassProjection* proj, int nproj) {
-    const bool tc = tensor_core_pass(proj, nproj);
-    bool affine = true;
-    for (int i = 0; i < nproj; ++i) affine = affine && proj[i].affine;
+    const bool tc = tensor_core_pass(proj, nproj);  // = every grid of the pass is affine
     s += std::string("; ") + name + (tc ? " (tensor cores)" : " (CUDA cores)") + ": " + std::to_string(p.k_splits) +
          " splits x " + std::to_string(p.k_tiles_per_block) + " k-tiles, " + std::to_string(p.col_groups) +
-         " column groups, " + std::to_string(m.occupancy.blocks_per_sm(tc, f.tokens_per_item, affine, p.shared)) +
+         " column groups, " + std::to_string(m.occupancy.blocks_per_sm(tc, f.tokens_per_item, tc, p.shared)) +
          " blocks/SM, " + std::to_string((p.shared + 1023) / 1024) + " KB shared";
   };
   const PassProjection gu[2] = {m.gate_pass, m.up_pass};

@@ -580,13 +580,14 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + d * kUnitWords + v * 32);
 
   // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
-  stage_activations(a, w, item, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
+  // Only the item's rows are staged (1 token: 1 of 4); B-fragment lanes of absent rows use zeros.
+  stage_activations(a, w, item, count, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
   // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
   // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
   // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
   // The same pass keeps each k-tile row's sum for the affine term.
   const int kt_staged = quads * kQuadTiles;
-  for (int i = threadIdx.x; i < kRows * kt_staged; i += blockDim.x) {
+  for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
     const int t = i / kt_staged, kt = i - t * kt_staged;
     float* row = xs + t * xs_stride + kt * kTileDim;
     float v[kTileDim];
@@ -616,7 +617,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   const int tiles_per_group = w.group_size / kTileDim;
   const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
   const int local_groups = last_group - group0 + 1;  // <= kr
-  for (int i = threadIdx.x; i < kRows * local_groups; i += blockDim.x) {
+  for (int i = threadIdx.x; i < count * local_groups; i += blockDim.x) {
     const int t = i / local_groups, g = i - t * local_groups;
     const int kt_begin = max(0, (group0 + g) * tiles_per_group - k_tile0);
     const int kt_end = min(k_tiles, (group0 + g + 1) * tiles_per_group - k_tile0);
@@ -679,7 +680,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
           const int kt = q * kQuadTiles + i;
 #pragma unroll
           for (int c = 0; c < CB; ++c) {
-            const uint2 b = *reinterpret_cast<const uint2*>(b_src + c * kMmaRowsPerBlock * xs_stride + kt * kTileDim);
+            const uint2 b = c * kMmaRowsPerBlock + (g >> 1) < count
+                                ? *reinterpret_cast<const uint2*>(b_src + c * kMmaRowsPerBlock * xs_stride + kt * kTileDim)
+                                : make_uint2(0u, 0u);
             mma_bf16(acc[c], pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
           }
           if constexpr (!QUAD_GROUPS) {
@@ -706,40 +709,61 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   finish_if_last(a, item_index, item, kRows, col_group, kMmaColsPerBlock, finish, flag);
 }
 
-template <int CB, bool QUAD_GROUPS>
+// BITS: the bit width of every projection of the pass (one copy of the block in the kernel), or 0
+// for passes whose gate and up differ (a run-time switch over three copies).
+template <int CB, bool QUAD_GROUPS, int BITS>
 __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB))
 mma_projection_kernel(const __grid_constant__ PassArgs a) {
   __shared__ PassItem item;
   if (!begin_pass_block(a, item)) return;
   const int item_index = blockIdx.x;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
-  switch (a.proj[p == 0 ? 0 : 1].w.bits) {
-    case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
-    case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
-    default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+  if constexpr (BITS != 0) {
+    mma_projection_block<BITS, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y);
+  } else {
+    switch (a.proj[p == 0 ? 0 : 1].w.bits) {
+      case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+      case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+      default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+    }
   }
 }
 
-template <int CB, bool QUAD_GROUPS>
+template <int CB, bool QUAD_GROUPS, int BITS>
 void launch_mma(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  launch_dependent(mma_projection_kernel<CB, QUAD_GROUPS>, grid, dim3(kMmaThreads), shared_bytes, stream,
+  launch_dependent(mma_projection_kernel<CB, QUAD_GROUPS, BITS>, grid, dim3(kMmaThreads), shared_bytes, stream,
                    args.routing.programmatic != 0, args);
+}
+
+template <int CB, bool QUAD_GROUPS>
+void launch_mma_bits(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  const int bits = args.proj[0].w.bits;
+  const bool same = args.nproj == 1 || args.proj[1].w.bits == bits;
+  switch (same ? bits : 0) {
+    case 2: launch_mma<CB, QUAD_GROUPS, 2>(args, max_items, shared_bytes, stream); break;
+    case 3: launch_mma<CB, QUAD_GROUPS, 3>(args, max_items, shared_bytes, stream); break;
+    case 4: launch_mma<CB, QUAD_GROUPS, 4>(args, max_items, shared_bytes, stream); break;
+    default: launch_mma<CB, QUAD_GROUPS, 0>(args, max_items, shared_bytes, stream); break;
+  }
 }
 
 template <int CB>
 void launch_mma_groups(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   bool quad_groups = true;
   for (int p = 0; p < args.nproj; ++p) quad_groups = quad_groups && args.proj[p].w.group_size % kQuadK == 0;
-  if (quad_groups) launch_mma<CB, true>(args, max_items, shared_bytes, stream);
-  else launch_mma<CB, false>(args, max_items, shared_bytes, stream);
+  if (quad_groups) launch_mma_bits<CB, true>(args, max_items, shared_bytes, stream);
+  else launch_mma_bits<CB, false>(args, max_items, shared_bytes, stream);
 }
 
 template <int CB>
 void raise_mma_shared_limit() {
-  TMOE_CUDA_CHECK(cudaFuncSetAttribute(mma_projection_kernel<CB, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
-  TMOE_CUDA_CHECK(cudaFuncSetAttribute(mma_projection_kernel<CB, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+  for (auto kernel : {mma_projection_kernel<CB, true, 0>, mma_projection_kernel<CB, true, 2>,
+                      mma_projection_kernel<CB, true, 3>, mma_projection_kernel<CB, true, 4>,
+                      mma_projection_kernel<CB, false, 0>, mma_projection_kernel<CB, false, 2>,
+                      mma_projection_kernel<CB, false, 3>, mma_projection_kernel<CB, false, 4>})
+    TMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
 }
 }  // namespace
 
@@ -765,9 +789,9 @@ int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes) {
     TMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMmaThreads, shared_bytes));
   };
   switch (mma_item_rows(tokens_per_item)) {
-    case 4: query(mma_projection_kernel<1, true>); break;
-    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true>); break;
-    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true>); break;
+    case 4: query(mma_projection_kernel<1, true, 0>); break;
+    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true, 0>); break;
+    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true, 0>); break;
   }
   return std::max(blocks, 1);
 }

@@ -43,8 +43,8 @@ inline constexpr int kColsPerBlock = kTilesPerStepRow * kTileDim;  // 64
 inline constexpr int kMaxItemTokens = 4;                // rows per work item (register budget)
 // Tensor-core kernel: 8 warps, one n-tile each; items of up to kMaxMmaItemTokens rows (4 per
 // 8-column mma block, hi and lo halves of each row). Items hold at most kMaxPassItemPairs pairs
-// (pass_routing.cuh's PassItem, 4 today): the 8- and 16-row variants are built only once it allows
-// them (measured before that limit existed: see docs/notes-cuda.md, v8).
+// (pass_routing.cuh's PassItem, 16): a variant with more rows than that would never run, so it is
+// not built.
 inline constexpr int kMmaWarps = 8;
 inline constexpr int kMmaThreads = kMmaWarps * 32;
 inline constexpr int kMmaColsPerBlock = kMmaWarps * kTileDim;  // 128

@@ -641,10 +641,6 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       const float4 f = reinterpret_cast<const float4*>(row)[q];
       v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
     }
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kTileDim; ++j) sum += v[j];
-    tile_sums[t * kr + kt] = sum;
     uint32_t out[kTileDim];
 #pragma unroll
     for (int tq = 0; tq < 4; ++tq)
@@ -652,13 +648,21 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       for (int part = 0; part < 2; ++part)
 #pragma unroll
         for (int h = 0; h < 2; ++h) out[(tq * 2 + part) * 2 + h] = split_pair(v[2 * tq + 8 * h], v[2 * tq + 8 * h + 1], part);
+    // The sum of what the mma multiplies (hi + lo, not x): the bias term cancels exactly the bias
+    // the products carry, up to fp32 rounding.
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) sum += __uint_as_float(out[j] << 16) + __uint_as_float(out[j] & 0xffff0000u);
+    tile_sums[t * kr + kt] = sum;
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
   }
   __syncthreads();
-  // grid0/step times the sum of x over each scale group's part of the K range (v8's first version
-  // summed a group's values serially in one thread: up to 1024 dependent shared loads).
+  // (grid0/step - bias) times the sum of x over each scale group's part of the K range: the affine
+  // grid's constant term less the decode bias the products carry (fragment_decode.cuh). (v8's
+  // first version summed a group's values serially in one thread: up to 1024 dependent shared loads.)
+  const float group_coefficient = pp.grid0_over_step - static_cast<float>(kDecodeBias<BITS>);
   const int tiles_per_group = w.group_size / kTileDim;
   const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
   const int local_groups = last_group - group0 + 1;  // <= kr
@@ -668,7 +672,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     const int kt_end = min(k_tiles, (group0 + g + 1) * tiles_per_group - k_tile0);
     float sum = 0.0f;
     for (int kt = kt_begin; kt < kt_end; ++kt) sum += tile_sums[t * kr + kt];
-    group_sums[t * kr + g] = sum * pp.grid0_over_step;
+    group_sums[t * kr + g] = sum * group_coefficient;
   }
   __syncthreads();
 
@@ -721,16 +725,15 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       for (int d = 0; d < kUnitsInFlight; ++d) {
         const int q = q0 + d;
         if (q >= quads) break;
-        uint32_t words[BITS];
-#pragma unroll
-        for (int v = 0; v < BITS; ++v) words[v] = ring[d][v];
+        // Decode the slot, then refill it: the load goes out ~30 instructions later than it could,
+        // but into the same registers (loading first needed a second set and ~19 moves per unit).
+        uint32_t pairs[16];
+        decode_unit_pairs<BITS>(ring[d], pairs);
         if (q + kUnitsInFlight < quads) {
 #pragma unroll
           for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(next_unit + v * 32);
         }
         next_unit += kUnitWords;
-        uint32_t pairs[16];
-        decode_unit_pairs<BITS>(words, pairs);
 #pragma unroll
         for (int i = 0; i < kQuadTiles; ++i) {
           const int kt = q * kQuadTiles + i;

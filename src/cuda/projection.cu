@@ -72,6 +72,47 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// v[j] = src[index + j] * su[j] * norm for a whole, 16-byte aligned k-tile row: vector loads and
+// one dtype switch for the 16 values (the per-value path below costs ~50 instructions per value:
+// a dtype switch and the portable half conversion each time; sass-loops on v8: an 818-instruction
+// staging loop). False (nothing loaded) for a partial row or misaligned pointers.
+__device__ __forceinline__ bool load_whole_tile_row(const void* src, int64_t index, DType dtype, const uint16_t* su,
+                                                    float norm, bool whole, float (&v)[kTileDim]) {
+  const int size = dtype == DType::f32 ? 4 : 2;
+  const char* x = static_cast<const char*>(src) + index * size;
+  if (!whole || (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(su)) % 16 != 0) return false;
+  const uint4* s4 = reinterpret_cast<const uint4*>(su);
+  uint32_t su_words[8];
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint4 u = __ldg(s4 + q);
+    su_words[4 * q] = u.x, su_words[4 * q + 1] = u.y, su_words[4 * q + 2] = u.z, su_words[4 * q + 3] = u.w;
+  }
+  if (dtype == DType::f32) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(x) + q);
+      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+    }
+  } else {
+    uint32_t words[8];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(x) + q);
+      words[4 * q] = u.x, words[4 * q + 1] = u.y, words[4 * q + 2] = u.z, words[4 * q + 3] = u.w;
+    }
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) {
+      const uint16_t h = static_cast<uint16_t>(words[j / 2] >> (16 * (j % 2)));
+      v[j] = dtype == DType::f16 ? half_bits_to_float(h) : __uint_as_float(static_cast<uint32_t>(h) << 16);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kTileDim; ++j)
+    v[j] *= half_bits_to_float(static_cast<uint16_t>(su_words[j / 2] >> (16 * (j % 2)))) * norm;
+  return true;
+}
+
 // Stages the item's activations for the block's K range (k-tiles k_tile0 .. k_tile0 + k_tiles - 1):
 // xs[t * xs_stride + 16 kt + j] = T(a . su)[16 (k_tile0 + kt) + j] for rows t < count and kt < k_tiles,
 // 0 for the other rows t < rows and k-tiles kt < kt_alloc. One k-tile row (16 values) per thread at
@@ -98,10 +139,12 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
       const int64_t pos = first + t;
       const int64_t row = a.src_by_token ? item.pair[t] / a.top_k : pos;
       const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
+      if (!load_whole_tile_row(a.src, row * K + k_first, a.src_dtype, su + k_first, norm, k_first + kTileDim <= K, v)) {
 #pragma unroll
-      for (int j = 0; j < kTileDim; ++j)
-        if (k_first + j < K)
-          v[j] = load_as_float(a.src, row * K + k_first + j, a.src_dtype) * half_bits_to_float(su[k_first + j]) * norm;
+        for (int j = 0; j < kTileDim; ++j)
+          if (k_first + j < K)
+            v[j] = load_as_float(a.src, row * K + k_first + j, a.src_dtype) * half_bits_to_float(su[k_first + j]) * norm;
+      }
 #pragma unroll
       for (int len = 1; len < kTileDim; len <<= 1) {
         if (len < register_block) {
@@ -580,13 +623,16 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + d * kUnitWords + v * 32);
 
   // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
+  // Rows past the item's count are staged as zeros (no loads) and skip the conversion and sums
+  // below (1 token: 3 of 4 rows): zeros are zeros in B-fragment order too, and the sums of those
+  // rows only reach outputs that are never written.
   stage_activations(a, w, item, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
   // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
   // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
   // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
   // The same pass keeps each k-tile row's sum for the affine term.
   const int kt_staged = quads * kQuadTiles;
-  for (int i = threadIdx.x; i < kRows * kt_staged; i += blockDim.x) {
+  for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
     const int t = i / kt_staged, kt = i - t * kt_staged;
     float* row = xs + t * xs_stride + kt * kTileDim;
     float v[kTileDim];
@@ -595,10 +641,6 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       const float4 f = reinterpret_cast<const float4*>(row)[q];
       v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
     }
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kTileDim; ++j) sum += v[j];
-    tile_sums[t * kr + kt] = sum;
     uint32_t out[kTileDim];
 #pragma unroll
     for (int tq = 0; tq < 4; ++tq)
@@ -606,33 +648,45 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       for (int part = 0; part < 2; ++part)
 #pragma unroll
         for (int h = 0; h < 2; ++h) out[(tq * 2 + part) * 2 + h] = split_pair(v[2 * tq + 8 * h], v[2 * tq + 8 * h + 1], part);
+    // The sum of what the mma multiplies (hi + lo, not x): the bias term cancels exactly the bias
+    // the products carry, up to fp32 rounding.
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) sum += __uint_as_float(out[j] << 16) + __uint_as_float(out[j] & 0xffff0000u);
+    tile_sums[t * kr + kt] = sum;
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
   }
   __syncthreads();
-  // grid0/step times the sum of x over each scale group's part of the K range (v8's first version
-  // summed a group's values serially in one thread: up to 1024 dependent shared loads).
+  // (grid0/step - bias) times the sum of x over each scale group's part of the K range: the affine
+  // grid's constant term less the decode bias the products carry (fragment_decode.cuh). (v8's
+  // first version summed a group's values serially in one thread: up to 1024 dependent shared loads.)
+  const float group_coefficient = pp.grid0_over_step - static_cast<float>(kDecodeBias<BITS>);
   const int tiles_per_group = w.group_size / kTileDim;
   const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
   const int local_groups = last_group - group0 + 1;  // <= kr
-  for (int i = threadIdx.x; i < kRows * local_groups; i += blockDim.x) {
+  for (int i = threadIdx.x; i < count * local_groups; i += blockDim.x) {
     const int t = i / local_groups, g = i - t * local_groups;
     const int kt_begin = max(0, (group0 + g) * tiles_per_group - k_tile0);
     const int kt_end = min(k_tiles, (group0 + g + 1) * tiles_per_group - k_tile0);
     float sum = 0.0f;
     for (int kt = kt_begin; kt < kt_end; ++kt) sum += tile_sums[t * kr + kt];
-    group_sums[t * kr + g] = sum * pp.grid0_over_step;
+    group_sums[t * kr + g] = sum * group_coefficient;
   }
   __syncthreads();
 
   // --- the warp's n-tile over the K range: decode, mma, flush at each scale group's end.
   const int g = lane >> 2, tq = lane & 3;
-  float acc[CB][4], total[CB][2];
+  // acc runs over the whole K range; a flush takes the group's part as the difference to the sums
+  // at the previous flush (`seen`): zeroing 4 CB accumulators per group cost ~12 instructions per
+  // unit (sass-loops), the difference 2 CB. fp32 over at most 256 k-tiles: the difference's error
+  // stays ~1e-6 of the result, far inside the 1e-4 bound.
+  float acc[CB][4], seen[CB][2], total[CB][2];
 #pragma unroll
   for (int c = 0; c < CB; ++c) {
     acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
-    total[c][0] = total[c][1] = 0.0f;
+    seen[c][0] = seen[c][1] = total[c][0] = total[c][1] = 0.0f;
   }
   if (active) {
     const uint32_t* b_src = reinterpret_cast<const uint32_t*>(xs) + (g >> 1) * xs_stride + (tq * 2 + (g & 1)) * 2;
@@ -641,39 +695,45 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     const uint16_t* scale_src = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * N + n_tile * kTileDim + g;
     float scale_lo = half_bits_to_float(__ldg(scale_src)), scale_hi = half_bits_to_float(__ldg(scale_src + 8));
     uint16_t next_lo = 0, next_hi = 0;
-    if (group0 < last_group) next_lo = __ldg(scale_src + N), next_hi = __ldg(scale_src + N + 8);
+    const uint16_t* next_scale = scale_src + N;  // the scales of group `group + 1`
+    if (group0 < last_group) next_lo = __ldg(next_scale), next_hi = __ldg(next_scale + 8);
     int group = 0;  // local
     int left = tiles_per_group - k_tile0 % tiles_per_group;  // k-tiles left in the current group
     auto flush = [&]() {
 #pragma unroll
       for (int c = 0; c < CB; ++c) {
         const float affine_term = my_group_sums[c * kMmaRowsPerBlock * kr + group];
-        total[c][0] = fmaf(scale_lo, acc[c][0] + acc[c][1] + affine_term, total[c][0]);
-        total[c][1] = fmaf(scale_hi, acc[c][2] + acc[c][3] + affine_term, total[c][1]);
-        acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
+        const float lo = acc[c][0] + acc[c][1], hi = acc[c][2] + acc[c][3];
+        total[c][0] = fmaf(scale_lo, (lo - seen[c][0]) + affine_term, total[c][0]);
+        total[c][1] = fmaf(scale_hi, (hi - seen[c][1]) + affine_term, total[c][1]);
+        seen[c][0] = lo;
+        seen[c][1] = hi;
       }
       ++group;
       scale_lo = half_bits_to_float(next_lo);
       scale_hi = half_bits_to_float(next_hi);
       if (group0 + group < last_group) {
-        next_lo = __ldg(scale_src + (group + 1) * N);
-        next_hi = __ldg(scale_src + (group + 1) * N + 8);
+        next_scale += N;  // a pointer step, not a 64-bit multiply per group
+        next_lo = __ldg(next_scale);
+        next_hi = __ldg(next_scale + 8);
       }
       left = tiles_per_group;
     };
+    const uint32_t* next_unit = units + kUnitsInFlight * kUnitWords;  // the unit to load next
     for (int q0 = 0; q0 < quads; q0 += kUnitsInFlight) {
 #pragma unroll
       for (int d = 0; d < kUnitsInFlight; ++d) {
         const int q = q0 + d;
         if (q >= quads) break;
-        uint32_t words[BITS];
-#pragma unroll
-        for (int v = 0; v < BITS; ++v) words[v] = ring[d][v];
-        if (q + kUnitsInFlight < quads)
-#pragma unroll
-          for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + (q + kUnitsInFlight) * kUnitWords + v * 32);
+        // Decode the slot, then refill it: the load goes out ~30 instructions later than it could,
+        // but into the same registers (loading first needed a second set and ~19 moves per unit).
         uint32_t pairs[16];
-        decode_unit_pairs<BITS>(words, pairs);
+        decode_unit_pairs<BITS>(ring[d], pairs);
+        if (q + kUnitsInFlight < quads) {
+#pragma unroll
+          for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(next_unit + v * 32);
+        }
+        next_unit += kUnitWords;
 #pragma unroll
         for (int i = 0; i < kQuadTiles; ++i) {
           const int kt = q * kQuadTiles + i;
@@ -706,40 +766,61 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   finish_if_last(a, item_index, item, kRows, col_group, kMmaColsPerBlock, finish, flag);
 }
 
-template <int CB, bool QUAD_GROUPS>
+// BITS: the bit width of every projection of the pass (one copy of the block in the kernel), or 0
+// for passes whose gate and up differ (a run-time switch over three copies).
+template <int CB, bool QUAD_GROUPS, int BITS>
 __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB))
 mma_projection_kernel(const __grid_constant__ PassArgs a) {
   __shared__ PassItem item;
   if (!begin_pass_block(a, item)) return;
   const int item_index = blockIdx.x;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
-  switch (a.proj[p == 0 ? 0 : 1].w.bits) {
-    case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
-    case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
-    default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+  if constexpr (BITS != 0) {
+    mma_projection_block<BITS, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y);
+  } else {
+    switch (a.proj[p == 0 ? 0 : 1].w.bits) {
+      case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+      case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+      default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+    }
   }
 }
 
-template <int CB, bool QUAD_GROUPS>
+template <int CB, bool QUAD_GROUPS, int BITS>
 void launch_mma(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  launch_dependent(mma_projection_kernel<CB, QUAD_GROUPS>, grid, dim3(kMmaThreads), shared_bytes, stream,
+  launch_dependent(mma_projection_kernel<CB, QUAD_GROUPS, BITS>, grid, dim3(kMmaThreads), shared_bytes, stream,
                    args.routing.programmatic != 0, args);
+}
+
+template <int CB, bool QUAD_GROUPS>
+void launch_mma_bits(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  const int bits = args.proj[0].w.bits;
+  const bool same = args.nproj == 1 || args.proj[1].w.bits == bits;
+  switch (same ? bits : 0) {
+    case 2: launch_mma<CB, QUAD_GROUPS, 2>(args, max_items, shared_bytes, stream); break;
+    case 3: launch_mma<CB, QUAD_GROUPS, 3>(args, max_items, shared_bytes, stream); break;
+    case 4: launch_mma<CB, QUAD_GROUPS, 4>(args, max_items, shared_bytes, stream); break;
+    default: launch_mma<CB, QUAD_GROUPS, 0>(args, max_items, shared_bytes, stream); break;
+  }
 }
 
 template <int CB>
 void launch_mma_groups(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   bool quad_groups = true;
   for (int p = 0; p < args.nproj; ++p) quad_groups = quad_groups && args.proj[p].w.group_size % kQuadK == 0;
-  if (quad_groups) launch_mma<CB, true>(args, max_items, shared_bytes, stream);
-  else launch_mma<CB, false>(args, max_items, shared_bytes, stream);
+  if (quad_groups) launch_mma_bits<CB, true>(args, max_items, shared_bytes, stream);
+  else launch_mma_bits<CB, false>(args, max_items, shared_bytes, stream);
 }
 
 template <int CB>
 void raise_mma_shared_limit() {
-  TMOE_CUDA_CHECK(cudaFuncSetAttribute(mma_projection_kernel<CB, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
-  TMOE_CUDA_CHECK(cudaFuncSetAttribute(mma_projection_kernel<CB, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+  for (auto kernel : {mma_projection_kernel<CB, true, 0>, mma_projection_kernel<CB, true, 2>,
+                      mma_projection_kernel<CB, true, 3>, mma_projection_kernel<CB, true, 4>,
+                      mma_projection_kernel<CB, false, 0>, mma_projection_kernel<CB, false, 2>,
+                      mma_projection_kernel<CB, false, 3>, mma_projection_kernel<CB, false, 4>})
+    TMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
 }
 }  // namespace
 
@@ -765,9 +846,9 @@ int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes) {
     TMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMmaThreads, shared_bytes));
   };
   switch (mma_item_rows(tokens_per_item)) {
-    case 4: query(mma_projection_kernel<1, true>); break;
-    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true>); break;
-    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true>); break;
+    case 4: query(mma_projection_kernel<1, true, 0>); break;
+    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true, 0>); break;
+    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true, 0>); break;
   }
   return std::max(blocks, 1);
 }

@@ -7,11 +7,12 @@
 // z = projection * k_splits + split. 8 warps; warp w owns n-tile (8 y + w) over the block's K range
 // and walks its units (4 k-tiles each) front to back, one contiguous stream, kUnitsInFlight units of
 // loads ahead in registers. A unit decodes (decode_unit_pairs) into the A operand of
-// mma.m16n8k16 bf16 (rows = the 16 columns n, exact codebook indices); B = the item's activations,
-// each row split x = hi + lo (two bf16, |x - hi - lo| <= 2^-17 |x|) so a row takes 2 of the 8 mma
-// columns: 4 rows per 8-column block, 1, 2 or 4 blocks (items of up to 4, 8 or 16 rows). Products
-// are exact and the sums fp32. Per scale group the warp flushes scale[g][n] * (acc + grid0/step *
-// sum_g x) into fp32 totals; step multiplies the partial sums.
+// mma.m16n8k16 bf16 (rows = the 16 columns n, codebook indices plus the decode bias, exactly);
+// B = the item's activations, each row split x = hi + lo (two bf16, |x - hi - lo| <= 2^-17 |x|) so a
+// row takes 2 of the 8 mma columns: 4 rows per 8-column block, 1, 2 or 4 blocks (items of up to 4, 8
+// or 16 rows). Products are exact and the sums fp32. Per scale group the warp flushes
+// scale[g][n] * (acc + (grid0/step - bias) * sum_g (hi + lo)) into fp32 totals; step multiplies the
+// partial sums.
 //
 // CUDA-core kernel (any grid; v1..v7): reads the tile layout (FORMAT.md order, n-tile-major).
 // Grid as above with kColsPerBlock columns; 4 warps; lane = (k-tile row kq, n-tile nt, half) so one

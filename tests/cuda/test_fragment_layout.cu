@@ -76,7 +76,7 @@ __global__ void decode_units_kernel(const uint32_t* units, int64_t units_count, 
   const int64_t q = unit % quads, j = (unit / quads) % tiles_n, e = unit / quads / tiles_n;
   for (int v = 0; v < 32; ++v) {
     const uint32_t half_bits = v & 1 ? pairs[v >> 1] >> 16 : pairs[v >> 1] & 0xffffu;
-    const float value = __uint_as_float(half_bits << 16);  // bf16 -> f32
+    const float value = __uint_as_float(half_bits << 16) - kDecodeBias<BITS>;  // bf16 -> f32, less the bias
     const int64_t k = q * kQuadK + fragment_k(lane, v), n = j * kTileDim + fragment_n(lane, v);
     out[(e * quads * kQuadK + k) * N + n] = value;
   }

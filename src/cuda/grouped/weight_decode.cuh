@@ -92,8 +92,10 @@ __device__ __forceinline__ void scaled_weight_pairs(const uint32_t (&w)[BITS], c
                                                     uint32_t su_low, uint32_t su_high, uint32_t (&out)[4]) {
   uint32_t x[4];
   if constexpr (AFFINE) {
-    // bf16 bits of -c = -(2^BITS - 1) / 2 (-1.5, -3.5, -7.5) in both halves: idx - c is exact.
-    constexpr uint32_t minus_center = BITS == 2 ? 0xBFC0u : BITS == 3 ? 0xC060u : 0xC0F0u;
+    // bf16 bits of -(bias + c), c = (2^BITS - 1) / 2: -(8 + 1.5), -(8 + 3.5), -(16 + 7.5), in both
+    // halves: the decoded bias + idx minus it is idx - c, exactly (fragment_decode.cuh).
+    static_assert(kDecodeBias<2> == 8 && kDecodeBias<3> == 8 && kDecodeBias<4> == 16);
+    constexpr uint32_t minus_center = BITS == 2 ? 0xC118u : BITS == 3 ? 0xC138u : 0xC1BCu;
     constexpr uint32_t minus_centers = minus_center | (minus_center << 16);
     x[0] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 0>(w), minus_centers);
     x[1] = hadd2_bits(fragment_detail::decode_pair<BITS, 4 * KT + 1>(w), minus_centers);

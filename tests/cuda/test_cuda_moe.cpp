@@ -15,6 +15,7 @@
 
 #include <cstring>
 #include <limits>
+#include <regex>
 #include <string>
 
 #include "cuda/dispatch.hpp"
@@ -35,6 +36,7 @@ struct MoeCase {
   int group = 96;  // 256 and 160 are not multiples: partial last groups
   int hadamard = 0;
   bool custom_grid = false;
+  float x_offset = 0;  // added to every activation (exact in f32 for the offsets used)
   DType x_dtype = DType::f32, out_dtype = DType::f32;
   RoutingKind routing = RoutingKind::distinct;
 };
@@ -89,14 +91,19 @@ cuda::CudaMoeOptions decode_kernels_only() {
 
 void check_against_reference(const MoeCase& c, int64_t T,
                              const cuda::CudaMoeOptions& options = decode_kernels_only(),
-                             double bound = -1) {
+                             double bound = -1, std::string* plan = nullptr) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(describe(c, T, seed));
   const MoeWeights w = make_weights(c, seed);
   std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
-  const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+  RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+  if (c.x_offset != 0) {
+    if (c.x_dtype != DType::f32) throw std::invalid_argument("x_offset: f32 activations only");
+    for (float& v : b.x) v += c.x_offset;
+  }
   const std::vector<double> ref = reference_forward(w, T, b.x, b.ids, b.probs);
   cuda::CudaMoe moe(w, options);
+  if (plan != nullptr) *plan = moe.plan_summary(T, c.k);
   const std::vector<float> got = run_device(moe, c, b, T);
   moe.check_errors();
   EXPECT_LE(relative_error(got, ref), bound >= 0 ? bound : unit_roundoff(c.out_dtype) + 1e-4);
@@ -168,6 +175,30 @@ TEST(CudaMoe, SplitKAndWideHadamard) {
   c.group = 48;
   c.x_dtype = DType::bf16;
   for (int64_t T : {1, 4}) check_against_reference(c, T);
+}
+
+// Activations with a large common part (x = 16 + N(0, 1)) over long K ranges: sums of x then grow
+// linearly along K, so an accumulator that carries them loses the groups' small parts to fp32
+// rounding (the tensor-core kernel's flush, projection.cu). A float32 model of that flush over this
+// plan's 88 k-tile blocks: ~3e-6 with the decode bias folded into the accumulator at each flush (the
+// code), ~2.4e-5 with the bias kept outside it, ~1.3e-4 with a bias of 64 kept outside: the bound
+// catches the last kind (a larger bias or longer ranges), not the second. The test checks through
+// the launch plan that the gate+up blocks do cover long ranges (>= 64 k-tiles).
+TEST(CudaMoe, ActivationsFarFromZeroMean) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 4096;
+  c.I = 8192;
+  c.E = 2;
+  c.k = 2;
+  c.group = 128;
+  c.x_offset = 16.0f;
+  std::string plan;
+  check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(plan, m, std::regex(R"(gate\+up \(tensor cores\): \d+ splits x (\d+) k-tiles)")))
+      << plan;
+  EXPECT_GE(std::stoi(m[1].str()), 64) << plan;
 }
 
 // The tensor-core kernel's scale-group flushes: groups of 16 (a flush after every k-tile), 48 (flushes

@@ -74,6 +74,7 @@ constexpr int64_t kChainMaxWaves = 1;
 struct PassPlan {
   int k_splits = 1, k_tiles_per_block = 1, col_groups = 1, finish_cols = kColsPerBlock,
       num_finish_groups = 1;
+  bool dense = false;  // 4-row tensor-core items: the kMmaDenseBlocks-per-SM kernel variant
   size_t shared = 0;
 };
 
@@ -94,9 +95,11 @@ struct Occupancy {
   size_t shared_per_sm = 228 * 1024;
   int register_blocks[3][2] = {};   // CUDA-core kernel: [tokens per item 1, 2, 4][affine]
   int mma_register_blocks[3] = {};  // tensor-core kernel: [item rows 4, 8, 16]
-  int blocks_per_sm(bool tensor_core, int tokens_per_item, bool affine, size_t shared) const {
+  int mma_dense_register_blocks = 0;  // its dense 4-row variant
+  int blocks_per_sm(bool tensor_core, int tokens_per_item, bool affine, size_t shared, bool dense = false) const {
+    const int rows = mma_item_rows(tokens_per_item);
     const int by_registers =
-        tensor_core ? mma_register_blocks[mma_item_rows(tokens_per_item) == 4 ? 0 : mma_item_rows(tokens_per_item) == 8 ? 1 : 2]
+        tensor_core ? (dense && rows == 4 ? mma_dense_register_blocks : mma_register_blocks[rows == 4 ? 0 : rows == 8 ? 1 : 2])
                     : register_blocks[tokens_per_item == 1 ? 0 : tokens_per_item == 2 ? 1 : 2][affine];
     const int by_shared = static_cast<int>(shared_per_sm / (shared + 1024));
     return std::max(1, std::min(by_registers, by_shared));
@@ -115,6 +118,14 @@ struct Occupancy {
 // 40 is best or within 1% everywhere (glm 1 token -4%, qwen3 4 tokens -3% against 16).
 inline constexpr int kFixedRowsCudaCore = 12;
 inline constexpr int kFixedRowsTensorCore = 40;
+// A k-tile row of the dense 4-row variant (4 blocks per SM, 64 registers) against one of the 3-block
+// kernel: more blocks at once, each slower (more warps share the schedulers; a few spills). From one
+// H100 run (docs/notes-cuda.md, "v11"), 4 blocks against 3 at 1 / 4 / 16 tokens, us: mixtral 84 vs
+// 93 / 219 vs 226, deepseek 88.5 vs 101 / 286 vs 313 / 874 vs 944, glm 44 vs 47 / 129 vs 141 /
+// 334 vs 363, qwen3 47.5 vs 55 / 117 vs 133 at 4 / 16, but 27.4 vs 24.5 at 1 token (one wave both
+// ways: the dense plan took 5 shorter splits). A block of the same rows runs ~(4/3) / 1.1 = 1.2x
+// as long when the SM is full (4/3 the warps, ~10% more throughput).
+inline constexpr double kDenseRowCost = 1.2;
 // The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
 inline constexpr size_t kMaxPassShared = 96 * 1024;
 
@@ -143,21 +154,29 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int s
   // blocks costs as much as a full one (ncu on v4: 2.26 waves).
   const int64_t ks_min = ceil_div(tiles_k, max_kr);
   const int64_t ks_max = std::max(ks_min, std::min<int64_t>(ks_min + 64, ceil_div(tiles_k, 4)));
+  // 4-row tensor-core items weigh the dense kernel variant too (ties go to the faster 3-block one).
+  const bool try_dense = tensor_core && mma_item_rows(tokens_per_item) == 4;
   double best = 0;
-  for (int64_t ks = ks_min; ks <= ks_max; ++ks) {
-    const int64_t kr = ceil_div(ceil_div(tiles_k, ks), align) * align;
-    const int64_t splits = ceil_div(tiles_k, kr);
-    const size_t shared = shared_of(kr);
-    const int64_t at_once =
-        static_cast<int64_t>(occupancy.blocks_per_sm(tensor_core, tokens_per_item, affine, shared)) * occupancy.sms;
-    const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + fixed_rows);
-    if (ks == ks_min || cost < best) {
-      best = cost;
-      p.k_tiles_per_block = static_cast<int>(kr);
-      p.k_splits = static_cast<int>(splits);
-      p.shared = shared;
+  bool first = true;
+  for (int dense = 0; dense <= (try_dense ? 1 : 0); ++dense)
+    for (int64_t ks = ks_min; ks <= ks_max; ++ks) {
+      const int64_t kr = ceil_div(ceil_div(tiles_k, ks), align) * align;
+      const int64_t splits = ceil_div(tiles_k, kr);
+      const size_t shared = shared_of(kr);
+      const int64_t at_once =
+          static_cast<int64_t>(occupancy.blocks_per_sm(tensor_core, tokens_per_item, affine, shared, dense != 0)) *
+          occupancy.sms;
+      const double row_cost = dense ? kDenseRowCost : 1.0;
+      const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr * row_cost + fixed_rows);
+      if (first || cost < best) {
+        first = false;
+        best = cost;
+        p.k_tiles_per_block = static_cast<int>(kr);
+        p.k_splits = static_cast<int>(splits);
+        p.shared = shared;
+        p.dense = dense != 0;
+      }
     }
-  }
   return p;
 }
 
@@ -314,7 +333,8 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
   for (int r = 0; r < 3; ++r)
     for (int affine = 0; affine < 2; ++affine)
       m.occupancy.register_blocks[r][affine] = projection_blocks_per_sm(rows[r], affine != 0, 0);
-  for (int r = 0; r < 3; ++r) m.occupancy.mma_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, 0);
+  for (int r = 0; r < 3; ++r) m.occupancy.mma_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, false, 0);
+  m.occupancy.mma_dense_register_blocks = mma_projection_blocks_per_sm(4, true, 0);
   // gate and up share a pass, so they take the CUDA-core kernel together when either grid is custom.
   const bool gate_up_affine = describe(weights.gate, {}).affine && describe(weights.up, {}).affine;
   m.gate = m.upload_projection(weights.gate, !gate_up_affine);
@@ -343,7 +363,7 @@ std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
     const bool tc = tensor_core_pass(proj, nproj);  // = every grid of the pass is affine
     s += std::string("; ") + name + (tc ? " (tensor cores)" : " (CUDA cores)") + ": " + std::to_string(p.k_splits) +
          " splits x " + std::to_string(p.k_tiles_per_block) + " k-tiles, " + std::to_string(p.col_groups) +
-         " column groups, " + std::to_string(m.occupancy.blocks_per_sm(tc, f.tokens_per_item, tc, p.shared)) +
+         " column groups, " + std::to_string(m.occupancy.blocks_per_sm(tc, f.tokens_per_item, tc, p.shared, p.dense)) +
          " blocks/SM, " + std::to_string((p.shared + 1023) / 1024) + " KB shared";
   };
   const PassProjection gu[2] = {m.gate_pass, m.up_pass};
@@ -421,6 +441,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   gu.order = r.order;
   gu.pairs = f.pairs;
   gu.k_splits = f.gate_up.k_splits;
+  gu.mma_dense = f.gate_up.dense;
   gu.k_tiles_per_block = f.gate_up.k_tiles_per_block;
   gu.col_groups = f.gate_up.col_groups;
   gu.finish_groups_cols = f.gate_up.finish_cols;
@@ -437,7 +458,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
     const int64_t blocks = f.max_items * p.col_groups * a.nproj * p.k_splits;
     const bool tensor_core = tensor_core_pass(a.proj, a.nproj);
     const int64_t at_once =
-        static_cast<int64_t>(m.occupancy.blocks_per_sm(tensor_core, f.tokens_per_item, affine, p.shared)) *
+        static_cast<int64_t>(m.occupancy.blocks_per_sm(tensor_core, f.tokens_per_item, affine, p.shared, p.dense)) *
         m.occupancy.sms;
     a.routing.programmatic = blocks <= kChainMaxWaves * at_once;
     a.routing.expert_ids = a.routing.programmatic && f.pairs <= kLocalPlanMaxPairs ? b.expert_ids : nullptr;
@@ -453,6 +474,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   dn.src_dtype = DType::f32;
   dn.src_by_token = 0;
   dn.k_splits = f.down.k_splits;
+  dn.mma_dense = f.down.dense;
   dn.k_tiles_per_block = f.down.k_tiles_per_block;
   dn.col_groups = f.down.col_groups;
   dn.finish_groups_cols = f.down.finish_cols;

@@ -544,10 +544,14 @@ void raise_shared_limit() {
 
 // Units whose loads a warp keeps in flight (registers): 3 blocks of 8 warps per SM then hold
 // ~24 x 4 x 384 B = 36 KB of 3-bit weights in flight per SM. (8 units at 2 blocks per SM, 48 KB,
-// was 5-20% slower: docs/notes-cuda.md, v8.)
+// was 5-20% slower: docs/notes-cuda.md, v8; 6 units with the v11 decode: equal, notes "v11".)
 inline constexpr int kUnitsInFlight = 4;
-// Blocks per SM the launch bounds ask for (registers): 3 for 4-row items, 2 for 8 and 16.
-TMOE_HD constexpr int mma_min_blocks(int mma_blocks) { return mma_blocks == 1 ? 3 : 2; }
+// Blocks per SM the launch bounds ask for (registers): 2 for 8- and 16-row items; 4-row items come
+// in two variants, 3 blocks (80 registers) and 4 (64 registers, more warps to hide latency, a few
+// spills and ~8% more instructions per unit): the planner picks one per pass (PassArgs::mma_dense).
+TMOE_HD constexpr int mma_min_blocks(int mma_blocks, bool dense) {
+  return mma_blocks == 1 ? (dense ? kMmaDenseBlocks : kMmaDenseBlocks - 1) : 2;
+}
 
 // One 32-bit word of a unit (read-only, streamed once), with the L2::256B prefetch hint (each
 // 128-byte warp request also brings the next 128 bytes of the warp's stream into L2; the 256-byte
@@ -680,8 +684,11 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   const int g = lane >> 2, tq = lane & 3;
   // acc runs over the whole K range; a flush takes the group's part as the difference to the sums
   // at the previous flush (`seen`): zeroing 4 CB accumulators per group cost ~12 instructions per
-  // unit (sass-loops), the difference 2 CB. fp32 over at most 256 k-tiles: the difference's error
-  // stays ~1e-6 of the result, far inside the 1e-4 bound.
+  // unit (sass-loops), the difference 2 CB. The flush adds the group's affine term (which removes
+  // the decode bias) into acc itself, so between flushes acc holds the true running sum of
+  // (idx + grid0/step) x, plus one group's biased products: the difference's fp32 error stays that
+  // of the result's own size even for activations far from zero mean (where acc would otherwise
+  // grow as (bias + 3.5) * sum x over the whole range: CudaMoe.ActivationsFarFromZeroMean).
   float acc[CB][4], seen[CB][2], total[CB][2];
 #pragma unroll
   for (int c = 0; c < CB; ++c) {
@@ -703,9 +710,11 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 #pragma unroll
       for (int c = 0; c < CB; ++c) {
         const float affine_term = my_group_sums[c * kMmaRowsPerBlock * kr + group];
+        acc[c][0] += affine_term;
+        acc[c][2] += affine_term;
         const float lo = acc[c][0] + acc[c][1], hi = acc[c][2] + acc[c][3];
-        total[c][0] = fmaf(scale_lo, (lo - seen[c][0]) + affine_term, total[c][0]);
-        total[c][1] = fmaf(scale_hi, (hi - seen[c][1]) + affine_term, total[c][1]);
+        total[c][0] = fmaf(scale_lo, lo - seen[c][0], total[c][0]);
+        total[c][1] = fmaf(scale_hi, hi - seen[c][1], total[c][1]);
         seen[c][0] = lo;
         seen[c][1] = hi;
       }
@@ -720,7 +729,12 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       left = tiles_per_group;
     };
     const uint32_t* next_unit = units + kUnitsInFlight * kUnitWords;  // the unit to load next
-    for (int q0 = 0; q0 < quads; q0 += kUnitsInFlight) {
+    // -DTMOE_MMA_SKIP_MAIN_LOOP=1 (a measurement build, wrong results): everything but this loop,
+    // to time a block's fixed work (scripts/gpu-ab ... noloop=.:-DTMOE_MMA_SKIP_MAIN_LOOP=1).
+#ifndef TMOE_MMA_SKIP_MAIN_LOOP
+#define TMOE_MMA_SKIP_MAIN_LOOP 0
+#endif
+    for (int q0 = 0; q0 < (TMOE_MMA_SKIP_MAIN_LOOP ? 0 : quads); q0 += kUnitsInFlight) {
 #pragma unroll
       for (int d = 0; d < kUnitsInFlight; ++d) {
         const int q = q0 + d;
@@ -768,8 +782,8 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 
 // BITS: the bit width of every projection of the pass (one copy of the block in the kernel), or 0
 // for passes whose gate and up differ (a run-time switch over three copies).
-template <int CB, bool QUAD_GROUPS, int BITS>
-__global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB))
+template <int CB, bool QUAD_GROUPS, int BITS, bool DENSE>
+__global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB, DENSE))
 mma_projection_kernel(const __grid_constant__ PassArgs a) {
   __shared__ PassItem item;
   if (!begin_pass_block(a, item)) return;
@@ -788,9 +802,11 @@ mma_projection_kernel(const __grid_constant__ PassArgs a) {
 
 template <int CB, bool QUAD_GROUPS, int BITS>
 void launch_mma(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  const auto sparse = mma_projection_kernel<CB, QUAD_GROUPS, BITS, false>;
+  const auto dense = mma_projection_kernel<CB, QUAD_GROUPS, BITS, CB == 1>;
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  launch_dependent(mma_projection_kernel<CB, QUAD_GROUPS, BITS>, grid, dim3(kMmaThreads), shared_bytes, stream,
+  launch_dependent(args.mma_dense ? dense : sparse, grid, dim3(kMmaThreads), shared_bytes, stream,
                    args.routing.programmatic != 0, args);
 }
 
@@ -814,12 +830,12 @@ void launch_mma_groups(const PassArgs& args, int64_t max_items, size_t shared_by
   else launch_mma_bits<CB, false>(args, max_items, shared_bytes, stream);
 }
 
-template <int CB>
+template <int CB, bool DENSE>
 void raise_mma_shared_limit() {
-  for (auto kernel : {mma_projection_kernel<CB, true, 0>, mma_projection_kernel<CB, true, 2>,
-                      mma_projection_kernel<CB, true, 3>, mma_projection_kernel<CB, true, 4>,
-                      mma_projection_kernel<CB, false, 0>, mma_projection_kernel<CB, false, 2>,
-                      mma_projection_kernel<CB, false, 3>, mma_projection_kernel<CB, false, 4>})
+  for (auto kernel : {mma_projection_kernel<CB, true, 0, DENSE>, mma_projection_kernel<CB, true, 2, DENSE>,
+                      mma_projection_kernel<CB, true, 3, DENSE>, mma_projection_kernel<CB, true, 4, DENSE>,
+                      mma_projection_kernel<CB, false, 0, DENSE>, mma_projection_kernel<CB, false, 2, DENSE>,
+                      mma_projection_kernel<CB, false, 3, DENSE>, mma_projection_kernel<CB, false, 4, DENSE>})
     TMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
 }
 }  // namespace
@@ -831,24 +847,25 @@ void prepare_projection_kernels() {
   raise_shared_limit<2, true>();
   raise_shared_limit<4, false>();
   raise_shared_limit<4, true>();
-  raise_mma_shared_limit<1>();
-  if constexpr (kMmaBlocksBuilt<2>) raise_mma_shared_limit<2>();
-  if constexpr (kMmaBlocksBuilt<4>) raise_mma_shared_limit<4>();
+  raise_mma_shared_limit<1, false>();
+  raise_mma_shared_limit<1, true>();
+  if constexpr (kMmaBlocksBuilt<2>) raise_mma_shared_limit<2, false>();
+  if constexpr (kMmaBlocksBuilt<4>) raise_mma_shared_limit<4, false>();
 }
 
 size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols) {
   return (mma_shared_floats(mma_item_rows(tokens), k_tiles_per_block, finish_cols) + 4) * sizeof(float);
 }
 
-int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes) {
+int mma_projection_blocks_per_sm(int tokens_per_item, bool dense, size_t shared_bytes) {
   int blocks = 0;
   auto query = [&](auto kernel) {
     TMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMmaThreads, shared_bytes));
   };
   switch (mma_item_rows(tokens_per_item)) {
-    case 4: query(mma_projection_kernel<1, true, 0>); break;
-    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true, 0>); break;
-    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true, 0>); break;
+    case 4: dense ? query(mma_projection_kernel<1, true, 0, true>) : query(mma_projection_kernel<1, true, 0, false>); break;
+    case 8: if constexpr (kMmaBlocksBuilt<2>) query(mma_projection_kernel<2, true, 0, false>); break;
+    default: if constexpr (kMmaBlocksBuilt<4>) query(mma_projection_kernel<4, true, 0, false>); break;
   }
   return std::max(blocks, 1);
 }

@@ -54,6 +54,8 @@ inline constexpr int kMaxMmaItemTokens = kMaxPassItemPairs < 16 ? kMaxPassItemPa
 // Whether the variant with CB mma column blocks (items of up to 4 CB rows) is built.
 template <int CB>
 inline constexpr bool kMmaBlocksBuilt = CB == 1 || (CB / 2) * kMmaRowsPerBlock < kMaxMmaItemTokens;
+// Blocks per SM of the dense variant of the 4-row tensor-core kernel (one fewer for the other).
+inline constexpr int kMmaDenseBlocks = 4;
 inline constexpr int kMaxHadamard = 256;                // largest Hadamard block the passes take
 // A stage of a warp's cp.async ring: 4 k-tile rows of 4 tiles and their 4 x 64 fp16 scales.
 // 3 stages (2 steps in flight per warp) keep a block's shared memory small enough for 6 blocks
@@ -98,6 +100,7 @@ struct PassArgs {
   float* partial = nullptr;     // [nproj][k_splits][P][N]
   int32_t* counters = nullptr;  // [max items][num_finish_groups]
   float* dst = nullptr;         // [P][N]: h for gate+up, the pair outputs for down
+  int mma_dense = 0;            // 4-row tensor-core items: the kMmaDenseBlocks-per-SM variant
   PassRouting routing;          // where blocks find their work item (pass_routing.cuh)
   PassCombine combine;          // down pass: the combine over each token's slots, fused
 };
@@ -135,6 +138,7 @@ void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t m
 void prepare_projection_kernels();
 // Blocks of the pass kernel that fit on one SM at once with this much shared memory.
 int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_bytes);
-int mma_projection_blocks_per_sm(int tokens_per_item, size_t shared_bytes);
+// dense: the 4-row kernel's variant for kMmaDenseBlocks blocks per SM (PassArgs::mma_dense).
+int mma_projection_blocks_per_sm(int tokens_per_item, bool dense, size_t shared_bytes);
 
 }  // namespace tmoe::cuda

@@ -118,14 +118,15 @@ struct Occupancy {
 // 40 is best or within 1% everywhere (glm 1 token -4%, qwen3 4 tokens -3% against 16).
 inline constexpr int kFixedRowsCudaCore = 12;
 inline constexpr int kFixedRowsTensorCore = 40;
-// A k-tile row of the dense 4-row variant (4 blocks per SM, 64 registers) against one of the 3-block
+// A block of the dense 4-row variant (4 blocks per SM, 64 registers) against one of the 3-block
 // kernel: more blocks at once, each slower (more warps share the schedulers; a few spills). From one
 // H100 run (docs/notes-cuda.md, "v11"), 4 blocks against 3 at 1 / 4 / 16 tokens, us: mixtral 84 vs
 // 93 / 219 vs 226, deepseek 88.5 vs 101 / 286 vs 313 / 874 vs 944, glm 44 vs 47 / 129 vs 141 /
 // 334 vs 363, qwen3 47.5 vs 55 / 117 vs 133 at 4 / 16, but 27.4 vs 24.5 at 1 token (one wave both
-// ways: the dense plan took 5 shorter splits). A block of the same rows runs ~(4/3) / 1.1 = 1.2x
-// as long when the SM is full (4/3 the warps, ~10% more throughput).
-inline constexpr double kDenseRowCost = 1.2;
+// ways: the dense plan took 5 shorter splits). A block runs ~(4/3) / 1.1 = 1.2x as long when the
+// SM is full (4/3 the warps, ~10% more throughput). Applied to the fixed work too: with it on the
+// k-tile rows only, qwen3's 1-token down pass took the dense variant and was 1.5 us slower.
+inline constexpr double kDenseBlockCost = 1.2;
 // The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
 inline constexpr size_t kMaxPassShared = 96 * 1024;
 
@@ -166,8 +167,8 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int s
       const int64_t at_once =
           static_cast<int64_t>(occupancy.blocks_per_sm(tensor_core, tokens_per_item, affine, shared, dense != 0)) *
           occupancy.sms;
-      const double row_cost = dense ? kDenseRowCost : 1.0;
-      const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr * row_cost + fixed_rows);
+      const double block_cost = dense ? kDenseBlockCost : 1.0;
+      const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + fixed_rows) * block_cost;
       if (first || cost < best) {
         first = false;
         best = cost;

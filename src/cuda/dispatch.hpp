@@ -12,22 +12,23 @@ namespace tmoe::cuda {
 // cores; the decode / small-batch path (tensor-core mma kernel since v8) streams every selected
 // expert's units once per work item of up to 16 rows, so it wins while items stay few per expert.
 //
-// Measured (H100 80GB HBM3, 3-bit, group 128; us). Current (session 3): decode forced with
-// `tmoe bench --backend cuda --tokens 8,16,32,64 --grouped-min-tokens 1000000000 --min-seconds 0.1`
-// at d6e021e, grouped from the dispatcher's own sweep (`scripts/gpu-check`) at 2462c5e (the same
-// kernels; two device runs on H100s of the same kind):
+// Measured (H100 80GB HBM3, 3-bit, group 128; us). Current (session 4, v11 decode kernels): decode
+// forced with `scripts/gpu-ab <4 shapes> 16,32,64,128,256,512 new=.` and TMOE_AB_ARGS=
+// "--grouped-min-tokens 1000000000", grouped from the dispatcher's own sweep (`scripts/gpu-check`)
+// one run earlier (the same kernels, the same kind of H100):
 //
 //   pairs/expert   qwen3 (T)          mixtral (T)        deepseek (T)         glm (T)
-//   2              234 | 256 (32)     451 | 523 (8)      3092 | 3527 (64)     727 | 770 (32)
-//   4              403 | 287 (64)     733 | 573 (16)     --                   1233 | 870 (64)
+//   2              170 | --  (32)     296 | --  (8)      2120 | --   (64)     475 | --  (32)
+//   4              306 | 274 (64)     500 | 545 (16)     3890 | 3807 (128)    868 | 827 (64)
+//   8              454 | 285 (128)    742 | 549 (32)     6107 | 3994 (256)    1369 | 864 (128)
 //                  (decode | grouped)
 //
-// At 2 pairs per expert the decode path now wins everywhere (by 6-14%), at 4 the grouped path does
-// (by 1.3-1.4x); the earlier table (decode path of fbf3e1c, CUDA cores) had its crossover between 1
-// and 2. The switch sits at 3: every listed token count takes its faster path, and each shape's
-// time still rises with T across the switch (qwen3 32 -> 64: 234 -> 287, mixtral 8 -> 16: 451 ->
-// 573, deepseek 64 -> 128: 3092 -> 3993, glm 32 -> 64: 727 -> 870). Not measured: 2..3 pairs per
-// expert at token counts off the list (e.g. mixtral 10 or 11 tokens).
+// At 2 pairs per expert the decode path wins (session 3: by 6-14% with slower decode kernels); at
+// 4 the grouped path wins by 2-12% except on mixtral (decode 8% faster: 8 experts of 4096 x 14336);
+// at 8 the grouped path wins by 1.4-1.6x. The switch stays at 3: each shape's time still rises with
+// T across it (qwen3 32 -> 64: 168 -> 274, mixtral 8 -> 16: 296 -> 545, deepseek 64 -> 128: 2085
+// -> 3807, glm 32 -> 64: 471 -> 827). Not measured: 2..3 pairs per expert at token counts off the
+// list (e.g. mixtral 10 or 11 tokens).
 inline constexpr double kGroupedMinPairsPerExpert = 3.0;
 
 // True when a batch of `tokens` x `top_k` over `experts` experts should take the grouped path.

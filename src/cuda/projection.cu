@@ -604,11 +604,16 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   extern __shared__ float shared[];
   const int kr = a.k_tiles_per_block;  // a multiple of 4: splits start at a unit
   const int xs_stride = mma_xs_stride(kr);
-  float* xs = shared;                        // [kRows][xs_stride]: fp32, then B fragments in place
-  float* tile_sums = xs + kRows * xs_stride;   // [kRows][kr]: sum of x over a k-tile row
-  float* group_sums = tile_sums + kRows * kr;  // [kRows][kr]: grid0/step * sum of x over a scale group
-  float* finish = shared;                    // [2][kRows][finish cols], after the main loop
-  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(kRows, kr, a.finish_groups_cols));
+  // Rows staged: the most any item of this call holds (1 at one token), plus one row of zeros that
+  // the B-fragment lanes of the kernel's other rows read (none when all kRows are used): the smaller
+  // shared memory lets more blocks of longer K ranges fit (mma_staged_rows is the host's side).
+  const int used_rows = a.routing.tokens_per_item;
+  const int staged = mma_staged_rows(used_rows, kRows);
+  float* xs = shared;                         // [staged][xs_stride]: fp32, then B fragments in place
+  float* tile_sums = xs + staged * xs_stride;   // [staged][kr]: sum of x over a k-tile row
+  float* group_sums = tile_sums + staged * kr;  // [staged][kr]: (grid0/step - bias) * group sums
+  float* finish = shared;                     // [2][staged][finish cols], after the main loop
+  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(staged, kr, a.finish_groups_cols));
 
   const int k_tile0 = split * kr;
   const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
@@ -627,10 +632,10 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + d * kUnitWords + v * 32);
 
   // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
-  // Rows past the item's count are staged as zeros (no loads) and skip the conversion and sums
-  // below (1 token: 3 of 4 rows): zeros are zeros in B-fragment order too, and the sums of those
-  // rows only reach outputs that are never written.
-  stage_activations(a, w, item, kRows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
+  // Staged rows past the item's count are zeros (no loads) and skip the conversion and sums below:
+  // zeros are zeros in B-fragment order too, and the sums of those rows only reach outputs that
+  // are never written.
+  stage_activations(a, w, item, staged, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
   // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
   // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
   // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
@@ -696,7 +701,16 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     seen[c][0] = seen[c][1] = total[c][0] = total[c][1] = 0.0f;
   }
   if (active) {
-    const uint32_t* b_src = reinterpret_cast<const uint32_t*>(xs) + (g >> 1) * xs_stride + (tq * 2 + (g & 1)) * 2;
+    // B columns of mma block c read item row 4 c + g / 2, or the zero row past the used ones.
+    // Accumulator rows are 4 c + tq (those past the used rows are never written out).
+    const uint32_t* b_src[CB];
+    bool acc_used[CB];
+#pragma unroll
+    for (int c = 0; c < CB; ++c) {
+      const int row = c * kMmaRowsPerBlock + (g >> 1);
+      b_src[c] = reinterpret_cast<const uint32_t*>(xs) + min(row, used_rows) * xs_stride + (tq * 2 + (g & 1)) * 2;
+      acc_used[c] = c * kMmaRowsPerBlock + tq < used_rows;
+    }
     const float* my_group_sums = group_sums + tq * kr;
     // This lane's output columns n0 = 16 n_tile + g and n0 + 8; their scales one group ahead.
     const uint16_t* scale_src = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * N + n_tile * kTileDim + g;
@@ -709,7 +723,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     auto flush = [&]() {
 #pragma unroll
       for (int c = 0; c < CB; ++c) {
-        const float affine_term = my_group_sums[c * kMmaRowsPerBlock * kr + group];
+        const float affine_term = acc_used[c] ? my_group_sums[c * kMmaRowsPerBlock * kr + group] : 0.0f;
         acc[c][0] += affine_term;
         acc[c][2] += affine_term;
         const float lo = acc[c][0] + acc[c][1], hi = acc[c][2] + acc[c][3];
@@ -753,7 +767,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
           const int kt = q * kQuadTiles + i;
 #pragma unroll
           for (int c = 0; c < CB; ++c) {
-            const uint2 b = *reinterpret_cast<const uint2*>(b_src + c * kMmaRowsPerBlock * xs_stride + kt * kTileDim);
+            const uint2 b = *reinterpret_cast<const uint2*>(b_src[c] + kt * kTileDim);
             mma_bf16(acc[c], pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
           }
           if constexpr (!QUAD_GROUPS) {
@@ -777,7 +791,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       }
     }
   }
-  finish_if_last(a, item_index, item, kRows, col_group, kMmaColsPerBlock, finish, flag);
+  finish_if_last(a, item_index, item, staged, col_group, kMmaColsPerBlock, finish, flag);
 }
 
 // BITS: the bit width of every projection of the pass (one copy of the block in the kernel), or 0
@@ -854,7 +868,8 @@ void prepare_projection_kernels() {
 }
 
 size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols) {
-  return (mma_shared_floats(mma_item_rows(tokens), k_tiles_per_block, finish_cols) + 4) * sizeof(float);
+  return (mma_shared_floats(mma_staged_rows(tokens, mma_item_rows(tokens)), k_tiles_per_block, finish_cols) + 4) *
+         sizeof(float);
 }
 
 int mma_projection_blocks_per_sm(int tokens_per_item, bool dense, size_t shared_bytes) {

@@ -123,7 +123,12 @@ TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int fin
   const int finishing = 2 * rows * finish_cols;
   return staging > finishing ? staging : finishing;
 }
-// Shared memory of the tensor-core kernel for items of `tokens` rows (rounded up to 4, 8 or 16).
+// Rows the tensor-core kernel stages for items of up to `tokens` rows in a kernel of `kernel_rows`
+// (4, 8 or 16): the used rows and one row of zeros for the B lanes of the others, if any.
+TMOE_HD constexpr int mma_staged_rows(int tokens, int kernel_rows) {
+  return tokens + 1 < kernel_rows ? tokens + 1 : kernel_rows;
+}
+// Shared memory of the tensor-core kernel for items of up to `tokens` rows.
 size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols);
 // Rows the tensor-core kernel stages for items of `tokens` rows: 4, 8 or 16.
 inline int mma_item_rows(int tokens) { return tokens <= 4 ? 4 : tokens <= 8 ? 8 : 16; }

@@ -257,6 +257,10 @@ struct CudaMoe::Impl {
       // mma columns are nearly free: items of up to 4 rows cost a 1-row item's loop, so one item
       // takes all of an expert's pairs up to 16 (4, 8 or 16 rows: 1, 2 or 4 mma blocks).
       f.tokens_per_item = std::min(kMaxMmaItemTokens, load <= 2 ? 4 : load <= 6 ? 8 : 16);
+      // An expert gets at most one pair per token (unless a token lists it twice: then it just runs
+      // more items), so items of more rows than tokens only stage rows of zeros (1 token: 4 rows
+      // staged for 1 used; the kernel keeps 4 rows per mma block either way).
+      f.tokens_per_item = static_cast<int>(std::min<int64_t>(f.tokens_per_item, std::max<int64_t>(tokens, 1)));
     } else {
       // Rows per item from the expected pairs per expert: with one pair per expert on average
       // (qwen3 at 8 tokens), items of 4 rows would run the 168-register kernel at 3 blocks per SM

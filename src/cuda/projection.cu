@@ -525,12 +525,19 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   finish_if_last(a, item_index, item, TC, col_group, kColsPerBlock, finish, flag);
 }
 
-template <int TC, bool AFFINE>
-void launch_one(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+// Either pass kernel over the pass's grid: x = work item, y = column group, z = projection * splits
+// + split; chained to the kernel before it when the plan says so (launch.hpp).
+template <typename Kernel>
+void launch_pass_kernel(Kernel kernel, int threads, const PassArgs& args, int64_t max_items, size_t shared_bytes,
+                        cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
                   static_cast<unsigned>(args.nproj * args.k_splits));
-  launch_dependent(projection_kernel<TC, AFFINE>, grid, dim3(kProjThreads), shared_bytes, stream,
-                   args.routing.programmatic != 0, args);
+  launch_dependent(kernel, grid, dim3(threads), shared_bytes, stream, args.routing.programmatic != 0, args);
+}
+
+template <int TC, bool AFFINE>
+void launch_one(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
+  launch_pass_kernel(projection_kernel<TC, AFFINE>, kProjThreads, args, max_items, shared_bytes, stream);
 }
 
 template <int TC, bool AFFINE>
@@ -818,10 +825,7 @@ template <int CB, bool QUAD_GROUPS, int BITS>
 void launch_mma(const PassArgs& args, int64_t max_items, size_t shared_bytes, cudaStream_t stream) {
   const auto sparse = mma_projection_kernel<CB, QUAD_GROUPS, BITS, false>;
   const auto dense = mma_projection_kernel<CB, QUAD_GROUPS, BITS, CB == 1>;
-  const dim3 grid(static_cast<unsigned>(max_items), static_cast<unsigned>(args.col_groups),
-                  static_cast<unsigned>(args.nproj * args.k_splits));
-  launch_dependent(args.mma_dense ? dense : sparse, grid, dim3(kMmaThreads), shared_bytes, stream,
-                   args.routing.programmatic != 0, args);
+  launch_pass_kernel(args.mma_dense ? dense : sparse, kMmaThreads, args, max_items, shared_bytes, stream);
 }
 
 template <int CB, bool QUAD_GROUPS>

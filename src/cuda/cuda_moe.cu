@@ -35,10 +35,9 @@ T* upload(const std::vector<T>& host, std::vector<void*>& owned) {
 
 // grid[i] == grid[0] + step * i to within 1e-6 of the largest level: the affine fast path. (The
 // default grid is affine; the error of treating it so is ~1e-7 relative, far below any output
-// rounding.)
-PassProjection describe(const TrellisTensor& t, const DeviceProjection& w) {
+// rounding.) The pass's weights (p.w) are set once uploaded: the upload depends on this answer.
+PassProjection describe(const TrellisTensor& t) {
   PassProjection p;
-  p.w = w;
   const int levels = 1 << t.bits;
   const double step = (static_cast<double>(t.grid[levels - 1]) - t.grid[0]) / (levels - 1);
   double largest = 0;
@@ -340,14 +339,14 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
       m.occupancy.register_blocks[r][affine] = projection_blocks_per_sm(rows[r], affine != 0, 0);
   for (int r = 0; r < 3; ++r) m.occupancy.mma_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, false, 0);
   m.occupancy.mma_dense_register_blocks = mma_projection_blocks_per_sm(4, true, 0);
+  m.gate_pass = describe(weights.gate);
+  m.up_pass = describe(weights.up);
+  m.down_pass = describe(weights.down);
   // gate and up share a pass, so they take the CUDA-core kernel together when either grid is custom.
-  const bool gate_up_affine = describe(weights.gate, {}).affine && describe(weights.up, {}).affine;
-  m.gate = m.upload_projection(weights.gate, !gate_up_affine);
-  m.up = m.upload_projection(weights.up, !gate_up_affine);
-  m.down = m.upload_projection(weights.down, !describe(weights.down, {}).affine);
-  m.gate_pass = describe(weights.gate, m.gate);
-  m.up_pass = describe(weights.up, m.up);
-  m.down_pass = describe(weights.down, m.down);
+  const bool gate_up_affine = m.gate_pass.affine && m.up_pass.affine;
+  m.gate_pass.w = m.gate = m.upload_projection(weights.gate, !gate_up_affine);
+  m.up_pass.w = m.up = m.upload_projection(weights.up, !gate_up_affine);
+  m.down_pass.w = m.down = m.upload_projection(weights.down, !m.down_pass.affine);
   m.error = upload(std::vector<int32_t>{0, INT_MAX, 0}, m.owned);
 }
 

@@ -24,8 +24,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <string>
 #include <memory>
+#include <string>
 
 #include "tmoe/moe.hpp"
 

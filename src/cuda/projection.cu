@@ -613,7 +613,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   const int xs_stride = mma_xs_stride(kr);
   // Rows staged: the most any item of this call holds (1 at one token), plus one row of zeros that
   // the B-fragment lanes of the kernel's other rows read (none when all kRows are used): the smaller
-  // shared memory lets more blocks of longer K ranges fit (mma_staged_rows is the host's side).
+  // shared memory lets more blocks of longer K ranges fit (mma_pass_shared_bytes sizes it the same way).
   const int used_rows = a.routing.tokens_per_item;
   const int staged = mma_staged_rows(used_rows, kRows);
   float* xs = shared;                         // [staged][xs_stride]: fp32, then B fragments in place

@@ -130,7 +130,8 @@ TMOE_HD constexpr int mma_staged_rows(int tokens, int kernel_rows) {
 }
 // Shared memory of the tensor-core kernel for items of up to `tokens` rows.
 size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols);
-// Rows the tensor-core kernel stages for items of `tokens` rows: 4, 8 or 16.
+// Rows of the tensor-core kernel variant for items of `tokens` rows (4 per mma block): 4, 8 or 16.
+// It stages only mma_staged_rows(tokens, that) of them.
 inline int mma_item_rows(int tokens) { return tokens <= 4 ? 4 : tokens <= 8 ? 8 : 16; }
 
 // Launches the pass for the rows of every work item: the tensor-core kernel when

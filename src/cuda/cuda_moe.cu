@@ -116,7 +116,11 @@ struct Occupancy {
 //   256          30.4 / 72.2          152.4 / 221 / 325     62.8 / 117         --
 // 40 is best or within 1% everywhere (glm 1 token -4%, qwen3 4 tokens -3% against 16).
 inline constexpr int kFixedRowsCudaCore = 12;
-inline constexpr int kFixedRowsTensorCore = 40;
+// -DTMOE_FIXED_ROWS_TENSOR_CORE=N: another value, for A/B runs (scripts/gpu-ab).
+#ifndef TMOE_FIXED_ROWS_TENSOR_CORE
+#define TMOE_FIXED_ROWS_TENSOR_CORE 40
+#endif
+inline constexpr int kFixedRowsTensorCore = TMOE_FIXED_ROWS_TENSOR_CORE;
 // A block of the dense 4-row variant (4 blocks per SM, 64 registers) against one of the 3-block
 // kernel: more blocks at once, each slower (more warps share the schedulers; a few spills). From one
 // H100 run (docs/notes-cuda.md, "v11"), 4 blocks against 3 at 1 / 4 / 16 tokens, us: mixtral 84 vs

@@ -73,15 +73,25 @@ __device__ __forceinline__ uint32_t align_field(uint32_t word) {
   else return word;
 }
 
+// The word holding pair P's two fields (at pair_field_bit in each half): one of the lane's words,
+// or for 3-bit pair 15 its spare bits 0 and 16 of the three words gathered into bits 0..2.
+template <int BITS, int P>
+__device__ __forceinline__ constexpr int pair_field_bit() {
+  return BITS == 3 && P == 15 ? 0 : pair_bit<BITS>(P);
+}
+template <int BITS, int P>
+__device__ __forceinline__ uint32_t pair_fields(const uint32_t (&w)[BITS]) {
+  if constexpr (BITS == 3 && P == 15) {
+    const uint32_t m = 0x00010001u;
+    return (w[0] & m) | ((w[1] & m) << 1) | ((w[2] & m) << 2);
+  } else {
+    return w[pair_word<BITS>(P)];
+  }
+}
+
 template <int BITS, int P>
 __device__ __forceinline__ uint32_t decode_pair(const uint32_t (&w)[BITS]) {
-  if constexpr (BITS == 3 && P == 15) {  // the spare bits 0 and 16 of the three words
-    const uint32_t m = 0x00010001u;
-    const uint32_t gathered = (w[0] & m) | ((w[1] & m) << 1) | ((w[2] & m) << 2);  // fields at bit 0
-    return decode_aligned_pair<3>(align_field<3, 0>(gathered));
-  } else {
-    return decode_aligned_pair<BITS>(align_field<BITS, pair_bit<BITS>(P)>(w[pair_word<BITS>(P)]));
-  }
+  return decode_aligned_pair<BITS>(align_field<BITS, pair_field_bit<BITS, P>()>(pair_fields<BITS, P>(w)));
 }
 
 template <int BITS, int... P>

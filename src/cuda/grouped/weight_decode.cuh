@@ -70,15 +70,9 @@ __device__ __forceinline__ uint2 weight_coef(const GridForm& g, float scale) {
 template <int BITS, int P>
 __device__ __forceinline__ uint32_t level_pair_index(const uint32_t (&w)[BITS]) {
   constexpr uint32_t mask = (1u << BITS) - 1u;
-  if constexpr (BITS == 3 && P == 15) {  // the spare bits 0 and 16 of the three words
-    const uint32_t m = 0x00010001u;
-    const uint32_t g = (w[0] & m) | ((w[1] << 1) & (m << 1)) | ((w[2] << 2) & (m << 2));
-    return (g & mask) | ((g >> (16 - BITS)) & (mask << BITS));
-  } else {
-    constexpr int b = fragment_detail::pair_bit<BITS>(P);
-    const uint32_t word = w[fragment_detail::pair_word<BITS>(P)];
-    return ((word >> b) & mask) | ((word >> (b + 16 - BITS)) & (mask << BITS));
-  }
+  constexpr int b = fragment_detail::pair_field_bit<BITS, P>();
+  const uint32_t word = fragment_detail::pair_fields<BITS, P>(w);
+  return ((word >> b) & mask) | ((word >> (b + 16 - BITS)) & (mask << BITS));
 }
 
 // The four weight pairs of k-tile KT of one unit for this lane, in A-fragment order

@@ -575,23 +575,6 @@ __device__ __forceinline__ uint32_t load_unit_word(const uint32_t* p) {
 #endif
 }
 
-// Units of a warp's stream sent to L2 (prefetch, no registers) at the start of a block, behind the
-// kUnitsInFlight units loaded into registers: they cover the block's fixed work (staging the
-// activations, the B conversion, the group sums). -DTMOE_MMA_L2_PREFETCH_UNITS=0 turns it off.
-#ifndef TMOE_MMA_L2_PREFETCH_UNITS
-#define TMOE_MMA_L2_PREFETCH_UNITS 16
-#endif
-inline constexpr int kL2PrefetchUnits = TMOE_MMA_L2_PREFETCH_UNITS;
-
-// Called by a whole warp: prefetches into L2 the 128-byte lines of units [first, first +
-// kL2PrefetchUnits) of its stream (capped at `units`, the stream's length; unit_bytes a multiple of 128).
-__device__ __forceinline__ void prefetch_stream_to_l2(const uint32_t* stream, int first, int units, int unit_bytes) {
-  const char* base = reinterpret_cast<const char*>(stream);
-  const int end = min(units, first + kL2PrefetchUnits) * unit_bytes;
-  for (int offset = first * unit_bytes + (threadIdx.x & 31) * 128; offset < end; offset += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + offset));
-}
-
 // d += a . b, m16n8k16, bf16 operands, fp32 accumulators.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
@@ -655,9 +638,6 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     if (active && d < quads)
 #pragma unroll
       for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + d * kUnitWords + v * 32);
-  // The next units of the warp's stream go to L2 while the block stages its activations: without
-  // this, HBM idles between the register prologue's few KB and the main loop's start.
-  if (active) prefetch_stream_to_l2(units - lane, kUnitsInFlight, quads, kUnitWords * 4);
 
   // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
   // Staged rows past the item's count are zeros (no loads) and skip the conversion and sums below:

@@ -133,7 +133,8 @@ inline constexpr double kDenseBlockCost = 1.2;
 // The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
 inline constexpr size_t kMaxPassShared = 96 * 1024;
 
-PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int stage_bytes, bool affine,
+// w: the pass's first projection (K, N); min_group_size: the smallest scale group of its projections.
+PassPlan plan_pass(const DeviceProjection& w, int nproj, int min_group_size, int hadamard_out, int stage_bytes, bool affine,
                    bool tensor_core, int64_t busy_items, int tokens_per_item, const Occupancy& occupancy) {
   PassPlan p;
   const int64_t tiles_k = w.tiles_k();
@@ -144,7 +145,7 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int hadamard_out, int s
   // K ranges hold whole Hadamard blocks, and for the tensor-core kernel whole units (4 k-tiles).
   const int align = std::max(tensor_core ? kQuadTiles : 1, w.hadamard / kTileDim);
   auto shared_of = [&](int64_t kr) {
-    return tensor_core ? mma_pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols)
+    return tensor_core ? mma_pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols, min_group_size)
                        : pass_shared_bytes(tokens_per_item, static_cast<int>(kr), p.finish_cols, stage_bytes);
   };
   // CUDA-core: at most 128 k-tile rows per block (staged activations <= tokens_per_item x 8 KB).
@@ -274,10 +275,10 @@ struct CudaMoe::Impl {
     f.max_items = max_work_items(f.pairs, shape.experts, f.tokens_per_item);
     const int64_t busy = std::min<int64_t>(f.max_items, std::min<int64_t>(f.pairs, shape.experts));
     const bool gu_affine = gate_pass.affine && up_pass.affine;
-    f.gate_up = plan_pass(gate, 2, std::max(gate.hadamard, up.hadamard),
+    f.gate_up = plan_pass(gate, 2, std::min(gate.group_size, up.group_size), std::max(gate.hadamard, up.hadamard),
                           ring_stage_bytes(std::max(gate.bits, up.bits)), gu_affine, gu_tensor_core, busy,
                           f.tokens_per_item, occupancy);
-    f.down = plan_pass(down, 1, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, down_tensor_core,
+    f.down = plan_pass(down, 1, down.group_size, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, down_tensor_core,
                        busy, f.tokens_per_item, occupancy);
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
     // Finish counters per (item, finish group) of each pass, then the fused combine's per (token,

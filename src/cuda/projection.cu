@@ -603,7 +603,6 @@ template <int BITS, int CB, bool QUAD_GROUPS>
 __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, const PassItem& item, int p,
                                                      int split, int col_group) {
   const int expert = item.expert, first = item.first, count = item.count;
-  constexpr int kRows = CB * kMmaRowsPerBlock;
   constexpr int kUnitWords = 32 * BITS;
   const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
   const DeviceProjection& w = pp.w;
@@ -612,22 +611,26 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   extern __shared__ float shared[];
   const int kr = a.k_tiles_per_block;  // a multiple of 4: splits start at a unit
   const int xs_stride = mma_xs_stride(kr);
-  // Rows staged: the most any item of this call holds (1 at one token), plus one row of zeros that
-  // the B-fragment lanes of the kernel's other rows read (none when all kRows are used): the smaller
-  // shared memory lets more blocks of longer K ranges fit (mma_pass_shared_bytes sizes it the same way).
+  // Rows staged: the most any item of this call holds (1 at one token). The B lanes of the kernel's
+  // other rows read the last staged row: their products land in accumulator columns of rows that
+  // are never written out, so they need no row of zeros (v12 staged one: 16 KB per block at
+  // K = 4096; mma_pass_shared_bytes sizes the same way).
   const int used_rows = a.routing.tokens_per_item;
-  const int staged = mma_staged_rows(used_rows, kRows);
-  float* xs = shared;                         // [staged][xs_stride]: fp32, then B fragments in place
+  const int staged = used_rows;
+  const int min_group_size = a.nproj == 2 ? min(a.proj[0].w.group_size, a.proj[1].w.group_size) : w.group_size;
+  float* xs = shared;                           // [staged][xs_stride]: fp32, then B fragments in place
   float* tile_sums = xs + staged * xs_stride;   // [staged][kr]: sum of x over a k-tile row
   float* group_sums = tile_sums + staged * kr;  // [staged][kr]: (grid0/step - bias) * group sums
+  float* block_scales = group_sums + staged * kr;  // [groups][n-tile w][g][lo, hi]: fp32 scales
   float* finish = shared;                     // [2][staged][finish cols], after the main loop
-  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(staged, kr, a.finish_groups_cols));
+  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(staged, kr, a.finish_groups_cols, min_group_size));
 
   const int k_tile0 = split * kr;
   const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
   const int quads = (k_tiles + kQuadTiles - 1) / kQuadTiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n_tile = static_cast<int64_t>(col_group) * kMmaWarps + warp;
+  const int64_t n_tile0 = static_cast<int64_t>(col_group) * kMmaWarps;  // the block's first n-tile
+  const int64_t n_tile = n_tile0 + warp;
   const bool active = n_tile < w.tiles_n();
 
   // --- the first units go out before anything else: they depend only on the item.
@@ -638,6 +641,26 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     if (active && d < quads)
 #pragma unroll
       for (int v = 0; v < BITS; ++v) ring[d][v] = load_unit_word(units + d * kUnitWords + v * 32);
+
+  // --- the block's scales, copied now (cp.async: they land while the activations are staged) and
+  // turned into fp32 (lo, hi) pairs below, so a flush reads its two scales with one shared load
+  // (v12 loaded them from global memory in the main loop: two 16-bit loads, their conversions and
+  // 64-bit pointer steps per group). Slot (local group, n-tile) is 64 bytes; its fp16 scales land in
+  // its second half, and the thread that copied them rewrites the slot in place.
+  const int tiles_per_group = w.group_size / kTileDim;
+  const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
+  const int local_groups = last_group - group0 + 1;  // <= mma_block_groups(kr, group size)
+  const int block_n_tiles = static_cast<int>(min(static_cast<int64_t>(kMmaWarps), w.tiles_n() - n_tile0));
+  const uint16_t* expert_scales = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * N + n_tile0 * kTileDim;
+  for (int i = threadIdx.x; i < local_groups * kMmaWarps; i += blockDim.x) {
+    const int lg = i / kMmaWarps, t = i % kMmaWarps;
+    if (t >= block_n_tiles) continue;
+    const uint16_t* src = expert_scales + lg * N + t * kTileDim;
+    uint8_t* slot = reinterpret_cast<uint8_t*>(block_scales + i * kTileDim);
+    cp_async16(slot + 32, src);
+    cp_async16(slot + 48, src + 8);
+  }
+  cp_async_commit();
 
   // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
   // Staged rows past the item's count are zeros (no loads) and skip the conversion and sums below:
@@ -675,14 +698,24 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     for (int q = 0; q < 4; ++q)
       reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
   }
+  cp_async_wait<0>();  // this thread's scale copies (it alone rewrites their slots)
+  for (int i = threadIdx.x; i < local_groups * kMmaWarps; i += blockDim.x) {
+    if (i % kMmaWarps >= block_n_tiles) continue;
+    float4* slot = reinterpret_cast<float4*>(block_scales + i * kTileDim);
+    const uint4 lo = reinterpret_cast<const uint4*>(slot)[2], hi = reinterpret_cast<const uint4*>(slot)[3];
+    const uint32_t lo_words[4] = {lo.x, lo.y, lo.z, lo.w}, hi_words[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q)  // lanes g = 2q, 2q + 1: columns g and g + 8
+      slot[q] = make_float4(half_bits_to_float(static_cast<uint16_t>(lo_words[q])),
+                            half_bits_to_float(static_cast<uint16_t>(hi_words[q])),
+                            half_bits_to_float(static_cast<uint16_t>(lo_words[q] >> 16)),
+                            half_bits_to_float(static_cast<uint16_t>(hi_words[q] >> 16)));
+  }
   __syncthreads();
   // (grid0/step - bias) times the sum of x over each scale group's part of the K range: the affine
   // grid's constant term less the decode bias the products carry (fragment_decode.cuh). (v8's
   // first version summed a group's values serially in one thread: up to 1024 dependent shared loads.)
   const float group_coefficient = pp.grid0_over_step - static_cast<float>(kDecodeBias<BITS>);
-  const int tiles_per_group = w.group_size / kTileDim;
-  const int group0 = k_tile0 / tiles_per_group, last_group = (k_tile0 + k_tiles - 1) / tiles_per_group;
-  const int local_groups = last_group - group0 + 1;  // <= kr
   for (int i = threadIdx.x; i < count * local_groups; i += blockDim.x) {
     const int t = i / local_groups, g = i - t * local_groups;
     const int kt_begin = max(0, (group0 + g) * tiles_per_group - k_tile0);
@@ -695,59 +728,40 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 
   // --- the warp's n-tile over the K range: decode, mma, flush at each scale group's end.
   const int g = lane >> 2, tq = lane & 3;
-  // acc runs over the whole K range; a flush takes the group's part as the difference to the sums
-  // at the previous flush (`seen`): zeroing 4 CB accumulators per group cost ~12 instructions per
-  // unit (sass-loops), the difference 2 CB. The flush adds the group's affine term (which removes
-  // the decode bias) into acc itself, so between flushes acc holds the true running sum of
-  // (idx + grid0/step) x, plus one group's biased products: the difference's fp32 error stays that
-  // of the result's own size even for activations far from zero mean (where acc would otherwise
-  // grow as (bias + 3.5) * sum x over the whole range: CudaMoe.ActivationsFarFromZeroMean).
-  float acc[CB][4], seen[CB][2], total[CB][2];
+  // acc holds one scale group's products; the flush adds the group's affine term (which removes the
+  // decode bias), scales the sums into the fp32 totals and zeroes acc, so the difference it takes
+  // is never larger than one group's own sums (CudaMoe.ActivationsFarFromZeroMean).
+  float acc[CB][4], total[CB][2];
 #pragma unroll
   for (int c = 0; c < CB; ++c) {
     acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
-    seen[c][0] = seen[c][1] = total[c][0] = total[c][1] = 0.0f;
+    total[c][0] = total[c][1] = 0.0f;
   }
   if (active) {
-    // B columns of mma block c read item row 4 c + g / 2, or the zero row past the used ones.
-    // Accumulator rows are 4 c + tq (those past the used rows are never written out).
+    // B columns of mma block c read item row 4 c + g / 2, accumulator rows are 4 c + tq; rows past
+    // the used ones read the last used row (their columns are never written out).
     const uint32_t* b_src[CB];
-    bool acc_used[CB];
+    const float* my_group_sums[CB];
 #pragma unroll
     for (int c = 0; c < CB; ++c) {
-      const int row = c * kMmaRowsPerBlock + (g >> 1);
-      b_src[c] = reinterpret_cast<const uint32_t*>(xs) + min(row, used_rows) * xs_stride + (tq * 2 + (g & 1)) * 2;
-      acc_used[c] = c * kMmaRowsPerBlock + tq < used_rows;
+      const int row = min(c * kMmaRowsPerBlock + (g >> 1), used_rows - 1);
+      b_src[c] = reinterpret_cast<const uint32_t*>(xs) + row * xs_stride + (tq * 2 + (g & 1)) * 2;
+      my_group_sums[c] = group_sums + min(c * kMmaRowsPerBlock + tq, used_rows - 1) * kr;
     }
-    const float* my_group_sums = group_sums + tq * kr;
-    // This lane's output columns n0 = 16 n_tile + g and n0 + 8; their scales one group ahead.
-    const uint16_t* scale_src = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * N + n_tile * kTileDim + g;
-    float scale_lo = half_bits_to_float(__ldg(scale_src)), scale_hi = half_bits_to_float(__ldg(scale_src + 8));
-    uint16_t next_lo = 0, next_hi = 0;
-    const uint16_t* next_scale = scale_src + N;  // the scales of group `group + 1`
-    if (group0 < last_group) next_lo = __ldg(next_scale), next_hi = __ldg(next_scale + 8);
+    // This lane's output columns n0 = 16 n_tile + g and n0 + 8: their scales, group by group.
+    const float2* my_scales = reinterpret_cast<const float2*>(block_scales) + warp * (kTileDim / 2) + g;
     int group = 0;  // local
     int left = tiles_per_group - k_tile0 % tiles_per_group;  // k-tiles left in the current group
     auto flush = [&]() {
+      const float2 scale = my_scales[group * (kMmaColsPerBlock / 2)];
 #pragma unroll
       for (int c = 0; c < CB; ++c) {
-        const float affine_term = acc_used[c] ? my_group_sums[c * kMmaRowsPerBlock * kr + group] : 0.0f;
-        acc[c][0] += affine_term;
-        acc[c][2] += affine_term;
-        const float lo = acc[c][0] + acc[c][1], hi = acc[c][2] + acc[c][3];
-        total[c][0] = fmaf(scale_lo, lo - seen[c][0], total[c][0]);
-        total[c][1] = fmaf(scale_hi, hi - seen[c][1], total[c][1]);
-        seen[c][0] = lo;
-        seen[c][1] = hi;
+        const float affine_term = my_group_sums[c][group];
+        total[c][0] = fmaf(scale.x, (acc[c][0] + affine_term) + acc[c][1], total[c][0]);
+        total[c][1] = fmaf(scale.y, (acc[c][2] + affine_term) + acc[c][3], total[c][1]);
+        acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
       }
       ++group;
-      scale_lo = half_bits_to_float(next_lo);
-      scale_hi = half_bits_to_float(next_hi);
-      if (group0 + group < last_group) {
-        next_scale += N;  // a pointer step, not a 64-bit multiply per group
-        next_lo = __ldg(next_scale);
-        next_hi = __ldg(next_scale + 8);
-      }
       left = tiles_per_group;
     };
     const uint32_t* next_unit = units + kUnitsInFlight * kUnitWords;  // the unit to load next
@@ -883,9 +897,8 @@ void prepare_projection_kernels() {
   if constexpr (kMmaBlocksBuilt<4>) raise_mma_shared_limit<4, false>();
 }
 
-size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols) {
-  return (mma_shared_floats(mma_staged_rows(tokens, mma_item_rows(tokens)), k_tiles_per_block, finish_cols) + 4) *
-         sizeof(float);
+size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols, int min_group_size) {
+  return (mma_shared_floats(tokens, k_tiles_per_block, finish_cols, min_group_size) + 4) * sizeof(float);
 }
 
 int mma_projection_blocks_per_sm(int tokens_per_item, bool dense, size_t shared_bytes) {

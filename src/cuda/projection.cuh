@@ -116,22 +116,25 @@ inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_co
   return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kStages * stage_bytes;
 }
 
+// Scale groups a K range of kr k-tiles can touch (it may start inside a group).
+TMOE_HD constexpr int mma_block_groups(int k_tiles_per_block, int group_size) {
+  return (k_tiles_per_block - 1) / (group_size / kTileDim) + 2;
+}
 // Floats of the tensor-core kernel's shared data for `rows` staged rows (its flag follows): the
-// activations [rows][16 kr + 16], tile sums and group sums [rows][kr], later reused by the finish rows.
-TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int finish_cols) {
-  const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + 2 * rows * k_tiles_per_block;
+// activations [rows][16 kr + 16], tile sums and group sums [rows][kr], and the block's scales as
+// fp32 pairs [groups][8 n-tiles][8 lanes g][2] (mma_block_groups for the pass's smallest group size); the
+// finish rows reuse the space after the main loop.
+TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int finish_cols, int min_group_size) {
+  const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + 2 * rows * k_tiles_per_block +
+                      mma_block_groups(k_tiles_per_block, min_group_size) * kMmaColsPerBlock;
   const int finishing = 2 * rows * finish_cols;
   return staging > finishing ? staging : finishing;
 }
-// Rows the tensor-core kernel stages for items of up to `tokens` rows in a kernel of `kernel_rows`
-// (4, 8 or 16): the used rows and one row of zeros for the B lanes of the others, if any.
-TMOE_HD constexpr int mma_staged_rows(int tokens, int kernel_rows) {
-  return tokens + 1 < kernel_rows ? tokens + 1 : kernel_rows;
-}
-// Shared memory of the tensor-core kernel for items of up to `tokens` rows.
-size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols);
+// Shared memory of the tensor-core kernel for items of up to `tokens` rows (it stages exactly those
+// rows: the B lanes of the kernel's other rows read the last staged row, into output columns that
+// are never written).
+size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols, int min_group_size);
 // Rows of the tensor-core kernel variant for items of `tokens` rows (4 per mma block): 4, 8 or 16.
-// It stages only mma_staged_rows(tokens, that) of them.
 inline int mma_item_rows(int tokens) { return tokens <= 4 ? 4 : tokens <= 8 ? 8 : 16; }
 
 // Launches the pass for the rows of every work item: the tensor-core kernel when

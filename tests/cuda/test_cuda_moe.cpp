@@ -34,6 +34,7 @@ struct MoeCase {
   int E = 16, k = 4;
   int gate_bits = 3, up_bits = 3, down_bits = 3;
   int group = 96;  // 256 and 160 are not multiples: partial last groups
+  int up_group = 0, down_group = 0;  // other group sizes for up / down (0: `group`)
   int hadamard = 0;
   bool custom_grid = false;
   float x_offset = 0;  // added to every activation (exact in f32 for the offsets used)
@@ -45,7 +46,7 @@ std::string describe(const MoeCase& c, int64_t T, uint64_t seed) {
   return "H=" + std::to_string(c.H) + " I=" + std::to_string(c.I) + " E=" + std::to_string(c.E) +
          " k=" + std::to_string(c.k) + " bits=" + std::to_string(c.gate_bits) + "/" +
          std::to_string(c.up_bits) + "/" + std::to_string(c.down_bits) + " group=" +
-         std::to_string(c.group) + " hadamard=" + std::to_string(c.hadamard) +
+         std::to_string(c.group) + "/" + std::to_string(c.up_group) + "/" + std::to_string(c.down_group) + " hadamard=" + std::to_string(c.hadamard) +
          (c.custom_grid ? " custom-grid" : "") + " x=" + dtype_name(c.x_dtype) + " out=" +
          dtype_name(c.out_dtype) + " routing=" + std::to_string(static_cast<int>(c.routing)) +
          " T=" + std::to_string(T) + " seed=" + std::to_string(seed);
@@ -60,7 +61,17 @@ MoeWeights make_weights(const MoeCase& c, uint64_t seed) {
   o.hadamard = c.hadamard;
   o.custom_grid = c.custom_grid;
   o.seed = seed;
-  return random_moe_weights(MoeShape{"test", c.H, c.I, c.E, c.k}, o);
+  const MoeShape shape{"test", c.H, c.I, c.E, c.k};
+  MoeWeights w = random_moe_weights(shape, o);
+  if (c.up_group != 0) {
+    o.group_size = c.up_group;
+    w.up = random_moe_weights(shape, o).up;
+  }
+  if (c.down_group != 0) {
+    o.group_size = c.down_group;
+    w.down = random_moe_weights(shape, o).down;
+  }
+  return w;
 }
 
 // Runs CudaMoe on device pointers; returns the output as floats.
@@ -224,6 +235,21 @@ TEST(CudaMoe, TensorCoreGroupsSplitsAndItemRows) {
   c.hadamard = 0;
   c.routing = RoutingKind::one_expert;  // 64 pairs of one expert: every item full
   check_against_reference(c, 64);
+}
+
+// Gate and up with different scale groups share one block layout sized for the smaller (the kernel
+// stages each block's scales in shared memory): gate 48 (groups inside units), up 128, down 64.
+TEST(CudaMoe, ProjectionsWithDifferentGroups) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 1024;
+  c.I = 640;
+  c.E = 8;
+  c.k = 2;
+  c.group = 48;
+  c.up_group = 128;
+  c.down_group = 64;
+  for (int64_t T : {1, 3, 16}) check_against_reference(c, T);
 }
 
 // From grouped_min_tokens tokens on, CudaMoe hands its device routing plan to the tensor-core

@@ -73,7 +73,7 @@ constexpr int64_t kChainMaxWaves = 1;
 struct PassPlan {
   int k_splits = 1, k_tiles_per_block = 1, col_groups = 1, finish_cols = kColsPerBlock,
       num_finish_groups = 1;
-  bool dense = false;  // 4-row tensor-core items: the kMmaDenseBlocks-per-SM kernel variant
+  bool dense = false;  // 4- or 8-row tensor-core items: the kernel variant with more blocks per SM
   size_t shared = 0;
 };
 
@@ -94,11 +94,12 @@ struct Occupancy {
   size_t shared_per_sm = 228 * 1024;
   int register_blocks[3][2] = {};   // CUDA-core kernel: [tokens per item 1, 2, 4][affine]
   int mma_register_blocks[3] = {};  // tensor-core kernel: [item rows 4, 8, 16]
-  int mma_dense_register_blocks = 0;  // its dense 4-row variant
+  int mma_dense_register_blocks[2] = {};  // the dense variants of its 4- and 8-row kernels
   int blocks_per_sm(bool tensor_core, int tokens_per_item, bool affine, size_t shared, bool dense = false) const {
     const int rows = mma_item_rows(tokens_per_item);
     const int by_registers =
-        tensor_core ? (dense && rows == 4 ? mma_dense_register_blocks : mma_register_blocks[rows == 4 ? 0 : rows == 8 ? 1 : 2])
+        tensor_core ? (dense && rows <= 8 ? mma_dense_register_blocks[rows == 4 ? 0 : 1]
+                                          : mma_register_blocks[rows == 4 ? 0 : rows == 8 ? 1 : 2])
                     : register_blocks[tokens_per_item == 1 ? 0 : tokens_per_item == 2 ? 1 : 2][affine];
     const int by_shared = static_cast<int>(shared_per_sm / (shared + 1024));
     return std::max(1, std::min(by_registers, by_shared));
@@ -130,6 +131,13 @@ inline constexpr int kFixedRowsTensorCore = TMOE_FIXED_ROWS_TENSOR_CORE;
 // SM is full (4/3 the warps, ~10% more throughput). Applied to the fixed work too: with it on the
 // k-tile rows only, qwen3's 1-token down pass took the dense variant and was 1.5 us slower.
 inline constexpr double kDenseBlockCost = 1.2;
+// The dense 8-row variant (3 blocks per SM, 80 registers) against the 2-block one (128 registers):
+// 1.5x the warps; assumed, like the 4-row pair, to run a block ~1.2x as long when the SM is full.
+// -DTMOE_DENSE_8ROW_COST=N: another value for A/B runs (100: never the dense 8-row variant).
+#ifndef TMOE_DENSE_8ROW_COST
+#define TMOE_DENSE_8ROW_COST 1.2
+#endif
+inline constexpr double kDense8RowBlockCost = TMOE_DENSE_8ROW_COST;
 // The tensor-core kernel's dynamic shared memory limit (prepare_projection_kernels raises it).
 inline constexpr size_t kMaxPassShared = 96 * 1024;
 
@@ -159,8 +167,8 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int min_group_size, int
   // blocks costs as much as a full one (ncu on v4: 2.26 waves).
   const int64_t ks_min = ceil_div(tiles_k, max_kr);
   const int64_t ks_max = std::max(ks_min, std::min<int64_t>(ks_min + 64, ceil_div(tiles_k, 4)));
-  // 4-row tensor-core items weigh the dense kernel variant too (ties go to the faster 3-block one).
-  const bool try_dense = tensor_core && mma_item_rows(tokens_per_item) == 4;
+  // 4- and 8-row tensor-core items weigh the dense kernel variant too (ties go to the other one).
+  const bool try_dense = tensor_core && mma_item_rows(tokens_per_item) <= 8;
   double best = 0;
   bool first = true;
   for (int dense = 0; dense <= (try_dense ? 1 : 0); ++dense)
@@ -171,7 +179,8 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int min_group_size, int
       const int64_t at_once =
           static_cast<int64_t>(occupancy.blocks_per_sm(tensor_core, tokens_per_item, affine, shared, dense != 0)) *
           occupancy.sms;
-      const double block_cost = dense ? kDenseBlockCost : 1.0;
+      const double block_cost =
+          dense ? (mma_item_rows(tokens_per_item) == 4 ? kDenseBlockCost : kDense8RowBlockCost) : 1.0;
       const double cost = static_cast<double>(ceil_div(per_split * splits, at_once)) * (kr + fixed_rows) * block_cost;
       if (first || cost < best) {
         first = false;
@@ -343,7 +352,7 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
     for (int affine = 0; affine < 2; ++affine)
       m.occupancy.register_blocks[r][affine] = projection_blocks_per_sm(rows[r], affine != 0, 0);
   for (int r = 0; r < 3; ++r) m.occupancy.mma_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, false, 0);
-  m.occupancy.mma_dense_register_blocks = mma_projection_blocks_per_sm(4, true, 0);
+  for (int r = 0; r < 2; ++r) m.occupancy.mma_dense_register_blocks[r] = mma_projection_blocks_per_sm(4 << r, true, 0);
   m.gate_pass = describe(weights.gate);
   m.up_pass = describe(weights.up);
   m.down_pass = describe(weights.down);

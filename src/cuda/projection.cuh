@@ -100,7 +100,7 @@ struct PassArgs {
   float* partial = nullptr;     // [nproj][k_splits][P][N]
   int32_t* counters = nullptr;  // [max items][num_finish_groups]
   float* dst = nullptr;         // [P][N]: h for gate+up, the pair outputs for down
-  int mma_dense = 0;            // 4-row tensor-core items: the kMmaDenseBlocks-per-SM variant
+  int mma_dense = 0;            // 4- and 8-row tensor-core items: the variant with more blocks per SM
   PassRouting routing;          // where blocks find their work item (pass_routing.cuh)
   PassCombine combine;          // down pass: the combine over each token's slots, fused
 };
@@ -111,7 +111,7 @@ inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_co
                         + static_cast<size_t>(tokens) * k_tiles_per_block            // tile sums
                         + static_cast<size_t>(kProjWarps) * kColsPerBlock * tokens   // warp partials
                         + 16                                                         // grid
-                        + 2 * static_cast<size_t>(tokens) * finish_cols              // finish rows
+                        + 2 * static_cast<size_t>(tokens + 1) * finish_cols          // finish rows, sv
                         + 4;                                                         // flags
   return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kStages * stage_bytes;
 }
@@ -123,11 +123,11 @@ TMOE_HD constexpr int mma_block_groups(int k_tiles_per_block, int group_size) {
 // Floats of the tensor-core kernel's shared data for `rows` staged rows (its flag follows): the
 // activations [rows][16 kr + 16], tile sums and group sums [rows][kr], and the block's scales as
 // fp32 pairs [groups][8 n-tiles][8 lanes g][2] (mma_block_groups for the pass's smallest group size); the
-// finish rows reuse the space after the main loop.
+// finish rows and sv reuse the space after the main loop.
 TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int finish_cols, int min_group_size) {
   const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + 2 * rows * k_tiles_per_block +
                       mma_block_groups(k_tiles_per_block, min_group_size) * kMmaColsPerBlock;
-  const int finishing = 2 * rows * finish_cols;
+  const int finishing = 2 * (rows + 1) * finish_cols;  // finish rows, then the finish group's sv
   return staging > finishing ? staging : finishing;
 }
 // Shared memory of the tensor-core kernel for items of up to `tokens` rows (it stages exactly those
@@ -147,7 +147,7 @@ void launch_projection_pass(const PassArgs& args, int tokens_per_item, int64_t m
 void prepare_projection_kernels();
 // Blocks of the pass kernel that fit on one SM at once with this much shared memory.
 int projection_blocks_per_sm(int tokens_per_item, bool affine, size_t shared_bytes);
-// dense: the 4-row kernel's variant for kMmaDenseBlocks blocks per SM (PassArgs::mma_dense).
+// dense: the 4- or 8-row kernel's variant with more blocks per SM (PassArgs::mma_dense).
 int mma_projection_blocks_per_sm(int tokens_per_item, bool dense, size_t shared_bytes);
 
 }  // namespace tmoe::cuda

@@ -12,24 +12,24 @@ namespace tmoe::cuda {
 // cores; the decode / small-batch path (tensor-core mma kernel since v8) streams every selected
 // expert's units once per work item of up to 16 rows, so it wins while items stay few per expert.
 //
-// Measured (H100 80GB HBM3, 3-bit, group 128; us). Current (session 4, v11 decode kernels): decode
-// forced with `scripts/gpu-ab <4 shapes> 16,32,64,128,256,512 new=.` and TMOE_AB_ARGS=
-// "--grouped-min-tokens 1000000000", grouped from the dispatcher's own sweep (`scripts/gpu-check`)
-// one run earlier (the same kernels, the same kind of H100):
+// Measured (H100 80GB HBM3, 3-bit, group 128; us), session 6 (v13 decode kernels with the dense
+// 8-row variant, commit after 9ad26f3): both paths forced in one run, `tmoe bench --backend cuda
+// --shape <all four> --tokens 16,24,32,64,96,128,192,256 --min-seconds 0.1` with
+// --grouped-min-tokens 1000000000 (decode) and 0 (grouped); the session-4 table (v11 kernels) had
+// decode losing at 4 pairs per expert on three shapes and the switch at 3.
 //
-//   pairs/expert   qwen3 (T)          mixtral (T)        deepseek (T)         glm (T)
-//   2              170 | --  (32)     296 | --  (8)      2120 | --   (64)     475 | --  (32)
-//   4              306 | 274 (64)     500 | 545 (16)     3890 | 3807 (128)    868 | 827 (64)
-//   8              454 | 285 (128)    742 | 549 (32)     6107 | 3994 (256)    1369 | 864 (128)
+//   pairs/expert   qwen3 (T)           mixtral (T)        deepseek (T)          glm (T)
+//   4              248 | 268  (64)     396 | 530  (16)    3103 | 3831 (128)     675 | 815  (64)
+//   6              305 | 277  (96)     478 | 537  (24)    3742 | 3887 (192)     814 | 853  (96)
+//   8              430 | 277  (128)    728 | 541  (32)    5843 | 3991 (256)     1319 | 864 (128)
 //                  (decode | grouped)
 //
-// At 2 pairs per expert the decode path wins (session 3: by 6-14% with slower decode kernels); at
-// 4 the grouped path wins by 2-12% except on mixtral (decode 8% faster: 8 experts of 4096 x 14336);
-// at 8 the grouped path wins by 1.4-1.6x. The switch stays at 3: each shape's time still rises with
-// T across it (qwen3 32 -> 64: 168 -> 274, mixtral 8 -> 16: 296 -> 545, deepseek 64 -> 128: 2085
-// -> 3807, glm 32 -> 64: 471 -> 827). Not measured: 2..3 pairs per expert at token counts off the
-// list (e.g. mixtral 10 or 11 tokens).
-inline constexpr double kGroupedMinPairsPerExpert = 3.0;
+// At 4 pairs per expert the decode path wins on every shape (by 7-25%); at 6 the two are within
+// 12% (decode ahead on mixtral, deepseek, glm by 4-11%, grouped on qwen3 by 9%); at 8 (items of 16
+// rows, 2 blocks per SM) the grouped path wins by 1.35-1.55x. The switch is at 5: every shape's time
+// still rises across it (decode at 4 -> grouped at 6: qwen3 248 -> 277, mixtral 396 -> 537,
+// deepseek 3103 -> 3887, glm 675 -> 853). Not measured: 4..6 pairs per expert off the list.
+inline constexpr double kGroupedMinPairsPerExpert = 5.0;
 
 // True when a batch of `tokens` x `top_k` over `experts` experts should take the grouped path.
 // `forced_min_tokens` >= 0 overrides the rule (CudaMoeOptions::grouped_min_tokens).

@@ -168,18 +168,12 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
   if (hadamard > kTileDim) shared_hadamard_passes(xs, min(count, rows), k_tiles * kTileDim, xs_stride, hadamard, kTileDim);
 }
 
-// sv values a thread of a finishing block holds: 2 projections x up to kMaxHadamard finish columns
-// over at least kProjThreads threads.
-inline constexpr int kMaxSvPerThread = 2 * kMaxHadamard / kProjThreads;
-static_assert(kMmaColsPerBlock <= kMaxHadamard && kProjThreads <= kMmaThreads,
-              "finish groups hold at most kMaxHadamard columns; the smaller block size bounds the loads");
-
 // Called by every thread of a block once its partial sums are written: the last block of this
 // finish group (all splits, projections and its column groups: an integer counter) adds the splits
 // in order, applies the output Hadamard and sv, and SwiGLU for gate+up; on the down pass it also
 // combines the tokens it completes (pass_routing.cuh). `finish` holds
-// [2][rows][finish_groups_cols] floats and then the finish group's sv [2][finish_groups_cols] (it may
-// alias the block's other shared data: the first barrier here orders it after their last use).
+// [2][rows][finish_groups_cols] floats (it may alias the block's other shared data: the first
+// barrier here orders it after their last use).
 __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index, const PassItem& item, int rows,
                                                int col_group, int cols_per_block, float* finish, int* flag) {
   const int expert = item.expert, first = item.first, count = item.count;
@@ -187,20 +181,6 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
   const int groups_per_finish = a.finish_groups_cols / cols_per_block;
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
-  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
-  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
-  const int fcols = a.finish_groups_cols;
-  // The finish group's sv, loaded by every block before the handshake: only the finishing block
-  // uses them, but there the loads have overlapped the atomic's round trip instead of following the
-  // partial sums' (one global round trip less at the end of each pass).
-  float sv[kMaxSvPerThread];
-#pragma unroll
-  for (int j = 0; j < kMaxSvPerThread; ++j) {
-    const int i = threadIdx.x + j * blockDim.x, pr = i / fcols, c = i - pr * fcols;
-    sv[j] = pr < a.nproj && c < cols
-                ? half_bits_to_float(a.proj[pr].w.sv[static_cast<int64_t>(expert) * N + col0 + c])
-                : 0.0f;
-  }
   wait_for_predecessor();  // the routing kernel zeroed the counters
   __threadfence();
   __syncthreads();
@@ -213,12 +193,9 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
   if (!*flag) return;
   __threadfence();
 
-  float* finish_sv = finish + 2 * rows * fcols;
-#pragma unroll
-  for (int j = 0; j < kMaxSvPerThread; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    if (i < 2 * fcols) finish_sv[i] = sv[j];
-  }
+  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
+  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
+  const int fcols = a.finish_groups_cols;
   for (int i = threadIdx.x; i < a.nproj * rows * cols; i += blockDim.x) {
     const int pr = i / (rows * cols), t = (i / cols) % rows, c = i % cols;
     float v = 0.0f;
@@ -234,12 +211,14 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
     const int b = a.proj[pr].w.hadamard;
     if (b) shared_hadamard_passes(finish + pr * rows * fcols, min(count, rows), cols, fcols, b, 1);
   }
+  const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
+  const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;
   for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
     const int t = i / cols, c = i % cols;
     const int64_t n = col0 + c;
-    float v = finish[t * fcols + c] * finish_sv[c];
+    float v = finish[t * fcols + c] * half_bits_to_float(sv0[n]);
     if (a.nproj == 2) {
-      const float u = finish[(rows + t) * fcols + c] * finish_sv[fcols + c];
+      const float u = finish[(rows + t) * fcols + c] * half_bits_to_float(sv1[n]);
       v = v / (1.0f + expf(-v)) * u;  // SwiGLU
     }
     a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
@@ -476,8 +455,8 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   float* tile_sums = xs + TC * xs_stride;          // [TC][kr]
   float* warp_partials = tile_sums + TC * kr;      // [warps][64][TC]
   float* grid = warp_partials + kProjWarps * kColsPerBlock * TC;  // [16]
-  float* finish = grid + 16;                       // [2][TC][finish cols], then [2][finish cols] sv
-  int* flag = reinterpret_cast<int*>(finish + 2 * (TC + 1) * a.finish_groups_cols);
+  float* finish = grid + 16;                       // [2][TC][finish cols]
+  int* flag = reinterpret_cast<int*>(finish + 2 * TC * a.finish_groups_cols);
   const uintptr_t ring_base = (reinterpret_cast<uintptr_t>(flag + 4) + 15) & ~uintptr_t{15};
   uint8_t* ring = reinterpret_cast<uint8_t*>(ring_base) + (threadIdx.x >> 5) * kStages * a.stage_bytes;
 
@@ -574,7 +553,11 @@ void raise_shared_limit() {
 // Units whose loads a warp keeps in flight (registers): 3 blocks of 8 warps per SM then hold
 // ~24 x 4 x 384 B = 36 KB of 3-bit weights in flight per SM. (8 units at 2 blocks per SM, 48 KB,
 // was 5-20% slower: docs/notes-cuda.md, v8; 6 units with the v11 decode: equal, notes "v11".)
-inline constexpr int kUnitsInFlight = 4;
+// -DTMOE_UNITS_IN_FLIGHT=N: another value, for A/B runs (scripts/gpu-ab).
+#ifndef TMOE_UNITS_IN_FLIGHT
+#define TMOE_UNITS_IN_FLIGHT 4
+#endif
+inline constexpr int kUnitsInFlight = TMOE_UNITS_IN_FLIGHT;
 // Blocks per SM the launch bounds ask for (registers). 4-row items come in two variants, 3 blocks
 // (80 registers) and 4 (64 registers, more warps to hide latency, a few spills and ~8% more
 // instructions per unit); 8-row items in 2 (128 registers) and 3 (80): the planner picks one per
@@ -647,7 +630,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   float* tile_sums = xs + staged * xs_stride;   // [staged][kr]: sum of x over a k-tile row
   float* group_sums = tile_sums + staged * kr;  // [staged][kr]: (grid0/step - bias) * group sums
   float* block_scales = group_sums + staged * kr;  // [groups][n-tile w][g][lo, hi]: fp32 scales
-  float* finish = shared;  // [2][staged][finish cols] and [2][finish cols] sv, after the main loop
+  float* finish = shared;                     // [2][staged][finish cols], after the main loop
   int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(staged, kr, a.finish_groups_cols, min_group_size));
 
   const int k_tile0 = split * kr;

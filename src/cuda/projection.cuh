@@ -111,7 +111,7 @@ inline size_t pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_co
                         + static_cast<size_t>(tokens) * k_tiles_per_block            // tile sums
                         + static_cast<size_t>(kProjWarps) * kColsPerBlock * tokens   // warp partials
                         + 16                                                         // grid
-                        + 2 * static_cast<size_t>(tokens + 1) * finish_cols          // finish rows, sv
+                        + 2 * static_cast<size_t>(tokens) * finish_cols              // finish rows
                         + 4;                                                         // flags
   return floats * sizeof(float) + 16 + static_cast<size_t>(kProjWarps) * kStages * stage_bytes;
 }
@@ -123,11 +123,11 @@ TMOE_HD constexpr int mma_block_groups(int k_tiles_per_block, int group_size) {
 // Floats of the tensor-core kernel's shared data for `rows` staged rows (its flag follows): the
 // activations [rows][16 kr + 16], tile sums and group sums [rows][kr], and the block's scales as
 // fp32 pairs [groups][8 n-tiles][8 lanes g][2] (mma_block_groups for the pass's smallest group size); the
-// finish rows and sv reuse the space after the main loop.
+// finish rows reuse the space after the main loop.
 TMOE_HD constexpr int mma_shared_floats(int rows, int k_tiles_per_block, int finish_cols, int min_group_size) {
   const int staging = rows * (k_tiles_per_block * kTileDim + kTileDim) + 2 * rows * k_tiles_per_block +
                       mma_block_groups(k_tiles_per_block, min_group_size) * kMmaColsPerBlock;
-  const int finishing = 2 * (rows + 1) * finish_cols;  // finish rows, then the finish group's sv
+  const int finishing = 2 * rows * finish_cols;
   return staging > finishing ? staging : finishing;
 }
 // Shared memory of the tensor-core kernel for items of up to `tokens` rows (it stages exactly those

@@ -272,7 +272,7 @@ TEST(CudaMoe, PathFollowsTheDispatchRule) {
   TMOE_REQUIRE_GPU();
   MoeCase c;  // E = 16, k = 4: pairs per expert = T / 4
   cuda::CudaMoe automatic(make_weights(c, 1));
-  for (int64_t T : {1, 2, 8, 15, 16, 17, 64, 1000}) {
+  for (int64_t T : {1, 2, 8, 16, 19, 20, 21, 64, 1000}) {
     const bool grouped = static_cast<double>(T) * c.k / c.E >= cuda::kGroupedMinPairsPerExpert;
     EXPECT_EQ(std::string(automatic.path(T, c.k)) == "grouped", grouped) << "T=" << T;
   }

@@ -171,14 +171,21 @@ TEST(CudaMoe, FewExpertsManyUnused) {
   for (int64_t T : {1, 5, 40}) check_against_reference(c, T);
 }
 
-// Larger K: several K splits per pass, Hadamard 128 (finish groups of two column groups).
-TEST(CudaMoe, SplitKAndWideHadamard) {
-  TMOE_REQUIRE_GPU();
+// K = 1024 and 640 (64 and 40 k-tiles: several K splits per pass, a partial last unit of the down
+// projection), N = 640 (40 n-tiles: a partial column group of 8), 8 experts, k = 2.
+MoeCase several_splits_case() {
   MoeCase c;
   c.H = 1024;
   c.I = 640;
   c.E = 8;
   c.k = 2;
+  return c;
+}
+
+// Larger K: several K splits per pass, Hadamard 128 (finish groups of two column groups).
+TEST(CudaMoe, SplitKAndWideHadamard) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c = several_splits_case();
   c.group = 128;
   c.hadamard = 128;
   for (int64_t T : {1, 3, 16}) check_against_reference(c, T);
@@ -219,11 +226,7 @@ TEST(CudaMoe, ActivationsFarFromZeroMean) {
 // rows), Hadamard, half inputs.
 TEST(CudaMoe, TensorCoreGroupsSplitsAndItemRows) {
   TMOE_REQUIRE_GPU();
-  MoeCase c;
-  c.H = 1024;
-  c.I = 640;
-  c.E = 8;
-  c.k = 2;
+  MoeCase c = several_splits_case();
   for (int group : {16, 48, 64}) {
     c.group = group;
     c.hadamard = group == 64 ? 64 : 0;
@@ -241,11 +244,7 @@ TEST(CudaMoe, TensorCoreGroupsSplitsAndItemRows) {
 // stages each block's scales in shared memory): gate 48 (groups inside units), up 128, down 64.
 TEST(CudaMoe, ProjectionsWithDifferentGroups) {
   TMOE_REQUIRE_GPU();
-  MoeCase c;
-  c.H = 1024;
-  c.I = 640;
-  c.E = 8;
-  c.k = 2;
+  MoeCase c = several_splits_case();
   c.group = 48;
   c.up_group = 128;
   c.down_group = 64;

@@ -54,6 +54,14 @@ constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
 constexpr int kMaxBits = 4;
+// -DTMOE_GROUPED_ALL_ROW_FRAGS=1: every warp of grouped_gemm runs the MMAs of all its row fragments,
+// padding ones included (their accumulators are never stored), instead of testing each fragment
+// before its MMAs (a compare, a branch and a WARPSYNC per fragment and k-tile; notes-grouped.md,
+// "What would move it next", 1b). Off until a device run has tested and timed it.
+#ifndef TMOE_GROUPED_ALL_ROW_FRAGS
+#define TMOE_GROUPED_ALL_ROW_FRAGS 0
+#endif
+constexpr bool kMmaAllRowFrags = TMOE_GROUPED_ALL_ROW_FRAGS != 0;
 constexpr int kMaxGrid = 16;
 
 enum Epilogue : int {
@@ -468,7 +476,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       }
 #pragma unroll
       for (int mf = 0; mf < kMFrags; ++mf) {
-        if (mf >= warp_row_frags) break;
+        if (!kMmaAllRowFrags && mf >= warp_row_frags) break;
         uint32_t afrag[kNumA][4];
         const int row = warp_m * kWarpRows + mf * 16 + (lane & 15);
 #pragma unroll

@@ -624,14 +624,13 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // are never written out, so they need no row of zeros (v12 staged one: 16 KB per block at
   // K = 4096; mma_pass_shared_bytes sizes the same way).
   const int used_rows = a.routing.tokens_per_item;
-  const int staged = used_rows;
   const int min_group_size = a.nproj == 2 ? min(a.proj[0].w.group_size, a.proj[1].w.group_size) : w.group_size;
-  float* xs = shared;                           // [staged][xs_stride]: fp32, then B fragments in place
-  float* tile_sums = xs + staged * xs_stride;   // [staged][kr]: sum of x over a k-tile row
-  float* group_sums = tile_sums + staged * kr;  // [staged][kr]: (grid0/step - bias) * group sums
-  float* block_scales = group_sums + staged * kr;  // [groups][n-tile w][g][lo, hi]: fp32 scales
-  float* finish = shared;                     // [2][staged][finish cols], after the main loop
-  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(staged, kr, a.finish_groups_cols, min_group_size));
+  float* xs = shared;                              // [used_rows][xs_stride]: fp32, then B fragments
+  float* tile_sums = xs + used_rows * xs_stride;      // [used_rows][kr]: sum of x over a k-tile row
+  float* group_sums = tile_sums + used_rows * kr;     // [used_rows][kr]: (grid0/step - bias) * sums
+  float* block_scales = group_sums + used_rows * kr;  // [groups][n-tile w][g][lo, hi]: fp32 scales
+  float* finish = shared;                             // [2][used_rows][finish cols], after the loop
+  int* flag = reinterpret_cast<int*>(shared + mma_shared_floats(used_rows, kr, a.finish_groups_cols, min_group_size));
 
   const int k_tile0 = split * kr;
   const int k_tiles = min(static_cast<int64_t>(kr), w.tiles_k() - k_tile0);
@@ -674,7 +673,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // Staged rows past the item's count are zeros (no loads) and skip the conversion and sums below:
   // zeros are zeros in B-fragment order too, and the sums of those rows only reach outputs that
   // are never written.
-  stage_activations(a, w, item, staged, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
+  stage_activations(a, w, item, used_rows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
   // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
   // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
   // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
@@ -737,8 +736,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // --- the warp's n-tile over the K range: decode, mma, flush at each scale group's end.
   const int g = lane >> 2, tq = lane & 3;
   // acc holds one scale group's products; the flush adds the group's affine term (which removes the
-  // decode bias), scales the sums into the fp32 totals and zeroes acc, so the difference it takes
-  // is never larger than one group's own sums (CudaMoe.ActivationsFarFromZeroMean).
+  // decode bias), scales the sums into the fp32 totals and zeroes acc, so the bias cancels within
+  // one group's sums and its fp32 error never grows with the K range
+  // (CudaMoe.ActivationsFarFromZeroMean).
   float acc[CB][4], total[CB][2];
 #pragma unroll
   for (int c = 0; c < CB; ++c) {
@@ -832,7 +832,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       }
     }
   }
-  finish_if_last(a, item_index, item, staged, col_group, kMmaColsPerBlock, finish, flag);
+  finish_if_last(a, item_index, item, used_rows, col_group, kMmaColsPerBlock, finish, flag);
 }
 
 // BITS: the bit width of every projection of the pass (one copy of the block in the kernel), or 0

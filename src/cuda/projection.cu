@@ -114,15 +114,28 @@ __device__ __forceinline__ bool load_whole_tile_row(const void* src, int64_t ind
   return true;
 }
 
+// Stores a staged k-tile row as fp32 at xs[t * xs_stride + 16 kt ..] (the CUDA-core kernel's
+// layout, and the tensor-core kernel's before its B-fragment conversion).
+struct Fp32RowStore {
+  float* xs;
+  int xs_stride;
+  __device__ __forceinline__ void operator()(int t, int kt, const float (&v)[kTileDim]) const {
+    float4* dst = reinterpret_cast<float4*>(xs + t * xs_stride + kt * kTileDim);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  }
+};
+
 // Stages the item's activations for the block's K range (k-tiles k_tile0 .. k_tile0 + k_tiles - 1):
-// xs[t * xs_stride + 16 kt + j] = T(a . su)[16 (k_tile0 + kt) + j] for rows t < count and kt < k_tiles,
-// 0 for the other rows t < rows and k-tiles kt < kt_alloc. One k-tile row (16 values) per thread at
-// a time: a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then
-// the wider passes in shared memory (v5: one value per thread and step, with divisions). Every
-// thread calls it; it ends with a barrier.
+// store(t, kt, v) gets v = T(a . su)[16 (k_tile0 + kt) + 0..15] for rows t < count and kt < k_tiles,
+// zeros for the other rows t < rows and k-tiles kt < kt_alloc. One k-tile row (16 values) per thread
+// at a time: a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then
+// (Fp32RowStore only: they run on xs) the wider passes in shared memory (v5: one value per thread
+// and step, with divisions). Every thread calls it; it ends with a barrier.
+template <typename RowStore>
 __device__ __forceinline__ void stage_activations(const PassArgs& a, const DeviceProjection& w, const PassItem& item,
-                                                  int rows, int k_tile0, int k_tiles, int kt_alloc, float* xs,
-                                                  int xs_stride) {
+                                                  int rows, int k_tile0, int k_tiles, int kt_alloc,
+                                                  const RowStore& store) {
   const int first = item.first, count = item.count;
   const int64_t K = w.K;
   const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim;
@@ -159,13 +172,13 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
         }
       }
     }
-    float4* dst = reinterpret_cast<float4*>(xs + t * xs_stride + kt * kTileDim);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    store(t, kt, v);
   }
   __syncthreads();
   // Rows past count are zero and stay zero under the transform.
-  if (hadamard > kTileDim) shared_hadamard_passes(xs, min(count, rows), k_tiles * kTileDim, xs_stride, hadamard, kTileDim);
+  if constexpr (std::is_same_v<RowStore, Fp32RowStore>)
+    if (hadamard > kTileDim)
+      shared_hadamard_passes(store.xs, min(count, rows), k_tiles * kTileDim, store.xs_stride, hadamard, kTileDim);
 }
 
 // Called by every thread of a block once its partial sums are written: the last block of this
@@ -475,7 +488,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   }
 
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
-  stage_activations(a, w, item, TC, k_tile0, k_tiles, kr, xs, xs_stride);
+  stage_activations(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{xs, xs_stride});
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -602,6 +615,35 @@ __device__ __forceinline__ uint32_t split_pair(float x0, float x1, int part) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// One k-tile row of an item row in B-fragment order, in place of (or instead of) its fp32 values:
+// column c = 2 r + part of an 8-column mma block (item row r, hi or lo) is held by lane (g = c, tq) as
+// {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]}; stored as words [tq][part][2], so a lane reads its two
+// registers with one 8-byte load. Returns the row's sum of what the mma multiplies (hi + lo, not
+// x): the bias term then cancels exactly the bias the products carry, up to fp32 rounding.
+__device__ __forceinline__ float store_b_fragments(const float (&v)[kTileDim], float* row) {
+  uint32_t out[kTileDim];
+#pragma unroll
+  for (int tq = 0; tq < 4; ++tq)
+#pragma unroll
+    for (int part = 0; part < 2; ++part)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) out[(tq * 2 + part) * 2 + h] = split_pair(v[2 * tq + 8 * h], v[2 * tq + 8 * h + 1], part);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kTileDim; ++j) sum += __uint_as_float(out[j] << 16) + __uint_as_float(out[j] & 0xffff0000u);
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+  return sum;
+}
+
+// -DTMOE_MMA_FUSED_STAGING=1: stage B fragments straight from registers when the Hadamard block is
+// at most 16 (mma_projection_block). Off by default until a device run has tested and timed it.
+#ifndef TMOE_MMA_FUSED_STAGING
+#define TMOE_MMA_FUSED_STAGING 0
+#endif
+inline constexpr bool kMmaFusedStaging = TMOE_MMA_FUSED_STAGING != 0;
+
 TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }  // +16: row banks alternate
 
 // One block of the tensor-core kernel for a projection of BITS bits; CB 8-column mma blocks
@@ -669,42 +711,35 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   }
   cp_async_commit();
 
-  // --- activations: fp32 rows, then in place into B-fragment order, and the affine term's sums.
-  // Staged rows past the item's count are zeros (no loads) and skip the conversion and sums below:
-  // zeros are zeros in B-fragment order too, and the sums of those rows only reach outputs that
-  // are never written.
-  stage_activations(a, w, item, used_rows, k_tile0, k_tiles, quads * kQuadTiles, xs, xs_stride);
-  // B fragment of m16n8k16 for column c = 2 r + part of an 8-column block (item row r, hi or lo):
-  // lane (g = c, tq) holds {x[2tq], x[2tq+1]} and {x[2tq+8], x[2tq+9]} of each k-tile. Stored per
-  // k-tile row as words [tq][part][2], so a lane reads its two registers with one 8-byte load.
-  // The same pass keeps each k-tile row's sum for the affine term.
-  const int kt_staged = quads * kQuadTiles;
-  for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
-    const int t = i / kt_staged, kt = i - t * kt_staged;
-    float* row = xs + t * xs_stride + kt * kTileDim;
-    float v[kTileDim];
+  // --- activations in B-fragment order, and the affine term's sums. Staged rows past the item's
+  // count are zeros (no loads, no conversion): zeros are zeros in B-fragment order too, and the sums
+  // of those rows only reach outputs that are never written. With a Hadamard block of at most 16
+  // (the whole transform in registers) and -DTMOE_MMA_FUSED_STAGING=1 the staging writes B
+  // fragments and tile sums straight from its registers; otherwise it writes fp32 rows (the wider
+  // Hadamard passes run on them) and a second phase converts them in place (one barrier and a
+  // shared-memory round trip more).
+  auto fragment_store = [xs, xs_stride, tile_sums, kr](int t, int kt, const float (&v)[kTileDim]) {
+    tile_sums[t * kr + kt] = store_b_fragments(v, xs + t * xs_stride + kt * kTileDim);
+  };
+  if (kMmaFusedStaging && w.hadamard <= kTileDim) {
+    stage_activations(a, w, item, used_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
+  } else {
+    stage_activations(a, w, item, used_rows, k_tile0, k_tiles, quads * kQuadTiles, Fp32RowStore{xs, xs_stride});
+    const int kt_staged = quads * kQuadTiles;
+    for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
+      const int t = i / kt_staged, kt = i - t * kt_staged;
+      const float4* row = reinterpret_cast<const float4*>(xs + t * xs_stride + kt * kTileDim);
+      float v[kTileDim];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float4 f = reinterpret_cast<const float4*>(row)[q];
-      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+      for (int q = 0; q < 4; ++q) {
+        const float4 f = row[q];
+        v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+      }
+      fragment_store(t, kt, v);
     }
-    uint32_t out[kTileDim];
-#pragma unroll
-    for (int tq = 0; tq < 4; ++tq)
-#pragma unroll
-      for (int part = 0; part < 2; ++part)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) out[(tq * 2 + part) * 2 + h] = split_pair(v[2 * tq + 8 * h], v[2 * tq + 8 * h + 1], part);
-    // The sum of what the mma multiplies (hi + lo, not x): the bias term cancels exactly the bias
-    // the products carry, up to fp32 rounding.
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kTileDim; ++j) sum += __uint_as_float(out[j] << 16) + __uint_as_float(out[j] & 0xffff0000u);
-    tile_sums[t * kr + kt] = sum;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+    __syncthreads();
   }
+  // The block's scales, converted in the same phase as the group sums (its barrier publishes them).
   cp_async_wait<0>();  // this thread's scale copies (it alone rewrites their slots)
   for (int i = threadIdx.x; i < local_groups * kMmaWarps; i += blockDim.x) {
     if (i % kMmaWarps >= block_n_tiles) continue;
@@ -718,7 +753,6 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
                             half_bits_to_float(static_cast<uint16_t>(lo_words[q] >> 16)),
                             half_bits_to_float(static_cast<uint16_t>(hi_words[q] >> 16)));
   }
-  __syncthreads();
   // (grid0/step - bias) times the sum of x over each scale group's part of the K range: the affine
   // grid's constant term less the decode bias the products carry (fragment_decode.cuh). (v8's
   // first version summed a group's values serially in one thread: up to 1024 dependent shared loads.)

@@ -637,10 +637,11 @@ __device__ __forceinline__ float store_b_fragments(const float (&v)[kTileDim], f
   return sum;
 }
 
-// -DTMOE_MMA_FUSED_STAGING=1: stage B fragments straight from registers when the Hadamard block is
-// at most 16 (mma_projection_block). Off by default until a device run has tested and timed it.
+// Stage B fragments straight from registers when the Hadamard block is at most 16
+// (mma_projection_block): 1 token mixtral/deepseek -3% on H100 (notes-cuda.md, v14).
+// -DTMOE_MMA_FUSED_STAGING=0 forces the two-phase staging (fp32 rows, then B fragments), for A/B runs.
 #ifndef TMOE_MMA_FUSED_STAGING
-#define TMOE_MMA_FUSED_STAGING 0
+#define TMOE_MMA_FUSED_STAGING 1
 #endif
 inline constexpr bool kMmaFusedStaging = TMOE_MMA_FUSED_STAGING != 0;
 
@@ -714,10 +715,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // --- activations in B-fragment order, and the affine term's sums. Staged rows past the item's
   // count are zeros (no loads, no conversion): zeros are zeros in B-fragment order too, and the sums
   // of those rows only reach outputs that are never written. With a Hadamard block of at most 16
-  // (the whole transform in registers) and -DTMOE_MMA_FUSED_STAGING=1 the staging writes B
-  // fragments and tile sums straight from its registers; otherwise it writes fp32 rows (the wider
-  // Hadamard passes run on them) and a second phase converts them in place (one barrier and a
-  // shared-memory round trip more).
+  // (the whole transform in registers) the staging writes B fragments and tile sums straight from
+  // its registers; otherwise it writes fp32 rows (the wider Hadamard passes run on them) and a
+  // second phase converts them in place (one barrier and a shared-memory round trip more).
   auto fragment_store = [xs, xs_stride, tile_sums, kr](int t, int kt, const float (&v)[kTileDim]) {
     tile_sums[t * kr + kt] = store_b_fragments(v, xs + t * xs_stride + kt * kTileDim);
   };

@@ -54,12 +54,13 @@ constexpr int kKTiles = kBK / kTileDim;     // 4 tiles of K per stage
 constexpr int kRowPad = 8;                  // halves: 144-byte rows make ldmatrix conflict-free
 constexpr int kAStride = kBK + kRowPad;     // A stage [BM][kAStride] bf16
 constexpr int kMaxBits = 4;
-// -DTMOE_GROUPED_ALL_ROW_FRAGS=1: every warp of grouped_gemm runs the MMAs of all its row fragments,
-// padding ones included (their accumulators are never stored), instead of testing each fragment
-// before its MMAs (a compare, a branch and a WARPSYNC per fragment and k-tile; notes-grouped.md,
-// "What would move it next", 1b). Off until a device run has tested and timed it.
+// Every warp of grouped_gemm runs the MMAs of all its row fragments, padding ones included (their
+// accumulators are never stored), instead of testing each fragment before its MMAs (a compare, a
+// branch and a WARPSYNC per fragment and k-tile): static K step 827 -> 715 instructions, mixtral
+// 4096 tokens -14% on H100 (notes-grouped.md, session 7). -DTMOE_GROUPED_ALL_ROW_FRAGS=0 restores the
+// tests, for A/B runs.
 #ifndef TMOE_GROUPED_ALL_ROW_FRAGS
-#define TMOE_GROUPED_ALL_ROW_FRAGS 0
+#define TMOE_GROUPED_ALL_ROW_FRAGS 1
 #endif
 constexpr bool kMmaAllRowFrags = TMOE_GROUPED_ALL_ROW_FRAGS != 0;
 constexpr int kMaxGrid = 16;

@@ -644,6 +644,17 @@ __device__ __forceinline__ float store_b_fragments(const float (&v)[kTileDim], f
 #define TMOE_MMA_FUSED_STAGING 1
 #endif
 inline constexpr bool kMmaFusedStaging = TMOE_MMA_FUSED_STAGING != 0;
+// -DTMOE_MMA_STAGE_COUNT_ROWS=1: a block stages only its item's rows (count) instead of the pass's
+// used_rows, leaving the other rows' shared memory as it is. Their B columns, tile sums and group
+// sums feed only accumulator columns of rows that are never written (an mma column depends on its
+// B column alone), so any value there, NaN included, is harmless. Saves the zero rows' staging
+// (~150 instructions and 4 bank-conflicted stores per k-tile row; about half the staged rows of
+// mixtral's 8-row items at 16 tokens, ncu in notes-cuda.md "v15"). Off until a device run has
+// tested and timed it.
+#ifndef TMOE_MMA_STAGE_COUNT_ROWS
+#define TMOE_MMA_STAGE_COUNT_ROWS 0
+#endif
+inline constexpr bool kMmaStageCountRows = TMOE_MMA_STAGE_COUNT_ROWS != 0;
 
 TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }  // +16: row banks alternate
 
@@ -718,13 +729,14 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // (the whole transform in registers) the staging writes B fragments and tile sums straight from
   // its registers; otherwise it writes fp32 rows (the wider Hadamard passes run on them) and a
   // second phase converts them in place (one barrier and a shared-memory round trip more).
+  const int staged_rows = kMmaStageCountRows ? count : used_rows;
   auto fragment_store = [xs, xs_stride, tile_sums, kr](int t, int kt, const float (&v)[kTileDim]) {
     tile_sums[t * kr + kt] = store_b_fragments(v, xs + t * xs_stride + kt * kTileDim);
   };
   if (kMmaFusedStaging && w.hadamard <= kTileDim) {
-    stage_activations(a, w, item, used_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
+    stage_activations(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
   } else {
-    stage_activations(a, w, item, used_rows, k_tile0, k_tiles, quads * kQuadTiles, Fp32RowStore{xs, xs_stride});
+    stage_activations(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, Fp32RowStore{xs, xs_stride});
     const int kt_staged = quads * kQuadTiles;
     for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
       const int t = i / kt_staged, kt = i - t * kt_staged;

@@ -724,8 +724,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   cp_async_commit();
 
   // --- activations in B-fragment order, and the affine term's sums. Staged rows past the item's
-  // count are zeros (no loads, no conversion): zeros are zeros in B-fragment order too, and the sums
-  // of those rows only reach outputs that are never written. With a Hadamard block of at most 16
+  // count are zeros (no loads, no conversion; not staged at all with kMmaStageCountRows): zeros are
+  // zeros in B-fragment order too, and the sums of those rows only reach outputs that are never
+  // written. With a Hadamard block of at most 16
   // (the whole transform in registers) the staging writes B fragments and tile sums straight from
   // its registers; otherwise it writes fp32 rows (the wider Hadamard passes run on them) and a
   // second phase converts them in place (one barrier and a shared-memory round trip more).

@@ -20,6 +20,9 @@ struct BenchConfig {
   int64_t grouped_min_tokens = -1;  // CUDA: force the grouped path from this many tokens (-1: dispatcher)
   double min_seconds = 0.5;    // per case, time spent in timed repetitions
   uint64_t seed = 1;
+  // CUDA: per case, the block timeline of one more replay of the timed graph, as CSV (a build with
+  // -DTMOE_PASS_TRACE=1; src/cuda/pass_trace.hpp, scripts/trace-summary). Empty: none.
+  std::string trace_path;
 };
 
 struct BenchRow {

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -23,7 +24,9 @@
 
 #include "bench_report.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/pass_trace.hpp"
 #include "tmoe/cuda.hpp"
+#include "tmoe/error.hpp"
 #include "tmoe/routing.hpp"
 
 namespace tmoe::bench {
@@ -207,9 +210,41 @@ Routings make_routings(int R, int64_t T, int k, int E, std::mt19937_64& rng) {
   return r;
 }
 
+struct FileCloser {
+  void operator()(std::FILE* f) const { std::fclose(f); }
+};
+
+// One more replay of a timed graph with the pass trace on (pass_trace.hpp): its blocks as CSV rows,
+// times in ns from the replay's first block.
+void write_trace(std::FILE* file, cudaGraphExec_t exec, cudaStream_t stream, const std::string& shape, int64_t tokens) {
+  cuda::pass_trace_begin();
+  TMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  TMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  uint64_t dropped = 0;
+  const std::vector<cuda::PassTraceRecord> records = cuda::pass_trace_end(&dropped);
+  uint64_t t0 = UINT64_MAX;
+  for (const auto& r : records) t0 = std::min(t0, r.begin);
+  for (const auto& r : records)
+    std::fprintf(file, "%s,%lld,%u,%u,%u,%u,%llu,%llu,%llu,%llu\n", shape.c_str(), static_cast<long long>(tokens),
+                 r.pass, r.block, r.blocks, r.sm, static_cast<unsigned long long>(r.begin - t0),
+                 static_cast<unsigned long long>(r.staged - t0), static_cast<unsigned long long>(r.looped - t0),
+                 static_cast<unsigned long long>(r.end - t0));
+  std::fprintf(stderr, "cuda bench:   trace: %zu blocks%s\n", records.size(),
+               dropped ? (", " + std::to_string(dropped) + " more not kept").c_str() : "");
+}
+
 }  // namespace
 
 std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& device) {
+  std::unique_ptr<std::FILE, FileCloser> trace;
+  if (!config.trace_path.empty()) {
+    if (!cuda::pass_trace_built())
+      throw Error(ErrorKind::bad_input, "--trace: this build records no trace; configure with "
+                                        "-DCMAKE_CUDA_FLAGS=-DTMOE_PASS_TRACE=1");
+    trace.reset(std::fopen(config.trace_path.c_str(), "w"));
+    if (!trace) throw Error(ErrorKind::bad_input, "--trace: cannot write '" + config.trace_path + "'");
+    std::fprintf(trace.get(), "shape,tokens,pass,block,blocks,sm,begin_ns,staged_ns,looped_ns,end_ns\n");
+  }
   int dev = 0;
   TMOE_CUDA_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop{};
@@ -294,6 +329,7 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
       TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
       const double ours_us = time_graph(exec, stream, config.min_seconds) / R;
+      if (trace) write_trace(trace.get(), exec, stream, shape.name, T);
       cudaGraphExecDestroy(exec);
       cudaGraphDestroy(graph);
       copies[0]->check_errors();
@@ -353,6 +389,7 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
   }
   cublasDestroy(handle);
   cudaStreamDestroy(stream);
+  if (trace) std::fprintf(stderr, "cuda bench: wrote the block timelines to '%s'\n", config.trace_path.c_str());
   return rows;
 }
 

@@ -7,6 +7,7 @@
 
 #include "cuda_check.hpp"
 #include "fragment_decode.cuh"
+#include "pass_trace.hpp"
 #include "projection.cuh"
 #include "tmoe/error.hpp"
 
@@ -561,6 +562,42 @@ void raise_shared_limit() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The pass trace (pass_trace.hpp): nothing unless -DTMOE_PASS_TRACE=1.
+__device__ PassTraceRecord g_pass_trace[kPassTrace ? kPassTraceCapacity : 1];
+__device__ unsigned long long g_pass_trace_count;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Thread 0's marks of one block: 0 begin, 1 staged, 2 main loops done; write() adds the end.
+struct BlockTrace {
+  uint64_t t[3] = {0, 0, 0};
+  __device__ __forceinline__ void mark(int i) {
+    if constexpr (kPassTrace)
+      if (threadIdx.x == 0) t[i] = global_ns();
+  }
+  __device__ __forceinline__ void write(int pass) const {
+    if constexpr (kPassTrace) {
+      if (threadIdx.x != 0) return;
+      PassTraceRecord r;
+      r.end = global_ns();
+      r.begin = t[0];
+      r.staged = t[1] ? t[1] : r.begin;
+      r.looped = t[2] ? t[2] : r.staged;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(r.sm));
+      r.pass = static_cast<uint32_t>(pass);
+      r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+      r.blocks = gridDim.x * gridDim.y * gridDim.z;
+      const unsigned long long i = atomicAdd(&g_pass_trace_count, 1ull);
+      if (i < kPassTraceCapacity) g_pass_trace[i] = r;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // The tensor-core kernel (affine grids; see projection.cuh).
 
 // Units whose loads a warp keeps in flight (registers): 3 blocks of 8 warps per SM then hold
@@ -663,7 +700,7 @@ TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }
 // the group-boundary test runs once per unit instead of once per k-tile.
 template <int BITS, int CB, bool QUAD_GROUPS>
 __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, const PassItem& item, int p,
-                                                     int split, int col_group) {
+                                                     int split, int col_group, BlockTrace& trace) {
   const int expert = item.expert, first = item.first, count = item.count;
   constexpr int kUnitWords = 32 * BITS;
   const PassProjection& pp = p == 0 ? a.proj[0] : a.proj[1];
@@ -779,6 +816,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     group_sums[t * kr + g] = sum * group_coefficient;
   }
   __syncthreads();
+  trace.mark(1);
 
   // --- the warp's n-tile over the K range: decode, mma, flush at each scale group's end.
   const int g = lane >> 2, tq = lane & 3;
@@ -879,6 +917,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
       }
     }
   }
+  trace.mark(2);
   finish_if_last(a, item_index, item, used_rows, col_group, kMmaColsPerBlock, finish, flag);
 }
 
@@ -887,19 +926,26 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
 template <int CB, bool QUAD_GROUPS, int BITS, bool DENSE>
 __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(CB, DENSE))
 mma_projection_kernel(const __grid_constant__ PassArgs a) {
+  BlockTrace trace;
+  trace.mark(0);
+  const int pass = a.nproj == 2 ? 0 : 1;
   __shared__ PassItem item;
-  if (!begin_pass_block(a, item)) return;
+  if (!begin_pass_block(a, item)) {
+    trace.write(pass);
+    return;
+  }
   const int item_index = blockIdx.x;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
   if constexpr (BITS != 0) {
-    mma_projection_block<BITS, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y);
+    mma_projection_block<BITS, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace);
   } else {
     switch (a.proj[p == 0 ? 0 : 1].w.bits) {
-      case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
-      case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
-      default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y); break;
+      case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
     }
   }
+  trace.write(pass);
 }
 
 template <int CB, bool QUAD_GROUPS, int BITS>
@@ -951,6 +997,32 @@ void prepare_projection_kernels() {
   if constexpr (kMmaBlocksBuilt<2>) raise_mma_shared_limit<2, false>();
   if constexpr (kMmaBlocksBuilt<2>) raise_mma_shared_limit<2, true>();
   if constexpr (kMmaBlocksBuilt<4>) raise_mma_shared_limit<4, false>();
+}
+
+bool pass_trace_built() { return kPassTrace; }
+
+void pass_trace_begin() {
+  if constexpr (kPassTrace) {
+    const unsigned long long zero = 0;
+    TMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    TMOE_CUDA_CHECK(cudaMemcpyToSymbol(g_pass_trace_count, &zero, sizeof zero));
+  }
+}
+
+std::vector<PassTraceRecord> pass_trace_end(uint64_t* dropped) {
+  std::vector<PassTraceRecord> records;
+  if (dropped != nullptr) *dropped = 0;
+  if constexpr (kPassTrace) {
+    TMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    unsigned long long count = 0;
+    TMOE_CUDA_CHECK(cudaMemcpyFromSymbol(&count, g_pass_trace_count, sizeof count));
+    const size_t kept = static_cast<size_t>(std::min<unsigned long long>(count, kPassTraceCapacity));
+    records.resize(kept);
+    if (kept > 0)
+      TMOE_CUDA_CHECK(cudaMemcpyFromSymbol(records.data(), g_pass_trace, kept * sizeof(PassTraceRecord)));
+    if (dropped != nullptr) *dropped = count - kept;
+  }
+  return records;
 }
 
 size_t mma_pass_shared_bytes(int tokens, int k_tiles_per_block, int finish_cols, int min_group_size) {

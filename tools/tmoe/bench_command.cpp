@@ -24,6 +24,7 @@ struct BenchCommand {
   double min_seconds = 0.5;
   uint64_t seed = 1;
   std::string json;
+  std::string trace;
 };
 
 void run_bench(const BenchCommand& c) {
@@ -38,6 +39,8 @@ void run_bench(const BenchCommand& c) {
   config.grouped_min_tokens = c.grouped_min_tokens;
   config.min_seconds = c.min_seconds;
   config.seed = c.seed;
+  config.trace_path = c.trace;
+  require(c.trace.empty() || parse_backend(c.backend) == BackendKind::cuda, "--trace: CUDA only");
 
   bench::DeviceReport device;
   std::vector<bench::BenchRow> rows;
@@ -84,6 +87,9 @@ void register_bench(CLI::App& app) {
       ->capture_default_str();
   bench->add_option("--seed", b->seed, "random seed for weights and routing")->capture_default_str();
   bench->add_option("--json", b->json, "also write the rows as JSON to this file");
+  bench->add_option("--trace", b->trace,
+                    "CUDA: write each case's block timeline (one replay) as CSV to this file; needs a build "
+                    "with -DTMOE_PASS_TRACE=1 (scripts/trace-summary reads it)");
   bench->callback([b] { run_bench(*b); });
 }
 

@@ -219,9 +219,8 @@ struct FileCloser {
 void write_trace(std::FILE* file, cudaGraphExec_t exec, cudaStream_t stream, const std::string& shape, int64_t tokens) {
   cuda::pass_trace_begin();
   TMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  TMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   uint64_t dropped = 0;
-  const std::vector<cuda::PassTraceRecord> records = cuda::pass_trace_end(&dropped);
+  const std::vector<cuda::PassTraceRecord> records = cuda::pass_trace_end(&dropped);  // synchronizes
   uint64_t t0 = UINT64_MAX;
   for (const auto& r : records) t0 = std::min(t0, r.begin);
   for (const auto& r : records)

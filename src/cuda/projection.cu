@@ -182,6 +182,91 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
       shared_hadamard_passes(store.xs, min(count, rows), k_tiles * kTileDim, store.xs_stride, hadamard, kTileDim);
 }
 
+// Splits whose partial sums a finishing thread loads before adding them (memory-level parallelism:
+// v16's trace showed finishing blocks 2-14 us long, one dependent L2 load per split and output).
+#ifndef TMOE_SPLIT_LOAD_BATCH
+#define TMOE_SPLIT_LOAD_BATCH 4
+#endif
+inline constexpr int kSplitLoadBatch = TMOE_SPLIT_LOAD_BATCH;
+// -DTMOE_FINISH_OUT_OF_LINE=1: the finishing block's work (finish_group) is a call, not inlined,
+// so its registers do not weigh on the pass kernels' allocation (for A/B runs).
+#ifndef TMOE_FINISH_OUT_OF_LINE
+#define TMOE_FINISH_OUT_OF_LINE 0
+#endif
+#if TMOE_FINISH_OUT_OF_LINE
+#define TMOE_FINISH_INLINE __noinline__
+#else
+#define TMOE_FINISH_INLINE __forceinline__
+#endif
+
+// The finishing block's work for finish group fg (see finish_if_last).
+__device__ TMOE_FINISH_INLINE void finish_group(const PassArgs& a, const PassItem& item, int rows, int fg,
+                                                  float* finish) {
+  const int expert = item.expert, first = item.first, count = item.count;
+  const int64_t N = a.proj[0].w.N;
+  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
+  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
+  const int fcols = a.finish_groups_cols;
+  const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
+  const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;
+  // sv of the first output this thread writes below, loaded now: its memory latency overlaps the
+  // split sums' instead of following them (the finishing block is the pass's critical path).
+  float sv0_first = 0.0f, sv1_first = 0.0f;
+#ifndef TMOE_FINISH_SV_PREFETCH
+#define TMOE_FINISH_SV_PREFETCH 1
+#endif
+  constexpr bool kPrefetchSv = TMOE_FINISH_SV_PREFETCH != 0;
+  if (kPrefetchSv && static_cast<int>(threadIdx.x) < count * cols) {
+    const int64_t n = col0 + threadIdx.x % cols;
+    sv0_first = half_bits_to_float(sv0[n]);
+    if (a.nproj == 2) sv1_first = half_bits_to_float(sv1[n]);
+  }
+  // The splits' partial sums of the item's rows, 4 columns per thread and step (cols and N are
+  // multiples of 16), up to kSplitLoadBatch splits' loads in flight; added in split order, so the
+  // result is the same whatever the batching. Rows past count are not needed: the Hadamard passes
+  // and the outputs below take the first count rows.
+  const int quads_per_row = cols / 4;
+  const int64_t split_stride = a.pairs * N / 4;  // float4s between one split's partial sums and the next's
+  for (int i = threadIdx.x; i < a.nproj * count * quads_per_row; i += blockDim.x) {
+    const int pr = i / (count * quads_per_row), rest = i - pr * count * quads_per_row;
+    const int t = rest / quads_per_row, q = rest - t * quads_per_row;
+    const float4* src = reinterpret_cast<const float4*>(
+        a.partial + (static_cast<int64_t>(pr) * a.k_splits * a.pairs + first + t) * N + col0) + q;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int sp0 = 0; sp0 < a.k_splits; sp0 += kSplitLoadBatch) {
+      float4 part[kSplitLoadBatch];
+#pragma unroll
+      for (int u = 0; u < kSplitLoadBatch; ++u)
+        if (sp0 + u < a.k_splits) part[u] = __ldcg(src + (sp0 + u) * split_stride);
+#pragma unroll
+      for (int u = 0; u < kSplitLoadBatch; ++u)
+        if (sp0 + u < a.k_splits) v.x += part[u].x, v.y += part[u].y, v.z += part[u].z, v.w += part[u].w;
+    }
+    const int b = a.proj[pr].w.hadamard;
+    const float norm = b ? rsqrtf(static_cast<float>(b)) : 1.0f;
+    float* dst = finish + (pr * rows + t) * fcols + 4 * q;  // scalar stores: finish need not be 16-byte aligned
+    dst[0] = v.x * norm, dst[1] = v.y * norm, dst[2] = v.z * norm, dst[3] = v.w * norm;
+  }
+  __syncthreads();
+  for (int pr = 0; pr < a.nproj; ++pr) {
+    const int b = a.proj[pr].w.hadamard;
+    if (b) shared_hadamard_passes(finish + pr * rows * fcols, min(count, rows), cols, fcols, b, 1);
+  }
+  for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
+    const int t = i / cols, c = i % cols;
+    const int64_t n = col0 + c;
+    const bool first_output = kPrefetchSv && i == static_cast<int>(threadIdx.x);
+    float v = finish[t * fcols + c] * (first_output ? sv0_first : half_bits_to_float(sv0[n]));
+    if (a.nproj == 2) {
+      const float u = finish[(rows + t) * fcols + c] * (first_output ? sv1_first : half_bits_to_float(sv1[n]));
+      v = v / (1.0f + expf(-v)) * u;  // SwiGLU
+    }
+    a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
+  }
+  if (a.combine.out != nullptr)
+    combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
+}
+
 // Called by every thread of a block once its partial sums are written: the last block of this
 // finish group (all splits, projections and its column groups: an integer counter) adds the splits
 // in order, applies the output Hadamard and sv, and SwiGLU for gate+up; on the down pass it also
@@ -190,8 +275,6 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
 // barrier here orders it after their last use).
 __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index, const PassItem& item, int rows,
                                                int col_group, int cols_per_block, float* finish, int* flag) {
-  const int expert = item.expert, first = item.first, count = item.count;
-  const int64_t N = a.proj[0].w.N;
   const int groups_per_finish = a.finish_groups_cols / cols_per_block;
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
@@ -206,39 +289,7 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
   __syncthreads();
   if (!*flag) return;
   __threadfence();
-
-  const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
-  const int cols = static_cast<int>(min(static_cast<int64_t>(a.finish_groups_cols), N - col0));
-  const int fcols = a.finish_groups_cols;
-  for (int i = threadIdx.x; i < a.nproj * rows * cols; i += blockDim.x) {
-    const int pr = i / (rows * cols), t = (i / cols) % rows, c = i % cols;
-    float v = 0.0f;
-    if (t < count) {
-      for (int sp = 0; sp < a.k_splits; ++sp)
-        v += __ldcg(&a.partial[((static_cast<int64_t>(pr) * a.k_splits + sp) * a.pairs + first + t) * N + col0 + c]);
-    }
-    const int b = a.proj[pr].w.hadamard;
-    finish[(pr * rows + t) * fcols + c] = b ? v * rsqrtf(static_cast<float>(b)) : v;
-  }
-  __syncthreads();
-  for (int pr = 0; pr < a.nproj; ++pr) {
-    const int b = a.proj[pr].w.hadamard;
-    if (b) shared_hadamard_passes(finish + pr * rows * fcols, min(count, rows), cols, fcols, b, 1);
-  }
-  const uint16_t* sv0 = a.proj[0].w.sv + static_cast<int64_t>(expert) * N;
-  const uint16_t* sv1 = a.proj[1].w.sv + static_cast<int64_t>(expert) * N;
-  for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
-    const int t = i / cols, c = i % cols;
-    const int64_t n = col0 + c;
-    float v = finish[t * fcols + c] * half_bits_to_float(sv0[n]);
-    if (a.nproj == 2) {
-      const float u = finish[(rows + t) * fcols + c] * half_bits_to_float(sv1[n]);
-      v = v / (1.0f + expf(-v)) * u;  // SwiGLU
-    }
-    a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
-  }
-  if (a.combine.out != nullptr)
-    combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
+  finish_group(a, item, rows, fg, finish);
 }
 
 // The prologue of both pass kernels. Launched as dependents (launch.hpp), they let the next kernel
@@ -681,15 +732,15 @@ __device__ __forceinline__ float store_b_fragments(const float (&v)[kTileDim], f
 #define TMOE_MMA_FUSED_STAGING 1
 #endif
 inline constexpr bool kMmaFusedStaging = TMOE_MMA_FUSED_STAGING != 0;
-// -DTMOE_MMA_STAGE_COUNT_ROWS=1: a block stages only its item's rows (count) instead of the pass's
-// used_rows, leaving the other rows' shared memory as it is. Their B columns, tile sums and group
-// sums feed only accumulator columns of rows that are never written (an mma column depends on its
-// B column alone), so any value there, NaN included, is harmless. Saves the zero rows' staging
-// (~150 instructions and 4 bank-conflicted stores per k-tile row; about half the staged rows of
-// mixtral's 8-row items at 16 tokens, ncu in notes-cuda.md "v15"). Off until a device run has
-// tested and timed it.
+// A block stages only its item's rows (count) instead of the pass's used_rows, leaving the other
+// rows' shared memory as it is. Their B columns, tile sums and group sums feed only accumulator
+// columns of rows that are never written (an mma column depends on its B column alone), so any
+// value there, NaN included, is harmless. Saves the zero rows' staging (~150 instructions and 4
+// bank-conflicted stores per k-tile row; about half the staged rows of mixtral's 8-row items at 16
+// tokens, ncu in notes-cuda.md "v15"): 4-16 tokens -1.5 to -5% on H100 (notes "v17").
+// -DTMOE_MMA_STAGE_COUNT_ROWS=0 stages every used row (zeros past count), for A/B runs.
 #ifndef TMOE_MMA_STAGE_COUNT_ROWS
-#define TMOE_MMA_STAGE_COUNT_ROWS 0
+#define TMOE_MMA_STAGE_COUNT_ROWS 1
 #endif
 inline constexpr bool kMmaStageCountRows = TMOE_MMA_STAGE_COUNT_ROWS != 0;
 

@@ -195,6 +195,31 @@ TEST(CudaMoe, SplitKAndWideHadamard) {
   for (int64_t T : {1, 4}) check_against_reference(c, T);
 }
 
+// The finishing blocks load in batches (projection.cu, pass_routing.cuh): K splits 4 at a time,
+// a token's slots 8 at a time. k = 12 gives the combine a full and a partial batch of slots (with
+// skipped slots inside them: some_minus), and K = 1024 a down pass of many splits at one token (a
+// full and a partial batch of split loads; the plan is checked so the case cannot silently vanish).
+TEST(CudaMoe, ManySlotsAndSplits) {
+  TMOE_REQUIRE_GPU();
+  MoeCase c;
+  c.H = 256;
+  c.I = 1024;
+  c.E = 16;
+  c.k = 12;
+  c.group = 128;
+  for (RoutingKind routing : {RoutingKind::distinct, RoutingKind::some_minus}) {
+    c.routing = routing;
+    for (int64_t T : {1, 2, 5, 16}) {
+      std::string plan;
+      check_against_reference(c, T, decode_kernels_only(), -1, &plan);
+      if (T != 1) continue;
+      std::smatch m;
+      ASSERT_TRUE(std::regex_search(plan, m, std::regex(R"(down \(tensor cores\): (\d+) splits)"))) << plan;
+      EXPECT_GE(std::stoi(m[1].str()), 6) << plan;
+    }
+  }
+}
+
 // Activations with a large common part (x = 16 + N(0, 1)) over long K ranges: sums of x then grow
 // linearly along K, so an accumulator that carries them loses the groups' small parts to fp32
 // rounding (the tensor-core kernel's flush, projection.cu). A float32 model of that flush over this
@@ -477,6 +502,12 @@ TEST(CudaSmall, ForwardMatchesReference) {
   // 1 and 3 tokens: items of 1 and 3 rows (4-row kernel); 16 (4 pairs per expert): 8-row items,
   // 40: 16-row items, so compute-sanitizer (scripts/gpu-check runs CudaSmall.*) sees every kernel row count.
   for (int64_t T : {1, 3, 16, 40}) check_against_reference(c, T);
+  // k = 11: the combine's second, partial batch of slot loads (pass_routing.cuh); E = 16, H = 256.
+  c.H = 256;
+  c.E = 16;
+  c.k = 11;
+  c.hadamard = 0;
+  for (int64_t T : {1, 6}) check_against_reference(c, T);
 }
 
 TEST(CudaSmall, Routing) {

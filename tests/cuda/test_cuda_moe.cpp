@@ -120,6 +120,12 @@ void check_against_reference(const MoeCase& c, int64_t T,
   EXPECT_LE(relative_error(got, ref), bound >= 0 ? bound : unit_roundoff(c.out_dtype) + 1e-4);
 }
 
+// The number a plan_summary() pattern's first group captures, -1 when the pattern does not match.
+int plan_number(const std::string& plan, const char* pattern) {
+  std::smatch m;
+  return std::regex_search(plan, m, std::regex(pattern)) ? std::stoi(m[1].str()) : -1;
+}
+
 class CudaMoeTokens : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(CudaMoeTokens, AllBitsMatchReference) {
@@ -201,21 +207,13 @@ TEST(CudaMoe, SplitKAndWideHadamard) {
 // full and a partial batch of split loads; the plan is checked so the case cannot silently vanish).
 TEST(CudaMoe, ManySlotsAndSplits) {
   TMOE_REQUIRE_GPU();
-  MoeCase c;
-  c.H = 256;
-  c.I = 1024;
-  c.E = 16;
-  c.k = 12;
-  c.group = 128;
+  MoeCase c{.H = 256, .I = 1024, .E = 16, .k = 12, .group = 128};
   for (RoutingKind routing : {RoutingKind::distinct, RoutingKind::some_minus}) {
     c.routing = routing;
     for (int64_t T : {1, 2, 5, 16}) {
       std::string plan;
       check_against_reference(c, T, decode_kernels_only(), -1, &plan);
-      if (T != 1) continue;
-      std::smatch m;
-      ASSERT_TRUE(std::regex_search(plan, m, std::regex(R"(down \(tensor cores\): (\d+) splits)"))) << plan;
-      EXPECT_GE(std::stoi(m[1].str()), 6) << plan;
+      if (T == 1) EXPECT_GE(plan_number(plan, R"(down \(tensor cores\): (\d+) splits)"), 6) << plan;
     }
   }
 }
@@ -229,19 +227,10 @@ TEST(CudaMoe, ManySlotsAndSplits) {
 // the launch plan that the gate+up blocks do cover long ranges (>= 64 k-tiles).
 TEST(CudaMoe, ActivationsFarFromZeroMean) {
   TMOE_REQUIRE_GPU();
-  MoeCase c;
-  c.H = 4096;
-  c.I = 8192;
-  c.E = 2;
-  c.k = 2;
-  c.group = 128;
-  c.x_offset = 16.0f;
+  const MoeCase c{.H = 4096, .I = 8192, .E = 2, .k = 2, .group = 128, .x_offset = 16.0f};
   std::string plan;
   check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(plan, m, std::regex(R"(gate\+up \(tensor cores\): \d+ splits x (\d+) k-tiles)")))
-      << plan;
-  EXPECT_GE(std::stoi(m[1].str()), 64) << plan;
+  EXPECT_GE(plan_number(plan, R"(gate\+up \(tensor cores\): \d+ splits x (\d+) k-tiles)"), 64) << plan;
 }
 
 // The tensor-core kernel's scale-group flushes: groups of 16 (a flush after every k-tile), 48 (flushes

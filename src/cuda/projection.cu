@@ -757,7 +757,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 }
 
 // One 128-byte line per thread and step: the item's x rows (gate+up only: down's h is written by the
-// gate+up pass, already in L2) and su over the block's K range, and the block's scale rows.
+// gate+up pass, already in L2) and su over the block's K range, the block's scale rows, and its
+// columns of sv (the finishing block's; v17's trace: finishing blocks 3.4-5.4 us at one token).
 __device__ __forceinline__ void prefetch_staging(const PassArgs& a, const DeviceProjection& w, const PassItem& item,
                                                  int k_tile0, int k_tiles, int64_t n_tile0) {
   constexpr int kLine = 128;
@@ -770,7 +771,8 @@ __device__ __forceinline__ void prefetch_staging(const PassArgs& a, const Device
   const int group0 = k_tile0 / tiles_per_group, groups = (k_tile0 + k_tiles - 1) / tiles_per_group - group0 + 1;
   const int64_t cols = min(static_cast<int64_t>(kMmaColsPerBlock), N - n_tile0 * kTileDim);
   const int scale_lines = static_cast<int>((cols * 2 + kLine - 1) / kLine);
-  const int lines = item.count * x_lines + su_lines + groups * scale_lines;
+  const int scale_rows = groups + 1;  // the scale rows, then this projection's sv (read by the finish)
+  const int lines = item.count * x_lines + su_lines + scale_rows * scale_lines;
   for (int i = threadIdx.x; i < lines; i += blockDim.x) {
     const char* p;
     if (i < item.count * x_lines) {
@@ -782,8 +784,9 @@ __device__ __forceinline__ void prefetch_staging(const PassArgs& a, const Device
       p = reinterpret_cast<const char*>(w.su + static_cast<int64_t>(item.expert) * K + k0) + min(static_cast<int64_t>(j) * kLine, k_len * 2 - 1);
     } else {
       const int j = i - item.count * x_lines - su_lines, g = j / scale_lines;
-      p = reinterpret_cast<const char*>(w.scales + (static_cast<int64_t>(item.expert) * w.groups() + group0 + g) * N + n_tile0 * kTileDim) +
-          min(static_cast<int64_t>(j % scale_lines) * kLine, cols * 2 - 1);
+      const uint16_t* row = g < groups ? w.scales + (static_cast<int64_t>(item.expert) * w.groups() + group0 + g) * N
+                                       : w.sv + static_cast<int64_t>(item.expert) * N;
+      p = reinterpret_cast<const char*>(row + n_tile0 * kTileDim) + min(static_cast<int64_t>(j % scale_lines) * kLine, cols * 2 - 1);
     }
     prefetch_l2(p);
   }

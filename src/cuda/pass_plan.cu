@@ -2,6 +2,8 @@
 // guess behind it, plan_pass and plan_items.
 #include "pass_plan.hpp"
 
+#include <cmath>
+
 #include "routing.hpp"
 
 namespace tmoe::cuda {
@@ -40,7 +42,27 @@ inline constexpr double kDenseBlockCost = 1.2;
 #endif
 inline constexpr double kDense8RowBlockCost = TMOE_DENSE_8ROW_COST;
 
+// -DTMOE_PLANNER_EXPECTED_BUSY=1 (an A/B knob, off): plan_items' busy items are the expected ones
+// (expected_busy_items) instead of min(items, pairs, experts), which counts every expert as hit once
+// pairs >= experts (qwen3 at 16 tokens: 128 where ~83 are; v16 blamed part of the column groups'
+// loss on it, v17's trace shows 984 of 1536 gate+up blocks working).
+#ifndef TMOE_PLANNER_EXPECTED_BUSY
+#define TMOE_PLANNER_EXPECTED_BUSY 0
+#endif
+inline constexpr bool kPlannerExpectedBusy = TMOE_PLANNER_EXPECTED_BUSY != 0;
+
 }  // namespace
+
+int64_t expected_busy_items(int64_t tokens, int top_k, int64_t experts, int tokens_per_item, int64_t max_items) {
+  if (tokens <= 0 || experts <= 0) return 0;
+  const int64_t pairs = tokens * top_k;
+  // Each token routes to top_k distinct experts, uniformly: an expert is missed by one token with
+  // probability 1 - k / E, by all of them with its T-th power.
+  const double miss = std::max(0.0, 1.0 - static_cast<double>(top_k) / static_cast<double>(experts));
+  const double hit = static_cast<double>(experts) * (1.0 - std::pow(miss, static_cast<double>(tokens)));
+  const int64_t busy = std::max(static_cast<int64_t>(std::ceil(hit - 1e-9)), ceil_div(pairs, tokens_per_item));
+  return std::min({busy, max_items, pairs});
+}
 
 ItemPlan plan_items(int64_t tokens, int top_k, int64_t experts, bool tensor_core) {
   ItemPlan p;
@@ -62,7 +84,8 @@ ItemPlan plan_items(int64_t tokens, int top_k, int64_t experts, bool tensor_core
     p.tokens_per_item = tokens <= 1 || load <= 0.5 ? 1 : tokens <= 2 || load <= 1.5 ? 2 : kMaxItemTokens;
   }
   p.max_items = max_work_items(pairs, static_cast<int>(experts), p.tokens_per_item);
-  p.busy = std::min<int64_t>(p.max_items, std::min<int64_t>(pairs, experts));
+  p.busy = kPlannerExpectedBusy ? expected_busy_items(tokens, top_k, experts, p.tokens_per_item, p.max_items)
+                                : std::min<int64_t>(p.max_items, std::min<int64_t>(pairs, experts));
   return p;
 }
 

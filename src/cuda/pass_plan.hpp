@@ -53,6 +53,10 @@ struct ItemPlan {
 // tensor_core: both passes run the tensor-core kernel (items of 4, 8 or 16 rows), else the
 // CUDA-core one (1, 2 or 4).
 ItemPlan plan_items(int64_t tokens, int top_k, int64_t experts, bool tensor_core);
+// The work items expected to hold pairs when tokens route uniformly to top_k distinct experts: the
+// expected experts hit, at least pairs / tokens_per_item, at most max_items and the pairs.
+// plan_items uses it with -DTMOE_PLANNER_EXPECTED_BUSY=1.
+int64_t expected_busy_items(int64_t tokens, int top_k, int64_t experts, int tokens_per_item, int64_t max_items);
 
 // w: the pass's first projection (K, N); min_group_size: the smallest scale group of its
 // projections; busy_items: the work items expected to hold pairs.

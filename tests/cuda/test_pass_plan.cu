@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -131,6 +133,35 @@ TEST(PassPlan, WorkItems) {
         EXPECT_LE(p.busy, p.max_items);
         EXPECT_LE(p.busy, std::min<int64_t>(T * k, E));
       }
+}
+
+// The expected busy items (the planner's -DTMOE_PLANNER_EXPECTED_BUSY=1): top_k at one token, the
+// expected experts hit by uniform routing (qwen3 at 16 tokens: 128 (1 - (120/128)^16) = 82.4), at
+// least the full items' count, never more than the items or pairs; a Monte Carlo count of the experts
+// hit agrees within a few percent.
+TEST(PassPlan, ExpectedBusyItems) {
+  EXPECT_EQ(cuda::expected_busy_items(1, 8, 128, 1, 8), 8);
+  EXPECT_EQ(cuda::expected_busy_items(16, 8, 128, 4, 160), 83);
+  EXPECT_EQ(cuda::expected_busy_items(16, 2, 8, 8, 12), 8);    // mixtral: every expert hit
+  EXPECT_EQ(cuda::expected_busy_items(64, 2, 8, 16, 16), 8);   // pairs / rows = 8
+  EXPECT_EQ(cuda::expected_busy_items(1000, 8, 128, 16, 628), 500);  // pairs / rows = 500 > 128 experts
+  EXPECT_EQ(cuda::expected_busy_items(0, 8, 128, 1, 0), 0);
+  std::mt19937_64 rng(7);
+  for (auto [T, k, E] : {std::tuple<int, int, int>{16, 8, 128}, {4, 8, 256}, {32, 8, 128}}) {
+    double hit = 0;
+    constexpr int kTrials = 400;
+    for (int trial = 0; trial < kTrials; ++trial) {
+      std::vector<int> experts(E), seen(E, 0);
+      for (int e = 0; e < E; ++e) experts[e] = e;
+      for (int t = 0; t < T; ++t) {
+        std::shuffle(experts.begin(), experts.end(), rng);
+        for (int j = 0; j < k; ++j) seen[experts[j]] = 1;
+      }
+      hit += std::count(seen.begin(), seen.end(), 1);
+    }
+    const int64_t busy = cuda::expected_busy_items(T, k, E, 16, 1 << 20);
+    EXPECT_NEAR(static_cast<double>(busy), hit / kTrials, 0.03 * hit / kTrials + 1) << "T=" << T << " E=" << E;
+  }
 }
 
 // Not a test: the plans of the four model shapes' decode passes at 1-64 tokens, for reading the

@@ -80,7 +80,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // staging loop). False (nothing loaded) for a partial row or misaligned pointers.
 __device__ __forceinline__ bool load_whole_tile_row(const void* src, int64_t index, DType dtype, const uint16_t* su,
                                                     float norm, bool whole, float (&v)[kTileDim]) {
-  const int size = dtype == DType::f32 ? 4 : 2;
+  const int size = dtype_size(dtype);
   const char* x = static_cast<const char*>(src) + index * size;
   if (!whole || (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(su)) % 16 != 0) return false;
   const uint4* s4 = reinterpret_cast<const uint4*>(su);
@@ -198,6 +198,11 @@ inline constexpr int kSplitLoadBatch = TMOE_SPLIT_LOAD_BATCH;
 #else
 #define TMOE_FINISH_INLINE __forceinline__
 #endif
+// -DTMOE_FINISH_SV_PREFETCH=0: the finishing block loads sv after the split sums (for A/B runs).
+#ifndef TMOE_FINISH_SV_PREFETCH
+#define TMOE_FINISH_SV_PREFETCH 1
+#endif
+inline constexpr bool kPrefetchSv = TMOE_FINISH_SV_PREFETCH != 0;
 
 // The finishing block's work for finish group fg (see finish_if_last).
 __device__ TMOE_FINISH_INLINE void finish_group(const PassArgs& a, const PassItem& item, int rows, int fg,
@@ -212,10 +217,6 @@ __device__ TMOE_FINISH_INLINE void finish_group(const PassArgs& a, const PassIte
   // sv of the first output this thread writes below, loaded now: its memory latency overlaps the
   // split sums' instead of following them (the finishing block is the pass's critical path).
   float sv0_first = 0.0f, sv1_first = 0.0f;
-#ifndef TMOE_FINISH_SV_PREFETCH
-#define TMOE_FINISH_SV_PREFETCH 1
-#endif
-  constexpr bool kPrefetchSv = TMOE_FINISH_SV_PREFETCH != 0;
   if (kPrefetchSv && static_cast<int>(threadIdx.x) < count * cols) {
     const int64_t n = col0 + threadIdx.x % cols;
     sv0_first = half_bits_to_float(sv0[n]);
@@ -764,7 +765,7 @@ __device__ __forceinline__ void prefetch_staging(const PassArgs& a, const Device
   constexpr int kLine = 128;
   const int64_t K = w.K, N = w.N;
   const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim, k_len = static_cast<int64_t>(k_tiles) * kTileDim;
-  const int size = a.src_dtype == DType::f32 ? 4 : 2;
+  const int size = dtype_size(a.src_dtype);
   const int x_lines = a.src_by_token ? static_cast<int>((k_len * size + kLine - 1) / kLine) : 0;
   const int su_lines = static_cast<int>((k_len * 2 + kLine - 1) / kLine);
   const int tiles_per_group = w.group_size / kTileDim;

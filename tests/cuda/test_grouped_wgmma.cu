@@ -1,9 +1,10 @@
 // The building blocks of the grouped path's wgmma kernel (src/cuda/grouped/wgmma.cuh) on their
-// own, so that a layout mistake shows here and not as a wrong MoE: (1) one plain bf16 GEMM tile
-// through the SW128 K-major layout, the descriptors and wgmma m64n256k16 against a host fp64
-// product; (2) the producer's decode of fragment-layout units (scaled_weight_pairs +
-// store_unit_pairs) into that layout against FORMAT.md's weights. The whole kernel is checked
-// against the fp64 MoE reference in test_grouped.cu (GroupedWgmma*).
+// own, so that a layout mistake shows here and not as a wrong MoE: (1) one plain bf16 GEMM tile,
+// A from registers in the documented fragment order, B through the SW128 K-major layout and its
+// descriptors, wgmma m64n128k16, against a host fp64 product; (2) the kernel's decode of
+// fragment-layout units (scaled_weight_pairs) straight into A registers, multiplied by an identity
+// B, against FORMAT.md's weights. The whole kernel is checked against the fp64 MoE reference in
+// test_grouped.cu (GroupedWgmma*).
 //
 // Both kernels set a flag only in their sm_90a body: on a device and build without it the tests
 // skip (the grouped path then never selects the kernel, see grouped_uses_wgmma).
@@ -28,41 +29,56 @@ namespace {
 using tmoe::testing::DeviceArray;
 using tmoe::testing::fresh_seed;
 
-constexpr int kM = 64, kN = 256, kK = 64;
+constexpr int kM = 64, kN = 128, kK = 64;
 
-// One warpgroup: A [64][64] and B [256][64] (row = n, k contiguous) bf16 from global into SW128
-// tiles, four wgmma k16 slices, D [64][256] fp32 out through the documented accumulator layout.
-__global__ void plain_gemm_kernel(const uint16_t* a, const uint16_t* b, float* d, int* built) {
-#ifdef TMOE_WGMMA_DEVICE
-  __shared__ __align__(1024) uint8_t a_tile[kM * wgmma::kRowBytes];
-  __shared__ __align__(1024) uint8_t b_tile[kN * wgmma::kRowBytes];
-  const int tid = threadIdx.x;
-  for (int i = tid; i < kM * kK; i += blockDim.x) {
-    const int row = i / kK, k = i % kK;
-    *reinterpret_cast<uint16_t*>(a_tile + wgmma::sw128_offset(row, k / 8) + 2 * (k % 8)) = a[i];
+#ifdef TMOE_WGMMA_DEVICE  // helpers of the sm_90a kernel bodies below
+// The four A registers of k16 slice kk for this thread (warp w of the warpgroup, lane = 4 g + t)
+// from a row-major [64][kK] bf16 matrix, in mma_m64n128k16_rs's documented order.
+__device__ void a_fragment(const uint16_t* a, int warp, int lane, int kk, uint32_t (&frag)[4]) {
+  const int g = lane / 4, t = lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int row = 16 * warp + g + 8 * (q & 1), k = 16 * kk + 2 * t + 8 * (q >> 1);
+    frag[q] = a[row * kK + k] | (static_cast<uint32_t>(a[row * kK + k + 1]) << 16);
   }
-  for (int i = tid; i < kN * kK; i += blockDim.x) {
+}
+
+// The B tile [kN][kK] (row = n, k contiguous) from global into SW128 layout.
+__device__ void load_b_tile(uint8_t* tile, const uint16_t* b) {
+  for (int i = threadIdx.x; i < kN * kK; i += blockDim.x) {
     const int row = i / kK, k = i % kK;
-    *reinterpret_cast<uint16_t*>(b_tile + wgmma::sw128_offset(row, k / 8) + 2 * (k % 8)) = b[i];
+    *reinterpret_cast<uint16_t*>(tile + wgmma::sw128_offset(row, k / 8) + 2 * (k % 8)) = b[i];
   }
   wgmma::fence_proxy_async();
   __syncthreads();
-  float acc[128];
+}
+
+// D [64][kN] out of the accumulators through their documented layout.
+__device__ void store_d(const float (&acc)[64], float* d) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int j = 0; j < kN / 8; ++j)
+    for (int i = 0; i < 4; ++i) d[(16 * warp + g + 8 * (i >> 1)) * kN + 8 * j + 2 * t + (i & 1)] = acc[4 * j + i];
+}
+#endif
+
+// One warpgroup: A [64][64] from registers, B [128][64] (row = n, k contiguous) through an SW128
+// tile, four wgmma k16 slices, D [64][128] fp32.
+__global__ void plain_gemm_kernel(const uint16_t* a, const uint16_t* b, float* d, int* built) {
+#ifdef TMOE_WGMMA_DEVICE
+  __shared__ __align__(1024) uint8_t b_tile[kN * wgmma::kRowBytes];
+  load_b_tile(b_tile, b);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint32_t frags[kK / 16][4];
+  for (int kk = 0; kk < kK / 16; ++kk) a_fragment(a, warp, lane, kk, frags[kk]);
+  float acc[64];
   wgmma::fence_operands();
-  const uint32_t a_base = wgmma::smem_address(a_tile), b_base = wgmma::smem_address(b_tile);
+  const uint32_t b_base = wgmma::smem_address(b_tile);
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk)
-    wgmma::mma_m64n256k16(acc, wgmma::sw128_descriptor(a_base + 32 * kk),
-                          wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
+    wgmma::mma_m64n128k16_rs(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
   wgmma::commit_group();
   wgmma::wait_group<0>();
-  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int j = 0; j < 32; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      d[(16 * warp + g + 8 * (i >> 1)) * kN + 8 * j + 2 * t + (i & 1)] = acc[4 * j + i];
-  if (tid == 0) *built = 1;
+  store_d(acc, d);
+  if (threadIdx.x == 0) *built = 1;
 #endif
 }
 
@@ -111,34 +127,35 @@ TEST(GroupedWgmmaLayout, PlainGemmMatchesHost) {
   EXPECT_EQ(bad, 0);
 }
 
-// 16 warps: warp u decodes unit (expert 0, n-tile u, quad 0) of a K = 64, N = 256 projection with
-// the kernel's code (grid form, coefficients, su folded), into one SW128 tile; then the block
-// writes the tile back out de-swizzled as fp32 [n][k].
+// One warpgroup: warp u decodes unit (expert 0, n-tile u, quad 0) of a K = 64, N = 64 projection
+// with the kernel's code (grid form, coefficients, su folded) into A registers, and wgmma multiplies
+// them by the identity (B[n][k] = 1 where n == k), so D[column][n] is the decoded weight (k = n,
+// column), exactly: one product by 1 per element, no rounding.
 template <int BITS>
-__global__ void decode_tile_kernel(DeviceProjection w, const uint16_t* su_bf16, float* out, int* built) {
+__global__ void decode_tile_kernel(DeviceProjection w, const uint16_t* su_bf16, const uint16_t* identity,
+                                   float* out, int* built) {
 #ifdef TMOE_WGMMA_DEVICE
-  __shared__ __align__(1024) uint8_t tile[kN * wgmma::kRowBytes];
+  __shared__ __align__(1024) uint8_t b_tile[kN * wgmma::kRowBytes];
   __shared__ uint32_t level_pairs[256];
   __shared__ GridForm form;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   if (tid == 0) form = grid_form(w.grid, BITS);
   for (int i = tid; i < (1 << (2 * BITS)); i += blockDim.x)
     level_pairs[i] = pack_bf16(w.grid[i & ((1 << BITS) - 1)], w.grid[i >> BITS]);
-  __syncthreads();
+  load_b_tile(b_tile, identity);
   uint32_t words[BITS];
   for (int b = 0; b < BITS; ++b) words[b] = w.unit(0, warp, 0)[b * 32 + lane];
   auto coef = [&](int kt, int col) {
     return weight_coef(form, half_to_float(w.scales[(kt * kTileDim / w.group_size) * w.N + col]));
   };
   auto su_pair = [&](int k) { return *reinterpret_cast<const uint32_t*>(su_bf16 + k); };
+  uint32_t frags[kK / 16][4];
   auto decode = [&](auto kt_constant, auto affine_constant) {
     constexpr int kt = decltype(kt_constant)::value;
-    uint32_t pairs[4];
     const int col = warp * kTileDim + g;
     scaled_weight_pairs<BITS, kt, decltype(affine_constant)::value>(
         words, level_pairs, coef(kt, col), coef(kt, col + 8), true, su_pair(16 * kt + 2 * t),
-        su_pair(16 * kt + 2 * t + 8), pairs);
-    wgmma::store_unit_pairs<kt>(tile, warp * kTileDim, lane, pairs);
+        su_pair(16 * kt + 2 * t + 8), frags[kt]);
   };
   auto all_tiles = [&](auto affine_constant) {
     decode(std::integral_constant<int, 0>{}, affine_constant);
@@ -148,12 +165,15 @@ __global__ void decode_tile_kernel(DeviceProjection w, const uint16_t* su_bf16, 
   };
   if (form.affine) all_tiles(std::true_type{});
   else all_tiles(std::false_type{});
-  __syncthreads();
-  for (int i = tid; i < kN * kK; i += blockDim.x) {
-    const int n = i / kK, k = i % kK;
-    const uint16_t bits = *reinterpret_cast<const uint16_t*>(tile + wgmma::sw128_offset(n, k / 8) + 2 * (k % 8));
-    out[i] = __uint_as_float(static_cast<uint32_t>(bits) << 16);
-  }
+  float acc[64];
+  wgmma::fence_operands();
+  const uint32_t b_base = wgmma::smem_address(b_tile);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    wgmma::mma_m64n128k16_rs(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
+  wgmma::commit_group();
+  wgmma::wait_group<0>();
+  store_d(acc, out);
   if (tid == 0) *built = 1;
 #endif
 }
@@ -164,10 +184,10 @@ void check_decoded_tile(bool custom_grid) {
   SCOPED_TRACE("bits " + std::to_string(BITS) + (custom_grid ? ", custom grid" : "") + ", seed " +
                std::to_string(seed));
   std::mt19937_64 rng(seed);
-  TrellisTensor t = TrellisTensor::zeros(1, kK, kN, BITS, 32);  // 2 groups per quad
-  std::vector<uint8_t> idx(kK * kN);
+  TrellisTensor t = TrellisTensor::zeros(1, kK, kM, BITS, 32);  // 2 groups per quad
+  std::vector<uint8_t> idx(kK * kM);
   for (auto& i : idx) i = static_cast<uint8_t>(rng() & ((1u << BITS) - 1u));
-  pack_indices(idx, kK, kN, BITS, t.indices);
+  pack_indices(idx, kK, kM, BITS, t.indices);
   std::uniform_real_distribution<float> unit(0.5f, 2.0f);
   for (auto& s : t.scales) s = float_to_half(unit(rng) * 0.01f);
   for (auto& s : t.su) s = float_to_half(rng() % 2 ? 1.0f : -1.0f);
@@ -180,7 +200,10 @@ void check_decoded_tile(bool custom_grid) {
   std::vector<uint16_t> su16(kK);
   for (int k = 0; k < kK; ++k) su16[k] = float_to_bf16(half_to_float(t.su[k]));
   DeviceArray<uint16_t> su_d(su16);
-  DeviceArray<float> out(kN * kK);
+  std::vector<uint16_t> identity(kN * kK, 0);
+  for (int k = 0; k < kK; ++k) identity[k * kK + k] = float_to_bf16(1.0f);
+  DeviceArray<uint16_t> identity_d(identity);
+  DeviceArray<float> out(kM * kN);
   DeviceArray<int> built(std::vector<int>{0});
   out.poison();
   DeviceProjection w;
@@ -190,10 +213,10 @@ void check_decoded_tile(bool custom_grid) {
   w.grid = grid.get();
   w.experts = 1;
   w.K = kK;
-  w.N = kN;
+  w.N = kM;
   w.bits = BITS;
   w.group_size = 32;
-  decode_tile_kernel<BITS><<<1, 512>>>(w, su_d.get(), out.get(), built.get());
+  decode_tile_kernel<BITS><<<1, 128>>>(w, su_d.get(), identity_d.get(), out.get(), built.get());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (skip_without_sm90a(built.download()[0])) GTEST_SKIP() << "no sm_90a kernel for this device";
   const std::vector<float> got = out.download();
@@ -205,14 +228,17 @@ void check_decoded_tile(bool custom_grid) {
   float largest_level = 0.0f;
   for (float v : t.grid) largest_level = std::max(largest_level, std::fabs(v));
   int bad = 0;
-  for (int n = 0; n < kN; ++n)
-    for (int k = 0; k < kK; ++k) {
-      const double scale = half_to_float(t.scales[(k / 32) * kN + n]);
+  for (int n = 0; n < kM; ++n)
+    for (int k = 0; k < kK; ++k) {  // D[n][k]: the decoded weight (k, n); columns >= kK multiply zeros
+      const double scale = half_to_float(t.scales[(k / 32) * kM + n]);
       const double want = double(view.q(0, k, n)) * half_to_float(t.su[k]);
       const double bound = std::ldexp(largest_level * scale, -6);
-      if (!(std::fabs(got[n * kK + k] - want) <= bound) && bad++ < 5)
-        ADD_FAILURE() << "w[k=" << k << "][n=" << n << "] = " << got[n * kK + k] << ", want " << want;
+      if (!(std::fabs(got[n * kN + k] - want) <= bound) && bad++ < 5)
+        ADD_FAILURE() << "w[k=" << k << "][n=" << n << "] = " << got[n * kN + k] << ", want " << want;
     }
+  for (int n = 0; n < kM; ++n)
+    for (int c = kK; c < kN; ++c)
+      if (got[n * kN + c] != 0.0f && bad++ < 5) ADD_FAILURE() << "D[" << n << "][" << c << "] = " << got[n * kN + c];
   EXPECT_EQ(bad, 0);
 }
 

@@ -148,25 +148,34 @@ struct GemmSmem {
   const __nv_bfloat16* a_src[kNumA][BM];
 };
 
-// The B fragments of k-tile KT of one unit, for the n8 tile of its left (columns g) and right
-// (g + 8) half (scaled_weight_pairs in weight_decode.cuh; everything by value: a pointer to a
-// register array would put it in local memory).
-template <int BITS, int KT>
-__device__ __forceinline__ void unit_b_fragments(const uint32_t (&words)[kMaxBits], bool affine,
-                                                 const uint32_t* level_pairs, uint2 coef_left,
-                                                 uint2 coef_right, bool with_su, uint32_t su_low,
-                                                 uint32_t su_high, uint32_t (&left)[2],
-                                                 uint32_t (&right)[2]) {
-  const uint32_t(&w)[BITS] = *reinterpret_cast<const uint32_t(*)[BITS]>(&words);
-  uint32_t v[4];
-  if (affine)
-    scaled_weight_pairs<BITS, KT, true>(w, level_pairs, coef_left, coef_right, with_su, su_low, su_high, v);
-  else
-    scaled_weight_pairs<BITS, KT, false>(w, level_pairs, coef_left, coef_right, with_su, su_low, su_high, v);
-  left[0] = v[0];
-  right[0] = v[1];
-  left[1] = v[2];
-  right[1] = v[3];
+// The four weight pairs of k-tile KT of one unit for this lane, in scaled_weight_pairs' order
+// (weight_decode.cuh): the m16n8k16 A fragment of the unit's 16 columns (grouped_gemm_wgmma),
+// or, as {out[0], out[2]} and {out[1], out[3]}, the B fragments of its left (columns g) and
+// right (g + 8) halves (grouped_gemm). BITS_ALL = 2, 3, 4: compile-time bits and an affine grid;
+// 0: a switch on `bits` and `affine`. Everything by value: a pointer to a register array would put
+// it in local memory.
+template <int BITS_ALL, int KT>
+__device__ __forceinline__ void unit_weight_pairs(const uint32_t (&words)[kMaxBits], int bits, bool affine,
+                                                  const uint32_t* level_pairs, uint2 coef_left,
+                                                  uint2 coef_right, bool with_su, uint32_t su_low,
+                                                  uint32_t su_high, uint32_t (&out)[4]) {
+  auto decode = [&](auto bits_constant) {
+    constexpr int BITS = decltype(bits_constant)::value;
+    const uint32_t(&w)[BITS] = *reinterpret_cast<const uint32_t(*)[BITS]>(&words);
+    if (BITS_ALL != 0 || affine)
+      scaled_weight_pairs<BITS, KT, true>(w, level_pairs, coef_left, coef_right, with_su, su_low, su_high, out);
+    else
+      scaled_weight_pairs<BITS, KT, false>(w, level_pairs, coef_left, coef_right, with_su, su_low, su_high, out);
+  };
+  if constexpr (BITS_ALL != 0) {
+    decode(std::integral_constant<int, BITS_ALL>{});
+  } else {
+    switch (bits) {
+      case 2: decode(std::integral_constant<int, 2>{}); break;
+      case 4: decode(std::integral_constant<int, 4>{}); break;
+      default: decode(std::integral_constant<int, 3>{}); break;
+    }
+  }
 }
 
 template <int... I, typename F>
@@ -455,25 +464,13 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
           su_high = *reinterpret_cast<const uint32_t*>(&s.su[buf][q][ks * kTileDim + 2 * t + 8]);
         }
         const uint32_t* lp = s.level_pairs[q];
-        if constexpr (BITS_ALL != 0) {
-          unit_b_fragments<BITS_ALL, ks>(words[u], true, lp, cl, cr, kFoldSu, su_low, su_high,
-                                         bfrag[2 * u], bfrag[2 * u + 1]);
-        } else {
-          switch (unit_bits[u]) {
-            case 2:
-              unit_b_fragments<2, ks>(words[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
-                                      su_high, bfrag[2 * u], bfrag[2 * u + 1]);
-              break;
-            case 4:
-              unit_b_fragments<4, ks>(words[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
-                                      su_high, bfrag[2 * u], bfrag[2 * u + 1]);
-              break;
-            default:
-              unit_b_fragments<3, ks>(words[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
-                                      su_high, bfrag[2 * u], bfrag[2 * u + 1]);
-              break;
-          }
-        }
+        uint32_t v[4];
+        unit_weight_pairs<BITS_ALL, ks>(words[u], unit_bits[u], unit_affine[u], lp, cl, cr, kFoldSu, su_low,
+                                        su_high, v);
+        bfrag[2 * u][0] = v[0];
+        bfrag[2 * u][1] = v[2];
+        bfrag[2 * u + 1][0] = v[1];
+        bfrag[2 * u + 1][1] = v[3];
       }
 #pragma unroll
       for (int mf = 0; mf < kMFrags; ++mf) {
@@ -548,35 +545,43 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
     }
 }
 
-// ---- grouped_gemm_wgmma (sm_90a): producer / consumer warpgroups --------------------------------
-// One block: 128 rows of one expert's pairs x 256 B columns (gate 128 + up 128, or 256 of down),
-// 3 warpgroups. The PRODUCER warpgroup copies each 64-deep K step (A rows, raw fragment-layout
-// units, scales, su) with cp.async kWgAhead steps ahead, and decodes every unit of the step ONCE
-// into a bf16 K-major SW128 B tile (wgmma.cuh); 2 CONSUMER warpgroups (64 rows each) run
-// wgmma m64n256k16 from shared memory with fp32 accumulators in registers (128 per thread).
-// mbarriers: full[slot] (the step's A and decoded B are ready: 128 producer arrivals),
-// empty[slot] (the consumers' wgmmas of that step have retired: 256 arrivals). The decoded B is
-// double-buffered: the producer decodes step i while the consumers multiply step i-1.
-constexpr int kWgRows = 128, kWgCols = 256, kWgThreads = 384;
-constexpr int kWgStages = 5;                 // ring of A + raw weights
-[[maybe_unused]] constexpr int kWgAhead = kWgStages - 2;     // copies in flight ahead of the step being decoded
+// ---- grouped_gemm_wgmma (sm_90a): the weights as wgmma's register A operand --------------------
+// One block: kWgRows = 128 pair rows (tokens) of one expert x kWgCols = 256 output features (gate
+// 128 + up 128, or 256 of down), 2 warpgroups. The GEMM runs transposed, D[feature][token] =
+// W^T[feature][k] X^T[k][token], so that the decoded weights are wgmma's A operand straight from
+// registers: the fragment layout already holds each lane's m16n8k16 A fragment (fragment_layout.hpp),
+// and every warp decodes its own units once per 128-token tile, nothing twice, no decoded weights
+// in shared memory. The activations are B: a K-major SW128 tile in shared memory that both
+// warpgroups read. Warpgroup c owns two 64-feature slabs: gate and up of features 64c .. 64c+63
+// (SwiGLU pairs in one thread), or down's 128c .. 128c+127; 2 x 64 fp32 accumulators per thread.
+// Pipeline: cp.async copies of each 64-deep K step (X rows, raw units, scales, su) run kWgAhead
+// steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes both slabs' fragments,
+// issues their two wgmmas as one group and waits for the group before, so a slice's decode runs
+// under the previous slice's wgmmas. Epilogue: the accumulators go through shared memory
+// (transposed to [token][feature]) into store_output_pair, grouped_gemm's epilogue.
+// (v8, a producer warpgroup decoding into a shared-memory B operand, was no faster than mma.sync;
+// docs/notes-grouped.md.)
+constexpr int kWgRows = 128, kWgCols = 256, kWgThreads = 256;
+constexpr int kWgStages = 5;
+[[maybe_unused]] constexpr int kWgAhead = kWgStages - 2;     // steps whose copies are in flight beyond the current one
 constexpr int kWgUnits = kWgCols / kTileDim;  // 16 units per step
-// No setmaxnreg: every thread keeps the launch's 168 registers (launch bounds 384, 1), which hold
-// the consumers' 128 accumulators; with setmaxnreg (e.g. 88 producer / 208 consumer) ptxas spilled
-// ~3 KB per thread (CUDA 13.0), without it nothing.
+[[maybe_unused]] constexpr int kWgStagePad = 4;  // floats per staged row: strides of 132 / 260 make the stores conflict-free
 
 template <int NUM_PROJ>
 struct WgmmaSmem {
   static constexpr int kProjCols = kWgCols / NUM_PROJ;
-  uint8_t a[kWgStages][kWgRows * wgmma::kRowBytes];  // SW128 K-major, 16 KB per step
-  uint8_t b[2][kWgCols * wgmma::kRowBytes];          // decoded weights, SW128 K-major, 32 KB
-  uint32_t units[kWgStages][kWgUnits][unit_words(kMaxBits)];
-  uint16_t scales[kWgStages][NUM_PROJ][kKTiles][kProjCols];
-  uint16_t su[kWgStages][NUM_PROJ][kBK];  // bf16 bits (gate/up: folded into the weights)
-  uint2 coef[NUM_PROJ][kKTiles][kProjCols];
+  struct Ring {
+    uint8_t x[kWgStages][kWgRows * wgmma::kRowBytes];  // SW128 K-major, 16 KB per step (first: aligned)
+    uint32_t units[kWgStages][kWgUnits][unit_words(kMaxBits)];
+    uint16_t scales[kWgStages][NUM_PROJ][kKTiles][kProjCols];
+    uint16_t su[kWgStages][NUM_PROJ][kBK];  // bf16 bits (gate/up: folded into the weights)
+  };
+  union {
+    Ring ring;
+    float staged[NUM_PROJ][kWgRows][kProjCols + kWgStagePad];  // the epilogue's [token][feature]
+  };
   uint32_t level_pairs[NUM_PROJ][kMaxGrid * kMaxGrid];
   GridForm grid[NUM_PROJ];
-  const __nv_bfloat16* a_src[kWgRows];
 };
 // Dynamic shared memory of the kernel: the struct plus room to align it to 1024 bytes (SW128).
 template <int NUM_PROJ>
@@ -588,7 +593,7 @@ template <int NUM_PROJ>
 __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmParams p) {
 #ifdef TMOE_WGMMA_DEVICE
   // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
-  __shared__ uint64_t full_bar[kWgStages], empty_bar[kWgStages];
+  __shared__ const __nv_bfloat16* x_src[kWgRows];
   using Smem = WgmmaSmem<NUM_PROJ>;
   constexpr int kProjCols = Smem::kProjCols;
   constexpr int kProjNTiles = kProjCols / kTileDim;
@@ -603,179 +608,193 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   if (!find_row_tile(p, kWgRows, kProjCols, tile)) return;
   const int n0 = tile.n0, expert = tile.expert, row0 = tile.row0, rows_valid = tile.rows_valid;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
   const int num_kb = (K + kBK - 1) / kBK;
 
-  for (int r = tid; r < kWgRows; r += kWgThreads) s.a_src[r] = a_row_source(p, tile, 0, r);
+  for (int r = tid; r < kWgRows; r += kWgThreads) x_src[r] = a_row_source(p, tile, 0, r);
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kWgThreads);
-  if (tid == 0) {
-    for (int st = 0; st < kWgStages; ++st) {
-      wgmma::mbarrier_init(&full_bar[st], 128);
-      wgmma::mbarrier_init(&empty_bar[st], 256);
-    }
-  }
   __syncthreads();
 
-  if (warp < 4) {
-    // ---------------- producer warpgroup ----------------
-    const int ptid = tid;  // 0..127
-    // This warp's 4 units of every step: B rows 16 u .. 16 u + 15, u = 4 warp + i; gate/up:
-    // warps 0-1 decode gate (rows 0-127), warps 2-3 up (rows 128-255).
-    const int my_proj = NUM_PROJ == 2 ? warp / 2 : 0;
+  // Each thread's share of a step's copies is fixed: its sources are found once here and advance
+  // by one step (64 k, one unit quad) per load; chunks outside K / N are zero-filled (a zero scale
+  // or su makes padded weights zero, and zero activations meet padded k).
+  constexpr int kXCopies = kWgRows * 8 / kWgThreads;  // X: 8 chunks of 16 bytes per row
+  const __nv_bfloat16* x_row[kXCopies];               // nullptr: a padding row (never stored)
+#pragma unroll
+  for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[tid / 8 + (kWgThreads / 8) * i];
+  const uint32_t x_dst = wgmma::sw128_offset(tid / 8, tid % 8);  // + i * (kWgThreads / 8) rows
+  constexpr int kUnitChunks = unit_bytes(kMaxBits) / 16;            // 32: lane = chunk
+  constexpr int kUnitCopies = kWgUnits * kUnitChunks / kWgThreads;  // units warp, warp + 8
+  const uint32_t* unit_src[kUnitCopies];                            // nullptr: nothing to copy
+  int unit_step[kUnitCopies];
+#pragma unroll
+  for (int i = 0; i < kUnitCopies; ++i) {
+    const int u = warp + (kWgThreads / 32) * i;
+    const int q = u / kProjNTiles, gn = n0 / kTileDim + u % kProjNTiles;
+    const DeviceProjection& w = p.proj[q];
+    const bool copy = lane * 16 < unit_bytes(w.bits) && gn < N / kTileDim;
+    unit_src[i] = copy ? w.unit(expert, gn, 0) + lane * 4 : nullptr;
+    unit_step[i] = unit_words(w.bits);
+  }
+  // Scales: threads [0, kScaleChunks) copy one 16-byte piece of a (k-tile, 8 columns) row each;
+  // su: the next NUM_PROJ * 8 threads, 8 k-values each.
+  constexpr int kScaleChunks = NUM_PROJ * kKTiles * (kProjCols / 8);
+  static_assert(kScaleChunks + NUM_PROJ * (kBK / 8) <= kWgThreads);
+  const uint16_t* meta_src = nullptr;  // scales: the expert's row 0 at the piece's columns; su: k = chunk * 8
+  uint16_t* meta_dst = nullptr;
+  int meta_k = 0, meta_group_size = 1;
+  if (tid < kScaleChunks) {
+    const int chunk = tid % (kProjCols / 8), q = tid / ((kProjCols / 8) * kKTiles);
+    const DeviceProjection& w = p.proj[q];
+    meta_k = (tid / (kProjCols / 8)) % kKTiles * kTileDim;
+    meta_group_size = w.group_size;
+    if (n0 + chunk * 8 < N) meta_src = w.scales + static_cast<int64_t>(expert) * w.groups() * N + n0 + chunk * 8;
+    meta_dst = &s.ring.scales[0][q][meta_k / kTileDim][chunk * 8];
+  } else if (kFoldSu && tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
+    const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
+    meta_k = chunk * 8;
+    meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K + meta_k;
+    meta_dst = &s.ring.su[0][q][meta_k];
+  }
+  auto load_stage = [&](int slot, int kb) {
+    const int k0 = kb * kBK;
+    uint8_t* x = s.ring.x[slot];
+#pragma unroll
+    for (int i = 0; i < kXCopies; ++i) {
+      if (x_row[i] == nullptr) continue;
+      const int k = k0 + (tid % 8) * 8;
+      cp_async16(x + x_dst + i * (kWgThreads / 8) * wgmma::kRowBytes, k < K ? x_row[i] + k : p.a[0], k < K ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kUnitCopies; ++i)
+      if (unit_src[i])
+        cp_async16(&s.ring.units[slot][warp + (kWgThreads / 32) * i][lane * 4], unit_src[i] + kb * unit_step[i], 16);
+    if (meta_dst) {
+      const bool is_scale = tid < kScaleChunks;
+      const int k = k0 + meta_k;
+      const bool ok = meta_src != nullptr && k < K;
+      const uint16_t* src = !ok ? p.proj[0].scales
+                            : is_scale ? meta_src + static_cast<int64_t>(k / meta_group_size) * N
+                                       : meta_src + k0;
+      const size_t stage_halves = is_scale ? sizeof(s.ring.scales[0]) / 2 : sizeof(s.ring.su[0]) / 2;
+      cp_async16(meta_dst + slot * stage_halves, src, ok ? 16 : 0);
+    }
+  };
 
-    // The copies of step kb into ring slot `slot` (zero-filled outside K / N, like grouped_gemm's).
-    auto load_stage = [&](int slot, int kb) {
-      const int k0 = kb * kBK;
+  // This warp's unit of each slab: projection, n-tile j in the block (features 16 j .. 16 j + 15 =
+  // rows 16 wq .. of the warpgroup's 64-row wgmma), bits and grid form.
+  int slab_q[2], slab_col[2], slab_bits[2];
+  bool slab_affine[2];
+  float2 slab_coef_mul[2];  // coef_multipliers of the slab's grid, in registers
 #pragma unroll
-      for (int i = 0; i < kWgRows * 8 / 128; ++i) {  // A: 8 chunks of 16 bytes per row
-        const int row = ptid / 8 + 16 * i, chunk = ptid % 8;
-        const __nv_bfloat16* src = s.a_src[row];
-        if (src == nullptr) continue;  // padding rows: never stored, need no copy
-        const int k = k0 + chunk * 8;
-        cp_async16(&s.a[slot][wgmma::sw128_offset(row, chunk)], k < K ? src + k : p.a[0], k < K ? 16 : 0);
-      }
-#pragma unroll
-      for (int i = 0; i < kWgUnits * (unit_bytes(kMaxBits) / 16) / 128; ++i) {  // units
-        const int c = ptid + 128 * i;
-        const int u = c / (unit_bytes(kMaxBits) / 16), chunk = c % (unit_bytes(kMaxBits) / 16);
-        const int q = NUM_PROJ == 2 ? u / kProjNTiles : 0, gn = n0 / kTileDim + u % kProjNTiles;
-        const DeviceProjection& w = p.proj[q];
-        if (chunk * 16 < unit_bytes(w.bits) && gn < N / kTileDim)
-          cp_async16(&s.units[slot][u][chunk * 4], w.unit(expert, gn, kb) + chunk * 4, 16);
-      }
-      {  // scales: one 16-byte piece of a (k-tile, 8 columns) row per thread
-        static_assert(NUM_PROJ * kKTiles * (kProjCols / 8) == 128);
-        const int chunk = ptid % (kProjCols / 8), kt = (ptid / (kProjCols / 8)) % kKTiles;
-        const int q = ptid / ((kProjCols / 8) * kKTiles);
-        const DeviceProjection& w = p.proj[q];
-        const int k = k0 + kt * kTileDim, n = n0 + chunk * 8;
-        const bool ok = k < K && n < N;
-        const int64_t groups = (K + w.group_size - 1) / w.group_size;
-        const uint16_t* src =
-            ok ? w.scales + (static_cast<int64_t>(expert) * groups + k / w.group_size) * N + n : w.scales;
-        cp_async16(&s.scales[slot][q][kt][chunk * 8], src, ok ? 16 : 0);
-      }
-      if (kFoldSu && ptid < NUM_PROJ * (kBK / 8)) {  // su: 8 k-values per thread
-        const int chunk = ptid % (kBK / 8), q = ptid / (kBK / 8);
-        const int k = k0 + chunk * 8;
-        const bool ok = k < K;
-        const uint16_t* src = reinterpret_cast<const uint16_t*>(p.su16[q]) +
-                              (ok ? static_cast<int64_t>(expert) * K + k : 0);
-        cp_async16(&s.su[slot][q][chunk * 8], src, ok ? 16 : 0);
-      }
-    };
+  for (int sl = 0; sl < 2; ++sl) {
+    const int j = NUM_PROJ == 2 ? 4 * wg + wq : 8 * wg + 4 * sl + wq;
+    slab_q[sl] = NUM_PROJ == 2 ? sl : 0;
+    slab_col[sl] = j * kTileDim;
+    slab_bits[sl] = p.proj[slab_q[sl]].bits;
+    slab_coef_mul[sl] = coef_multipliers(s.grid[slab_q[sl]]);
+    slab_affine[sl] = s.grid[slab_q[sl]].affine != 0;
+  }
 
-    auto producer_loop = [&](auto bits_constant, auto affine_constant) {
-      constexpr int BITS = decltype(bits_constant)::value;
-      constexpr bool AFFINE = decltype(affine_constant)::value;
-      const int g = lane >> 2;
+  // Group sizes that are multiples of 64 give all 4 k-tiles of a step one scale row: the
+  // coefficients are computed once per step (else once per k-tile).
+  bool coef_per_step = true;
 #pragma unroll
-      for (int st = 0; st < kWgAhead; ++st) {
-        if (st < num_kb) load_stage(st, st);
+  for (int q = 0; q < NUM_PROJ; ++q) coef_per_step = coef_per_step && p.proj[q].group_size % kBK == 0;
+
+  // Written only by wgmma (the first slice's overwrites: scale-d = 0), so that no other
+  // instruction defines them inside the wgmma pipeline (ptxas would serialize it).
+  float acc[2][64];
+  auto main_loop = [&](auto bits_constant) {
+    constexpr int BITS_ALL = decltype(bits_constant)::value;
+#pragma unroll
+    for (int st = 0; st < kWgAhead; ++st) {
+      if (st < num_kb) load_stage(st, st);
+      cp_async_commit();
+    }
+    for (int i = 0; i < num_kb; ++i) {
+      const int slot = i % kWgStages;
+      cp_async_wait<kWgAhead - 1>();  // this thread's copies of step i landed
+      wgmma::fence_proxy_async();     // ... and are visible to wgmma
+      // Everyone's copies of step i visible; step i-2 retired in both warpgroups (each waited for
+      // it during step i-1), so its slot takes step i + kWgAhead's copies.
+      __syncthreads();
+      {
+        const int next = i + kWgAhead;
+        if (next < num_kb) load_stage(next % kWgStages, next);
         cp_async_commit();
       }
-      for (int i = 0; i < num_kb; ++i) {
-        const int slot = i % kWgStages;
-        // Step i-2 has retired: its ring slot (= that of step i + kWgAhead) and its B buffer
-        // (= step i's) may be overwritten.
-        if (i >= 2) wgmma::mbarrier_wait(&empty_bar[(i - 2) % kWgStages], ((i - 2) / kWgStages) & 1);
-        {
-          const int next = i + kWgAhead;
-          if (next < num_kb) load_stage(next % kWgStages, next);
-          cp_async_commit();
-        }
-        cp_async_wait<kWgAhead>();     // this thread's copies of step i landed
-        wgmma::fence_proxy_async();    // ... and are visible to wgmma (A)
-        wgmma::named_barrier_sync(1, 128);  // everyone's copies of step i; coef free again
+      uint32_t words[2][kMaxBits];
 #pragma unroll
-        for (int pass = 0; pass < NUM_PROJ * kKTiles * kProjCols / 128; ++pass) {
-          const int e = ptid + pass * 128;
-          const int q = e / (kKTiles * kProjCols), kt = (e / kProjCols) % kKTiles, col = e % kProjCols;
-          s.coef[q][kt][col] = weight_coef(s.grid[q], h2f(s.scales[slot][q][kt][col]));
-        }
-        wgmma::named_barrier_sync(1, 128);
-        uint32_t su_pairs[2 * kKTiles] = {};
-        if constexpr (kFoldSu) {
+      for (int sl = 0; sl < 2; ++sl)
 #pragma unroll
-          for (int j = 0; j < 2 * kKTiles; ++j)
-            su_pairs[j] = *reinterpret_cast<const uint32_t*>(&s.su[slot][my_proj][8 * j + 2 * (lane & 3)]);
-        }
-        // Unrolled over the warp's 4 units: 64 independent pairs for the one producer warp per
-        // scheduler (loading all words and coefficients first by hand spilled).
-        uint8_t* tile = s.b[i & 1];
+        for (int b = 0; b < kMaxBits; ++b)
+          words[sl][b] = b < (BITS_ALL ? BITS_ALL : slab_bits[sl])
+                             ? s.ring.units[slot][slab_q[sl] * kProjNTiles + slab_col[sl] / kTileDim][b * 32 + lane]
+                             : 0u;
+      const uint32_t x_base = wgmma::smem_address(s.ring.x[slot]);
+      uint2 cl[2], cr[2];  // coefficients of columns g and g + 8 of each slab's unit
+      static_for(std::make_integer_sequence<int, kKTiles>{}, [&](auto kt_constant) {
+        constexpr int kt = decltype(kt_constant)::value;
+        uint32_t a[2][4];
 #pragma unroll
-        for (int iu = 0; iu < 4; ++iu) {
-          const int u = 4 * warp + iu, col0 = (u % kProjNTiles) * kTileDim;
-          uint32_t words[BITS];
-#pragma unroll
-          for (int b = 0; b < BITS; ++b) words[b] = s.units[slot][u][b * 32 + lane];
-          static_for(std::make_integer_sequence<int, kKTiles>{}, [&](auto kt_constant) {
-            constexpr int kt = decltype(kt_constant)::value;
-            uint32_t pairs[4];
-            scaled_weight_pairs<BITS, kt, AFFINE>(words, s.level_pairs[my_proj], s.coef[my_proj][kt][col0 + g],
-                                                  s.coef[my_proj][kt][col0 + g + 8], kFoldSu,
-                                                  su_pairs[2 * kt], su_pairs[2 * kt + 1], pairs);
-            wgmma::store_unit_pairs<kt>(tile, 16 * u, lane, pairs);
-          });
+        for (int sl = 0; sl < 2; ++sl) {
+          const int q = slab_q[sl], col = slab_col[sl] + g;
+          if (kt == 0 || !coef_per_step) {
+            cl[sl] = weight_coef(slab_coef_mul[sl], h2f(s.ring.scales[slot][q][kt][col]));
+            cr[sl] = weight_coef(slab_coef_mul[sl], h2f(s.ring.scales[slot][q][kt][col + 8]));
+          }
+          uint32_t su_low = 0, su_high = 0;
+          if constexpr (kFoldSu) {
+            su_low = *reinterpret_cast<const uint32_t*>(&s.ring.su[slot][q][kt * kTileDim + 2 * t]);
+            su_high = *reinterpret_cast<const uint32_t*>(&s.ring.su[slot][q][kt * kTileDim + 2 * t + 8]);
+          }
+          unit_weight_pairs<BITS_ALL, kt>(words[sl], slab_bits[sl], slab_affine[sl], s.level_pairs[q], cl[sl],
+                                          cr[sl], kFoldSu, su_low, su_high, a[sl]);
         }
-        wgmma::fence_proxy_async();  // the decoded B, for wgmma
-        wgmma::mbarrier_arrive(&full_bar[slot]);
-      }
-      cp_async_wait<0>();
-    };
-    // One decode variant per warp (warp-uniform: each warp decodes one projection).
-    const int bits = p.proj[my_proj].bits;
-    const bool affine = s.grid[my_proj].affine != 0;
-    using True = std::true_type;
-    using False = std::false_type;
-    if (affine) {
-      if (bits == 2) producer_loop(std::integral_constant<int, 2>{}, True{});
-      else if (bits == 4) producer_loop(std::integral_constant<int, 4>{}, True{});
-      else producer_loop(std::integral_constant<int, 3>{}, True{});
-    } else {
-      if (bits == 2) producer_loop(std::integral_constant<int, 2>{}, False{});
-      else if (bits == 4) producer_loop(std::integral_constant<int, 4>{}, False{});
-      else producer_loop(std::integral_constant<int, 3>{}, False{});
-    }
-  } else {
-    // ---------------- consumer warpgroups ----------------
-    const int cw = warp / 4 - 1;  // 0, 1: rows 64 cw .. 64 cw + 63
-    const bool has_rows = rows_valid > 64 * cw;  // all-padding row halves skip their wgmmas
-    // Written only by wgmma (the first step's first one overwrites: scale-d = 0), so that no
-    // other instruction defines them inside the wgmma pipeline (ptxas would serialize it).
-    float acc[128];
-    for (int j = 0; j < num_kb; ++j) {
-      const int slot = j % kWgStages;
-      wgmma::mbarrier_wait(&full_bar[slot], (j / kWgStages) & 1);
-      if (has_rows) {
-        const uint32_t a_base = wgmma::smem_address(s.a[slot]) + 64 * cw * wgmma::kRowBytes;
-        const uint32_t b_base = wgmma::smem_address(s.b[j & 1]);
+        const uint64_t desc = wgmma::sw128_descriptor(x_base + 32 * kt);
         wgmma::fence_operands();
-#pragma unroll
-        for (int kk = 0; kk < kKTiles; ++kk)
-          wgmma::mma_m64n256k16(acc, wgmma::sw128_descriptor(a_base + 32 * kk),
-                                wgmma::sw128_descriptor(b_base + 32 * kk), j > 0 || kk > 0);
+        wgmma::mma_m64n128k16_rs(acc[0], a[0], desc, i > 0 || kt > 0);
+        wgmma::mma_m64n128k16_rs(acc[1], a[1], desc, i > 0 || kt > 0);
         wgmma::commit_group();
-        wgmma::wait_group<1>();  // step j-1's wgmmas have retired
-      }
-      if (j >= 1) wgmma::mbarrier_arrive(&empty_bar[(j - 1) % kWgStages]);
+        wgmma::wait_group<1>();  // the slice before has retired: its fragments' registers are free
+      });
     }
     wgmma::wait_group<0>();
-    if (!has_rows) return;
-    // Epilogue: acc[4 j + i] is row 16 (warp % 4) + g + 8 (i >> 1), column 8 j + 2 t + (i & 1).
-    const int g = lane >> 2, t = lane & 3;
+  };
+  // One decode variant for the whole block: all units share bits and have affine grids (the
+  // common case, and the fast one), or the general per-unit switch.
+  int common_bits = p.proj[0].bits;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int local_row = 64 * cw + 16 * (warp % 4) + g + 8 * half;
-      if (local_row >= rows_valid) continue;
+  for (int q = 0; q < NUM_PROJ; ++q)
+    if (p.proj[q].bits != common_bits || !s.grid[q].affine) common_bits = 0;
+  switch (common_bits) {
+    case 2: main_loop(std::integral_constant<int, 2>{}); break;
+    case 3: main_loop(std::integral_constant<int, 3>{}); break;
+    case 4: main_loop(std::integral_constant<int, 4>{}); break;
+    default: main_loop(std::integral_constant<int, 0>{}); break;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: its last readers (wgmma) retired, its last copies landed
+
+  // Epilogue. acc[sl][4 j + i] is feature slab_col[sl] + g + 8 (i >> 1) of the block's projection
+  // columns, token row 8 j + 2 t + (i & 1) of the tile.
 #pragma unroll
-      for (int j = 0; j < kProjCols / 8; ++j) {
-        const int up = NUM_PROJ == 2 ? j + kProjCols / 8 : j;
-        store_output_pair<NUM_PROJ>(p, expert, row0 + local_row, n0 + 8 * j + 2 * t, acc[4 * j + 2 * half],
-                                    acc[4 * j + 2 * half + 1], acc[4 * up + 2 * half],
-                                    acc[4 * up + 2 * half + 1]);
-      }
-    }
+  for (int sl = 0; sl < 2; ++sl) {
+    float(&staged)[kWgRows][kProjCols + kWgStagePad] = s.staged[NUM_PROJ == 2 ? sl : 0];
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) staged[8 * j + 2 * t + (i & 1)][slab_col[sl] + g + 8 * (i >> 1)] = acc[sl][4 * j + i];
+  }
+  __syncthreads();
+  for (int e = tid; e < kWgRows * (kProjCols / 2); e += kWgThreads) {
+    const int r = e / (kProjCols / 2), n = 2 * (e % (kProjCols / 2));
+    if (r >= rows_valid) break;
+    const float2 v = *reinterpret_cast<const float2*>(&s.staged[0][r][n]);
+    const float2 u = *reinterpret_cast<const float2*>(&s.staged[NUM_PROJ - 1][r][n]);
+    store_output_pair<NUM_PROJ>(p, expert, row0 + r, n0 + n, v.x, v.y, u.x, u.y);
   }
 #endif
 }

@@ -1,7 +1,7 @@
 // Decoded weights of the grouped path: from a lane's fragment-layout words (fragment_decode.cuh)
 // to scaled bf16 weight pairs. Shared by both GEMM kernels: grouped_gemm (mma.sync, the pairs
-// become B fragments in registers) and grouped_gemm_wgmma (a producer warpgroup stores them into
-// shared memory, where wgmma reads its B operand). Device code only.
+// become B fragments in registers) and grouped_gemm_wgmma (they are wgmma's A fragments in
+// registers). Device code only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -60,9 +60,16 @@ __device__ inline GridForm grid_form(const float* grid, int bits) {
 
 // The (k-tile, column) coefficients: weight = X * c.x + c.y, as bf16x2 broadcasts; X = the
 // centred index (affine grid: c = (step * scale, center * scale)) or the level (c = (scale, 0)).
-__device__ __forceinline__ uint2 weight_coef(const GridForm& g, float scale) {
-  const float a = g.affine ? g.step * scale : scale, b = g.affine ? g.center * scale : 0.0f;
+// coef_multipliers(g) is the scale-free part (c = scale * m), for kernels that keep it in registers.
+__device__ __forceinline__ float2 coef_multipliers(const GridForm& g) {
+  return g.affine ? make_float2(g.step, g.center) : make_float2(1.0f, 0.0f);
+}
+__device__ __forceinline__ uint2 weight_coef(float2 multipliers, float scale) {
+  const float a = multipliers.x * scale, b = multipliers.y * scale;
   return make_uint2(pack_bf16(a, a), pack_bf16(b, b));
+}
+__device__ __forceinline__ uint2 weight_coef(const GridForm& g, float scale) {
+  return weight_coef(coef_multipliers(g), scale);
 }
 
 // Pair P's two fields of a lane's unit words as one 2*BITS-bit index lo | hi << BITS (the level

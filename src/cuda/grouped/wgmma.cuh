@@ -1,8 +1,8 @@
 // Hopper (sm_90a) building blocks of the grouped path's wgmma kernel (grouped_gemm_wgmma in
 // grouped_moe.cu): shared-memory matrix descriptors for the 128-byte-swizzled K-major layout,
-// wgmma.mma_async m64n256k16 (bf16 in, fp32 accumulators), mbarriers, named barriers, the async
-// proxy fence. tests/cuda/test_grouped_wgmma.cu checks the layout on a plain GEMM.
-//
+// wgmma.mma_async m64n128k16 with A from registers (bf16 in, fp32 accumulators), the group
+// fences and the async proxy fence. tests/cuda/test_grouped_wgmma.cu checks the layouts on a plain
+// GEMM.//
 // Every wrapper compiles to nothing outside the sm_90a device pass (TMOE_WGMMA_DEVICE): the sm_80
 // and plain sm_90 passes still compile the callers, whose kernels then do nothing; the host picks
 // the kernel only where it was built for the device (wgmma_kernel_built in grouped_moe.cu).
@@ -42,7 +42,8 @@ __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t addr) {
          (static_cast<uint64_t>(kTileAlign >> 4) << 32) | (uint64_t{1} << 62);
 }
 
-__device__ __forceinline__ void fence_operands() {  // before the first wgmma touching the accumulators
+// Before a wgmma whose accumulators or A registers other instructions wrote.
+__device__ __forceinline__ void fence_operands() {
 #ifdef TMOE_WGMMA_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
@@ -59,15 +60,20 @@ __device__ __forceinline__ void wait_group() {  // at most N committed groups st
 #endif
 }
 
-// d[64 x 256] (+)= A[64 x 16] * B[16 x 256]; A and B K-major SW128 in shared memory.
-// Accumulator layout (per warpgroup thread; warp w = 0..3, lane = 4 g + t): d[4 j + i] holds
-// row 16 w + g + 8 (i >> 1), column 8 j + 2 t + (i & 1), j = 0..31.
-__device__ __forceinline__ void mma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
-                                               int accumulate) {
+// d[64 x 128] (+)= A[64 x 16] * B[16 x 128]: A (the weights, rows = output features) from
+// registers, B (the activations, 128 token rows of 16 k) K-major SW128 in shared memory.
+// A registers (per warpgroup thread; warp w = 0..3, lane = 4 g + t): the m16n8k16 A fragment of
+// rows 16 w .. 16 w + 15: a[0] = (row g, k 2t, 2t+1), a[1] = (row g + 8, same k), a[2] = (row g,
+// k 2t+8, 2t+9), a[3] = (row g + 8, same k): the order of scaled_weight_pairs (weight_decode.cuh).
+// Accumulators: d[4 j + i] holds row 16 w + g + 8 (i >> 1), column 8 j + 2 t + (i & 1), j = 0..15.
+// The registers of a must not change until the wgmma group holding this instruction has retired
+// (wait_group).
+__device__ __forceinline__ void mma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                  int accumulate) {
 #ifdef TMOE_WGMMA_DEVICE
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -75,41 +81,8 @@ __device__ __forceinline__ void mma_m64n256k16(float (&d)[128], uint64_t desc_a,
         "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-#endif
-}
-
-// ---- mbarriers (shared memory, 8 bytes each) ----
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
-#ifdef TMOE_WGMMA_DEVICE
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
-#ifdef TMOE_WGMMA_DEVICE
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
-                   smem_address(bar))
-               : "memory");
-#endif
-}
-// Waits until the phase with this parity has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-#ifdef TMOE_WGMMA_DEVICE
-  asm volatile(
-      "{\n.reg .pred done;\nwait_loop:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_loop;\n}\n" ::"r"(smem_address(bar)),
-      "r"(parity)
-      : "memory");
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 #endif
 }
 
@@ -119,24 +92,6 @@ __device__ __forceinline__ void fence_proxy_async() {
 #ifdef TMOE_WGMMA_DEVICE
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
-}
-
-// Barrier `id` (1..15) among `count` threads (a multiple of 32), e.g. one warpgroup.
-__device__ __forceinline__ void named_barrier_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
-// Stores one unit's weight pairs of k-tile KT (scaled_weight_pairs' order: out[q] is column
-// g + 8 (q & 1), k = 16 KT + 2 t + 8 (q >> 1) and k + 1) into a K-major SW128 tile whose row
-// `row0` is the unit's first column (row0 % 8 == 0).
-template <int KT>
-__device__ __forceinline__ void store_unit_pairs(uint8_t* tile, int row0, int lane, const uint32_t (&pairs)[4]) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int row = row0 + g + 8 * (q & 1), chunk = 2 * KT + (q >> 1);
-    *reinterpret_cast<uint32_t*>(tile + sw128_offset(row, chunk) + 4 * t) = pairs[q];
-  }
 }
 
 }  // namespace tmoe::cuda::grouped::wgmma

@@ -6,8 +6,9 @@
 //   scatter_inverse       pair id -> row in `order` (for the fixed-order combine)
 //   convert_to_bf16 / transform_pair_rows     the A operand of gate/up
 //   grouped_gemm<2, ...>  gate and up for the same columns in one block, SwiGLU epilogue
-//                         (or grouped_gemm_wgmma<2>, the sm_90a producer / consumer kernel, where
-//                         use_wgmma picks it; same for down with grouped_gemm_wgmma<1>)
+//                         (or grouped_gemm_wgmma<2>, the sm_90a kernel with the weights as
+//                         wgmma's register operand, where use_wgmma picks it; same for down
+//                         with grouped_gemm_wgmma<1>)
 //   transform_intermediate (Hadamard only)
 //   grouped_gemm<1, ...>  down, with the router weight and the combine in the epilogue
 //   finish_rows / combine_rows / convert_from_f32

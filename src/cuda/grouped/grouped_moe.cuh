@@ -32,9 +32,9 @@
 namespace tmoe::cuda::grouped {
 
 // Which GEMM kernel runs the projections: the mma.sync kernel (every GPU) or grouped_gemm_wgmma
-// (sm_90a: a producer warpgroup decodes each weight once per 128-row tile into shared memory,
-// wgmma consumers; docs/notes-grouped.md "v8"). automatic takes the wgmma kernel only when
-// kWgmmaAutomatic is on (it is OFF: v8 measured no faster than mma.sync at any size) and experts
+// (sm_90a: every warp decodes its own weights once per 128-token tile straight into wgmma's
+// register A operand, the activations are the shared-memory B operand; docs/notes-grouped.md "v9").
+// automatic takes the wgmma kernel only when kWgmmaAutomatic is on and experts
 // average >= kWgmmaMinRowsPerExpert rows; mma_sync / wgmma force one (wgmma falls back to mma_sync
 // where it cannot run: no sm_90a build for this device, or a Hadamard path). With automatic, the
 // environment variable TMOE_GROUPED_KERNEL=mma|wgmma overrides the choice (benchmarks through

@@ -759,7 +759,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
         wgmma::mma_m64n128k16_rs(acc[0], a[0], desc, i > 0 || kt > 0);
         wgmma::mma_m64n128k16_rs(acc[1], a[1], desc, i > 0 || kt > 0);
         wgmma::commit_group();
-        wgmma::wait_group<1>();  // the slice before has retired: its fragments' registers are free
+        // The slice before has retired: its fragments' registers are free. (Waiting for all but
+        // two made ptxas serialize every wgmma: a wait after each, CUDA 13.0.)
+        wgmma::wait_group<1>();
       });
     }
     wgmma::wait_group<0>();

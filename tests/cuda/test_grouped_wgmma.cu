@@ -52,8 +52,17 @@ __device__ void load_b_tile(uint8_t* tile, const uint16_t* b) {
   __syncthreads();
 }
 
-// D [64][kN] out of the accumulators through their documented layout.
-__device__ void store_d(const float (&acc)[64], float* d) {
+// D [64][kN] = A B^T: four wgmma k16 slices (A from this thread's fragments, B from the SW128 tile),
+// out through the accumulators' documented layout.
+__device__ __forceinline__ void multiply_and_store(const uint32_t (&frags)[kK / 16][4], const uint8_t* b_tile, float* d) {
+  float acc[64];
+  wgmma::fence_operands();
+  const uint32_t b_base = wgmma::smem_address(b_tile);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    wgmma::mma_m64n128k16_rs(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
+  wgmma::commit_group();
+  wgmma::wait_group<0>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   for (int j = 0; j < kN / 8; ++j)
     for (int i = 0; i < 4; ++i) d[(16 * warp + g + 8 * (i >> 1)) * kN + 8 * j + 2 * t + (i & 1)] = acc[4 * j + i];
@@ -69,15 +78,7 @@ __global__ void plain_gemm_kernel(const uint16_t* a, const uint16_t* b, float* d
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t frags[kK / 16][4];
   for (int kk = 0; kk < kK / 16; ++kk) a_fragment(a, warp, lane, kk, frags[kk]);
-  float acc[64];
-  wgmma::fence_operands();
-  const uint32_t b_base = wgmma::smem_address(b_tile);
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk)
-    wgmma::mma_m64n128k16_rs(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
-  wgmma::commit_group();
-  wgmma::wait_group<0>();
-  store_d(acc, d);
+  multiply_and_store(frags, b_tile, d);
   if (threadIdx.x == 0) *built = 1;
 #endif
 }
@@ -165,15 +166,7 @@ __global__ void decode_tile_kernel(DeviceProjection w, const uint16_t* su_bf16, 
   };
   if (form.affine) all_tiles(std::true_type{});
   else all_tiles(std::false_type{});
-  float acc[64];
-  wgmma::fence_operands();
-  const uint32_t b_base = wgmma::smem_address(b_tile);
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk)
-    wgmma::mma_m64n128k16_rs(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
-  wgmma::commit_group();
-  wgmma::wait_group<0>();
-  store_d(acc, out);
+  multiply_and_store(frags, b_tile, out);
   if (tid == 0) *built = 1;
 #endif
 }

@@ -268,6 +268,24 @@ __device__ __forceinline__ void load_grid_tables(const GemmParams& p, GridForm (
   }
 }
 
+// Runs main_loop(std::integral_constant<int, BITS_ALL>) with the block's decode variant: one for the
+// whole block, BITS_ALL = 2, 3, 4 when all projections share those bits and have affine grids (the
+// common case, and the fast one: no branches between the MMAs), else 0 (per-unit switches).
+template <int NUM_PROJ, typename MainLoop>
+__device__ __forceinline__ void with_decode_variant(const GemmParams& p, const GridForm (&grid)[NUM_PROJ],
+                                                    MainLoop&& main_loop) {
+  int common_bits = p.proj[0].bits;
+#pragma unroll
+  for (int q = 0; q < NUM_PROJ; ++q)
+    if (p.proj[q].bits != common_bits || !grid[q].affine) common_bits = 0;
+  switch (common_bits) {
+    case 2: main_loop(std::integral_constant<int, 2>{}); break;
+    case 3: main_loop(std::integral_constant<int, 3>{}); break;
+    case 4: main_loop(std::integral_constant<int, 4>{}); break;
+    default: main_loop(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 // One block: BM rows of one expert's pairs x kBN columns of NUM_PROJ projections (same K).
 // Blocks past the work list exit at once (the grid is sized for the worst case, so no host
 // synchronisation is needed to know how many tiles the routing produced).
@@ -514,18 +532,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       k_step(bits_constant, i);
     }
   };
-  // One decode variant for the whole block: all units share bits and have affine grids (the
-  // common case, and the fast one), or the general per-unit switch.
-  int common_bits = unit_bits[0];
-#pragma unroll
-  for (int q = 0; q < NUM_PROJ; ++q)
-    if (p.proj[q].bits != common_bits || !s.grid[q].affine) common_bits = 0;
-  switch (common_bits) {
-    case 2: main_loop(std::integral_constant<int, 2>{}); break;
-    case 3: main_loop(std::integral_constant<int, 3>{}); break;
-    case 4: main_loop(std::integral_constant<int, 4>{}); break;
-    default: main_loop(std::integral_constant<int, 0>{}); break;
-  }
+  with_decode_variant<NUM_PROJ>(p, s.grid, main_loop);
   cp_async_wait<0>();
 
   // Epilogue. Accumulator c[0..1]: row lane/4, columns 2*(lane%4) + {0,1}; c[2..3]: row + 8.
@@ -766,18 +773,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
     }
     wgmma::wait_group<0>();
   };
-  // One decode variant for the whole block: all units share bits and have affine grids (the
-  // common case, and the fast one), or the general per-unit switch.
-  int common_bits = p.proj[0].bits;
-#pragma unroll
-  for (int q = 0; q < NUM_PROJ; ++q)
-    if (p.proj[q].bits != common_bits || !s.grid[q].affine) common_bits = 0;
-  switch (common_bits) {
-    case 2: main_loop(std::integral_constant<int, 2>{}); break;
-    case 3: main_loop(std::integral_constant<int, 3>{}); break;
-    case 4: main_loop(std::integral_constant<int, 4>{}); break;
-    default: main_loop(std::integral_constant<int, 0>{}); break;
-  }
+  with_decode_variant<NUM_PROJ>(p, s.grid, main_loop);
   cp_async_wait<0>();
   __syncthreads();  // the ring is free: its last readers (wgmma) retired, its last copies landed
 

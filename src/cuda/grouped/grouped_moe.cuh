@@ -40,8 +40,13 @@ namespace tmoe::cuda::grouped {
 // environment variable TMOE_GROUPED_KERNEL=mma|wgmma overrides the choice (benchmarks through
 // CudaMoe compare both).
 enum class GroupedKernel { automatic, mma_sync, wgmma };
-// Provisional (session 10, before v9's first device run): from 64 rows per expert, where the model
-// in docs/notes-grouped.md "v9" has it ahead of the mma.sync kernel; to be set from the sweep.
+// From 64 average rows per expert. Measured (session 10, one H200, both kernels forced in one run,
+// `tmoe bench --backend cuda --grouped-min-tokens 0` with TMOE_GROUPED_KERNEL=mma|wgmma; us,
+// mma.sync | wgmma; docs/notes-grouped.md "v9"):
+//   rows/expert   8-16: qwen3 256 308 | 432, glm 256 911 | 1303, deepseek 256 4096 | 5965
+//                 32:   deepseek 1024 6168 | 6345
+//                 64:   qwen3 1024 822 | 605, glm 1024 2338 | 1569, mixtral 256 1325 | 807
+//                 128+: wgmma 1.25-1.92x faster on every shape (mixtral 4096 12378 | 7375)
 inline constexpr bool kWgmmaAutomatic = true;
 inline constexpr int64_t kWgmmaMinRowsPerExpert = 64;
 

@@ -29,11 +29,11 @@ namespace {
 using tmoe::testing::DeviceArray;
 using tmoe::testing::fresh_seed;
 
-constexpr int kM = 64, kN = 128, kK = 64;
+constexpr int kM = 64, kN = 128, kK = 64;  // kN: the decode test's B; the plain GEMM runs N = 128 and 256
 
 #ifdef TMOE_WGMMA_DEVICE  // helpers of the sm_90a kernel bodies below
 // The four A registers of k16 slice kk for this thread (warp w of the warpgroup, lane = 4 g + t)
-// from a row-major [64][kK] bf16 matrix, in mma_m64n128k16_rs's documented order.
+// from a row-major [64][kK] bf16 matrix, in mma_m64k16_rs's documented order.
 __device__ void a_fragment(const uint16_t* a, int warp, int lane, int kk, uint32_t (&frag)[4]) {
   const int g = lane / 4, t = lane % 4;
   for (int q = 0; q < 4; ++q) {
@@ -42,9 +42,10 @@ __device__ void a_fragment(const uint16_t* a, int warp, int lane, int kk, uint32
   }
 }
 
-// The B tile [kN][kK] (row = n, k contiguous) from global into SW128 layout.
+// The B tile [N][kK] (row = n, k contiguous) from global into SW128 layout.
+template <int N>
 __device__ void load_b_tile(uint8_t* tile, const uint16_t* b) {
-  for (int i = threadIdx.x; i < kN * kK; i += blockDim.x) {
+  for (int i = threadIdx.x; i < N * kK; i += blockDim.x) {
     const int row = i / kK, k = i % kK;
     *reinterpret_cast<uint16_t*>(tile + wgmma::sw128_offset(row, k / 8) + 2 * (k % 8)) = b[i];
   }
@@ -52,33 +53,35 @@ __device__ void load_b_tile(uint8_t* tile, const uint16_t* b) {
   __syncthreads();
 }
 
-// D [64][kN] = A B^T: four wgmma k16 slices (A from this thread's fragments, B from the SW128 tile),
+// D [64][N] = A B^T: four wgmma k16 slices (A from this thread's fragments, B from the SW128 tile),
 // out through the accumulators' documented layout.
+template <int N>
 __device__ __forceinline__ void multiply_and_store(const uint32_t (&frags)[kK / 16][4], const uint8_t* b_tile, float* d) {
-  float acc[64];
+  float acc[N / 2];
   wgmma::fence_operands();
   const uint32_t b_base = wgmma::smem_address(b_tile);
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk)
-    wgmma::mma_m64n128k16_rs(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
+    wgmma::mma_m64k16_rs<N>(acc, frags[kk], wgmma::sw128_descriptor(b_base + 32 * kk), kk > 0);
   wgmma::commit_group();
   wgmma::wait_group<0>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  for (int j = 0; j < kN / 8; ++j)
-    for (int i = 0; i < 4; ++i) d[(16 * warp + g + 8 * (i >> 1)) * kN + 8 * j + 2 * t + (i & 1)] = acc[4 * j + i];
+  for (int j = 0; j < N / 8; ++j)
+    for (int i = 0; i < 4; ++i) d[(16 * warp + g + 8 * (i >> 1)) * N + 8 * j + 2 * t + (i & 1)] = acc[4 * j + i];
 }
 #endif
 
-// One warpgroup: A [64][64] from registers, B [128][64] (row = n, k contiguous) through an SW128
-// tile, four wgmma k16 slices, D [64][128] fp32.
+// One warpgroup: A [64][64] from registers, B [N][64] (row = n, k contiguous) through an SW128
+// tile, four wgmma k16 slices, D [64][N] fp32.
+template <int N>
 __global__ void plain_gemm_kernel(const uint16_t* a, const uint16_t* b, float* d, int* built) {
 #ifdef TMOE_WGMMA_DEVICE
-  __shared__ __align__(1024) uint8_t b_tile[kN * wgmma::kRowBytes];
-  load_b_tile(b_tile, b);
+  __shared__ __align__(1024) uint8_t b_tile[N * wgmma::kRowBytes];
+  load_b_tile<N>(b_tile, b);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t frags[kK / 16][4];
   for (int kk = 0; kk < kK / 16; ++kk) a_fragment(a, warp, lane, kk, frags[kk]);
-  multiply_and_store(frags, b_tile, d);
+  multiply_and_store<N>(frags, b_tile, d);
   if (threadIdx.x == 0) *built = 1;
 #endif
 }
@@ -93,20 +96,20 @@ bool skip_without_sm90a(int built) {
   return true;
 }
 
-TEST(GroupedWgmmaLayout, PlainGemmMatchesHost) {
-  TMOE_REQUIRE_GPU();
+template <int N>
+void check_plain_gemm() {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  SCOPED_TRACE("N = " + std::to_string(N) + ", seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<uint16_t> a(kM * kK), b(kN * kK);
+  std::vector<uint16_t> a(kM * kK), b(N * kK);
   for (auto& v : a) v = float_to_bf16(normal(rng));
   for (auto& v : b) v = float_to_bf16(normal(rng));
   DeviceArray<uint16_t> a_d(a), b_d(b);
-  DeviceArray<float> d_d(kM * kN);
+  DeviceArray<float> d_d(kM * N);
   DeviceArray<int> built_d(std::vector<int>{0});
   d_d.poison();
-  plain_gemm_kernel<<<1, 128>>>(a_d.get(), b_d.get(), d_d.get(), built_d.get());
+  plain_gemm_kernel<N><<<1, 128>>>(a_d.get(), b_d.get(), d_d.get(), built_d.get());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   if (skip_without_sm90a(built_d.download()[0])) GTEST_SKIP() << "no sm_90a kernel for this device";
   const std::vector<float> d = d_d.download();
@@ -114,18 +117,24 @@ TEST(GroupedWgmmaLayout, PlainGemmMatchesHost) {
   // 1e-5 of that sum is a safe bound, and any layout error is O(1).
   int bad = 0;
   for (int m = 0; m < kM; ++m)
-    for (int n = 0; n < kN; ++n) {
+    for (int n = 0; n < N; ++n) {
       double want = 0.0, magnitude = 0.0;
       for (int k = 0; k < kK; ++k) {
         const double term = double(bf16_to_float(a[m * kK + k])) * bf16_to_float(b[n * kK + k]);
         want += term;
         magnitude += std::fabs(term);
       }
-      const double got = d[m * kN + n];
+      const double got = d[m * N + n];
       if (!(std::fabs(got - want) <= 1e-5 * magnitude + 1e-6) && bad++ < 5)
         ADD_FAILURE() << "D[" << m << "][" << n << "] = " << got << ", want " << want;
     }
   EXPECT_EQ(bad, 0);
+}
+
+TEST(GroupedWgmmaLayout, PlainGemmMatchesHost) {
+  TMOE_REQUIRE_GPU();
+  check_plain_gemm<128>();
+  check_plain_gemm<256>();
 }
 
 // One warpgroup: warp u decodes unit (expert 0, n-tile u, quad 0) of a K = 64, N = 64 projection
@@ -143,7 +152,7 @@ __global__ void decode_tile_kernel(DeviceProjection w, const uint16_t* su_bf16, 
   if (tid == 0) form = grid_form(w.grid, BITS);
   for (int i = tid; i < (1 << (2 * BITS)); i += blockDim.x)
     level_pairs[i] = pack_bf16(w.grid[i & ((1 << BITS) - 1)], w.grid[i >> BITS]);
-  load_b_tile(b_tile, identity);
+  load_b_tile<kN>(b_tile, identity);
   uint32_t words[BITS];
   for (int b = 0; b < BITS; ++b) words[b] = w.unit(0, warp, 0)[b * 32 + lane];
   auto coef = [&](int kt, int col) {
@@ -166,7 +175,7 @@ __global__ void decode_tile_kernel(DeviceProjection w, const uint16_t* su_bf16, 
   };
   if (form.affine) all_tiles(std::true_type{});
   else all_tiles(std::false_type{});
-  multiply_and_store(frags, b_tile, out);
+  multiply_and_store<kN>(frags, b_tile, out);
   if (tid == 0) *built = 1;
 #endif
 }

@@ -554,55 +554,70 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 }
 
 // ---- grouped_gemm_wgmma (sm_90a): the weights as wgmma's register A operand --------------------
-// One block: kWgRows = 128 pair rows (tokens) of one expert x kWgCols = 256 output features (gate
-// 128 + up 128, or 256 of down), 2 warpgroups. The GEMM runs transposed, D[feature][token] =
-// W^T[feature][k] X^T[k][token], so that the decoded weights are wgmma's A operand straight from
-// registers: the fragment layout already holds each lane's m16n8k16 A fragment (fragment_layout.hpp),
-// and every warp decodes its own units once per 128-token tile, nothing twice, no decoded weights
-// in shared memory. The activations are B: a K-major SW128 tile in shared memory that both
-// warpgroups read. Warpgroup c owns two 64-feature slabs: gate and up of features 64c .. 64c+63
-// (SwiGLU pairs in one thread), or down's 128c .. 128c+127; 2 x 64 fp32 accumulators per thread.
+// One block: TOKENS (128 or 256) pair rows (tokens) of one expert x wg_cols(TOKENS) output features
+// (128-token tiles: gate 128 + up 128, or 256 of down; 256-token tiles: gate 64 + up 64, or 128 of
+// down), 2 warpgroups. The GEMM runs transposed, D[feature][token] = W^T[feature][k] X^T[k][token],
+// so that the decoded weights are wgmma's A operand straight from registers: the fragment layout
+// already holds each lane's m16n8k16 A fragment (fragment_layout.hpp), and every warp decodes its
+// own units once per token tile, nothing twice, no decoded weights in shared memory. The
+// activations are B: a K-major SW128 tile in shared memory that both warpgroups read. A warpgroup
+// owns wg_slabs(TOKENS) 64-feature slabs, each with TOKENS / 2 fp32 accumulators per thread (128 in
+// all): with 128-token tiles, gate and up of the same 64 features or two of down's; with 256-token
+// tiles one slab (gate in one warpgroup, up in the other, or 64 of down's), so each slice's group is
+// one m64n256k16 for one unit's decode, twice the tensor work per decode instruction.
 // Pipeline: cp.async copies of each 64-deep K step (X rows, raw units, scales, su) run kWgAhead
-// steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes both slabs' fragments,
-// issues their two wgmmas as one group and waits for the group before, so a slice's decode runs
-// under the previous slice's wgmmas. Epilogue: the accumulators go through shared memory
-// (transposed to [token][feature]) into store_output_pair, grouped_gemm's epilogue.
+// steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes its slabs' fragments,
+// issues their wgmmas as one group and waits for the group before, so a slice's decode runs under
+// the previous slice's wgmmas (more groups in flight make ptxas serialize them, notes "v9").
+// Epilogue: the accumulators go through shared memory (transposed to [token][feature], where gate
+// and up meet) into store_output_pair, grouped_gemm's epilogue.
 // (v8, a producer warpgroup decoding into a shared-memory B operand, was no faster than mma.sync;
 // docs/notes-grouped.md.)
-constexpr int kWgRows = 128, kWgCols = 256, kWgThreads = 256;
+constexpr int kWgThreads = 256;
 constexpr int kWgStages = 5;
-[[maybe_unused]] constexpr int kWgAhead = kWgStages - 2;     // steps whose copies are in flight beyond the current one
-constexpr int kWgUnits = kWgCols / kTileDim;  // 16 units per step
-[[maybe_unused]] constexpr int kWgStagePad = 4;  // floats per staged row: strides of 132 / 260 make the stores conflict-free
+[[maybe_unused]] constexpr int kWgAhead = kWgStages - 2;  // steps whose copies are in flight beyond the current one
+constexpr int wg_slabs(int tokens) { return tokens == 128 ? 2 : 1; }  // 64-feature slabs per warpgroup
+constexpr int wg_cols(int tokens) { return 128 * wg_slabs(tokens); }  // features per block (all projections)
+// Floats of padding per staged row: strides of 68 / 132 / 260 floats make the stores conflict-free.
+[[maybe_unused]] constexpr int kWgStagePad = 4;
+// Average rows per expert from which the wgmma kernel takes 256-token tiles; 0: never (the default
+// until measured: session 10 wrote them without a device run). -DTMOE_WGMMA_TILE256_MIN_ROWS=N.
+#ifndef TMOE_WGMMA_TILE256_MIN_ROWS
+#define TMOE_WGMMA_TILE256_MIN_ROWS 0
+#endif
+constexpr int64_t kWgTile256MinRows = TMOE_WGMMA_TILE256_MIN_ROWS;
 
-template <int NUM_PROJ>
+template <int NUM_PROJ, int TOKENS>
 struct WgmmaSmem {
-  static constexpr int kProjCols = kWgCols / NUM_PROJ;
+  static constexpr int kProjCols = wg_cols(TOKENS) / NUM_PROJ;
+  static constexpr int kUnits = wg_cols(TOKENS) / kTileDim;  // units per step
   struct Ring {
-    uint8_t x[kWgStages][kWgRows * wgmma::kRowBytes];  // SW128 K-major, 16 KB per step (first: aligned)
-    uint32_t units[kWgStages][kWgUnits][unit_words(kMaxBits)];
+    uint8_t x[kWgStages][TOKENS * wgmma::kRowBytes];  // SW128 K-major (first: aligned)
+    uint32_t units[kWgStages][kUnits][unit_words(kMaxBits)];
     uint16_t scales[kWgStages][NUM_PROJ][kKTiles][kProjCols];
     uint16_t su[kWgStages][NUM_PROJ][kBK];  // bf16 bits (gate/up: folded into the weights)
   };
   union {
     Ring ring;
-    float staged[NUM_PROJ][kWgRows][kProjCols + kWgStagePad];  // the epilogue's [token][feature]
+    float staged[NUM_PROJ][TOKENS][kProjCols + kWgStagePad];  // the epilogue's [token][feature]
   };
   uint32_t level_pairs[NUM_PROJ][kMaxGrid * kMaxGrid];
   GridForm grid[NUM_PROJ];
 };
 // Dynamic shared memory of the kernel: the struct plus room to align it to 1024 bytes (SW128).
-template <int NUM_PROJ>
+template <int NUM_PROJ, int TOKENS>
 constexpr size_t wgmma_smem_bytes() {
-  return sizeof(WgmmaSmem<NUM_PROJ>) + wgmma::kTileAlign;
+  return sizeof(WgmmaSmem<NUM_PROJ, TOKENS>) + wgmma::kTileAlign;
 }
 
-template <int NUM_PROJ>
+template <int NUM_PROJ, int TOKENS>
 __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmParams p) {
 #ifdef TMOE_WGMMA_DEVICE
   // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
-  __shared__ const __nv_bfloat16* x_src[kWgRows];
-  using Smem = WgmmaSmem<NUM_PROJ>;
+  __shared__ const __nv_bfloat16* x_src[TOKENS];
+  using Smem = WgmmaSmem<NUM_PROJ, TOKENS>;
+  constexpr int kSlabs = wg_slabs(TOKENS);
+  constexpr int kUnits = Smem::kUnits;
   constexpr int kProjCols = Smem::kProjCols;
   constexpr int kProjNTiles = kProjCols / kTileDim;
   constexpr bool kFoldSu = NUM_PROJ == 2;  // gate/up without Hadamard (the only ones run here)
@@ -613,27 +628,27 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   Smem& s = *reinterpret_cast<Smem*>(smem_raw + ((wgmma::kTileAlign - misalign) & (wgmma::kTileAlign - 1)));
 
   RowTile tile;
-  if (!find_row_tile(p, kWgRows, kProjCols, tile)) return;
+  if (!find_row_tile(p, TOKENS, kProjCols, tile)) return;
   const int n0 = tile.n0, expert = tile.expert, row0 = tile.row0, rows_valid = tile.rows_valid;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
   const int num_kb = (K + kBK - 1) / kBK;
 
-  for (int r = tid; r < kWgRows; r += kWgThreads) x_src[r] = a_row_source(p, tile, 0, r);
+  for (int r = tid; r < TOKENS; r += kWgThreads) x_src[r] = a_row_source(p, tile, 0, r);
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kWgThreads);
   __syncthreads();
 
   // Each thread's share of a step's copies is fixed: its sources are found once here and advance
   // by one step (64 k, one unit quad) per load; chunks outside K / N are zero-filled (a zero scale
   // or su makes padded weights zero, and zero activations meet padded k).
-  constexpr int kXCopies = kWgRows * 8 / kWgThreads;  // X: 8 chunks of 16 bytes per row
+  constexpr int kXCopies = TOKENS * 8 / kWgThreads;  // X: 8 chunks of 16 bytes per row
   const __nv_bfloat16* x_row[kXCopies];               // nullptr: a padding row (never stored)
 #pragma unroll
   for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[tid / 8 + (kWgThreads / 8) * i];
   const uint32_t x_dst = wgmma::sw128_offset(tid / 8, tid % 8);  // + i * (kWgThreads / 8) rows
   constexpr int kUnitChunks = unit_bytes(kMaxBits) / 16;            // 32: lane = chunk
-  constexpr int kUnitCopies = kWgUnits * kUnitChunks / kWgThreads;  // units warp, warp + 8
+  constexpr int kUnitCopies = kUnits * kUnitChunks / kWgThreads;  // units warp (, warp + 8)
   const uint32_t* unit_src[kUnitCopies];                            // nullptr: nothing to copy
   int unit_step[kUnitCopies];
 #pragma unroll
@@ -691,14 +706,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   };
 
   // This warp's unit of each slab: projection, n-tile j in the block (features 16 j .. 16 j + 15 =
-  // rows 16 wq .. of the warpgroup's 64-row wgmma), bits and grid form.
-  int slab_q[2], slab_col[2], slab_bits[2];
-  bool slab_affine[2];
-  float2 slab_coef_mul[2];  // coef_multipliers of the slab's grid, in registers
+  // rows 16 wq .. of the warpgroup's 64-row wgmma), bits and grid form. Gate/up: two slabs per
+  // warpgroup are gate and up of features 64 wg .., one slab is gate (warpgroup 0) or up (1) of
+  // features 0 .. 63; down: slab S = kSlabs wg + sl holds features 64 S ...
+  int slab_q[kSlabs], slab_col[kSlabs], slab_bits[kSlabs];
+  bool slab_affine[kSlabs];
+  float2 slab_coef_mul[kSlabs];  // coef_multipliers of the slab's grid, in registers
 #pragma unroll
-  for (int sl = 0; sl < 2; ++sl) {
-    const int j = NUM_PROJ == 2 ? 4 * wg + wq : 8 * wg + 4 * sl + wq;
-    slab_q[sl] = NUM_PROJ == 2 ? sl : 0;
+  for (int sl = 0; sl < kSlabs; ++sl) {
+    const int j = NUM_PROJ == 2 ? (kSlabs == 2 ? 4 * wg : 0) + wq : 4 * (kSlabs * wg + sl) + wq;
+    slab_q[sl] = NUM_PROJ == 2 ? (kSlabs == 2 ? sl : wg) : 0;
     slab_col[sl] = j * kTileDim;
     slab_bits[sl] = p.proj[slab_q[sl]].bits;
     slab_coef_mul[sl] = coef_multipliers(s.grid[slab_q[sl]]);
@@ -713,7 +730,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
 
   // Written only by wgmma (the first slice's overwrites: scale-d = 0), so that no other
   // instruction defines them inside the wgmma pipeline (ptxas would serialize it).
-  float acc[2][64];
+  float acc[kSlabs][TOKENS / 2];
   auto main_loop = [&](auto bits_constant) {
     constexpr int BITS_ALL = decltype(bits_constant)::value;
 #pragma unroll
@@ -733,21 +750,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
         if (next < num_kb) load_stage(next % kWgStages, next);
         cp_async_commit();
       }
-      uint32_t words[2][kMaxBits];
+      uint32_t words[kSlabs][kMaxBits];
 #pragma unroll
-      for (int sl = 0; sl < 2; ++sl)
+      for (int sl = 0; sl < kSlabs; ++sl)
 #pragma unroll
         for (int b = 0; b < kMaxBits; ++b)
           words[sl][b] = b < (BITS_ALL ? BITS_ALL : slab_bits[sl])
                              ? s.ring.units[slot][slab_q[sl] * kProjNTiles + slab_col[sl] / kTileDim][b * 32 + lane]
                              : 0u;
       const uint32_t x_base = wgmma::smem_address(s.ring.x[slot]);
-      uint2 cl[2], cr[2];  // coefficients of columns g and g + 8 of each slab's unit
+      uint2 cl[kSlabs], cr[kSlabs];  // coefficients of columns g and g + 8 of each slab's unit
       static_for(std::make_integer_sequence<int, kKTiles>{}, [&](auto kt_constant) {
         constexpr int kt = decltype(kt_constant)::value;
-        uint32_t a[2][4];
+        uint32_t a[kSlabs][4];
 #pragma unroll
-        for (int sl = 0; sl < 2; ++sl) {
+        for (int sl = 0; sl < kSlabs; ++sl) {
           const int q = slab_q[sl], col = slab_col[sl] + g;
           if (kt == 0 || !coef_per_step) {
             cl[sl] = weight_coef(slab_coef_mul[sl], h2f(s.ring.scales[slot][q][kt][col]));
@@ -763,8 +780,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
         }
         const uint64_t desc = wgmma::sw128_descriptor(x_base + 32 * kt);
         wgmma::fence_operands();
-        wgmma::mma_m64n128k16_rs(acc[0], a[0], desc, i > 0 || kt > 0);
-        wgmma::mma_m64n128k16_rs(acc[1], a[1], desc, i > 0 || kt > 0);
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl) wgmma::mma_m64k16_rs<TOKENS>(acc[sl], a[sl], desc, i > 0 || kt > 0);
         wgmma::commit_group();
         // The slice before has retired: its fragments' registers are free. (Waiting for all but
         // two made ptxas serialize every wgmma: a wait after each, CUDA 13.0.)
@@ -780,15 +797,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   // Epilogue. acc[sl][4 j + i] is feature slab_col[sl] + g + 8 (i >> 1) of the block's projection
   // columns, token row 8 j + 2 t + (i & 1) of the tile.
 #pragma unroll
-  for (int sl = 0; sl < 2; ++sl) {
-    float(&staged)[kWgRows][kProjCols + kWgStagePad] = s.staged[NUM_PROJ == 2 ? sl : 0];
+  for (int sl = 0; sl < kSlabs; ++sl) {
+    float(&staged)[TOKENS][kProjCols + kWgStagePad] = s.staged[slab_q[sl]];
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < TOKENS / 8; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) staged[8 * j + 2 * t + (i & 1)][slab_col[sl] + g + 8 * (i >> 1)] = acc[sl][4 * j + i];
   }
   __syncthreads();
-  for (int e = tid; e < kWgRows * (kProjCols / 2); e += kWgThreads) {
+  for (int e = tid; e < TOKENS * (kProjCols / 2); e += kWgThreads) {
     const int r = e / (kProjCols / 2), n = 2 * (e % (kProjCols / 2));
     if (r >= rows_valid) break;
     const float2 v = *reinterpret_cast<const float2*>(&s.staged[0][r][n]);
@@ -1025,20 +1042,28 @@ int tile_rows_for(const GroupedMoeArgs& a) {
 }
 
 // Whether grouped_gemm_wgmma has its sm_90a body for the current device (the build has an sm_90a
-// target and the device runs it): only that body declares static shared memory (its mbarriers).
+// target and the device runs it): only that body declares static shared memory (its row table).
 bool wgmma_kernel_built() {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   static int known[64] = {};  // per device: 0 unknown, 1 yes, 2 no
   if (device < 64 && known[device]) return known[device] == 1;
   cudaFuncAttributes gate_up{}, down{};
-  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2>), "cudaFuncGetAttributes");
-  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2, 128>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1, 128>), "cudaFuncGetAttributes");
+  // The largest instantiation's shared memory (256-token tiles: ~190 KB + its 2 KB row table).
+  const size_t most = std::max({wgmma_smem_bytes<1, 128>(), wgmma_smem_bytes<2, 128>(), wgmma_smem_bytes<1, 256>(),
+                                wgmma_smem_bytes<2, 256>()});
   const bool built = gate_up.sharedSizeBytes > 0 && down.sharedSizeBytes > 0 &&
-                     std::max(wgmma_smem_bytes<1>(), wgmma_smem_bytes<2>()) + gate_up.sharedSizeBytes <=
-                         device_shared_limit();
+                     most + 2 * gate_up.sharedSizeBytes <= device_shared_limit();
   if (device < 64) known[device] = built ? 1 : 2;
   return built;
+}
+
+// Token tile of the wgmma kernel: 256 from kWgTile256MinRows average rows per expert (when set),
+// else 128.
+int wgmma_tokens(const GroupedMoeArgs& a) {
+  return kWgTile256MinRows > 0 && a.tokens * a.top_k >= kWgTile256MinRows * a.gate.experts ? 256 : 128;
 }
 
 bool use_wgmma(const GroupedMoeArgs& a) {
@@ -1192,19 +1217,19 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
 
-template <int NUM_PROJ>
+template <int NUM_PROJ, int TOKENS>
 void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
-  constexpr int kProjCols = kWgCols / NUM_PROJ;
-  const size_t smem = wgmma_smem_bytes<NUM_PROJ>();
+  constexpr int kProjCols = wg_cols(TOKENS) / NUM_PROJ;
+  const size_t smem = wgmma_smem_bytes<NUM_PROJ, TOKENS>();
   static bool configured = false;  // attribute set once per process and instantiation
   if (!configured) {
-    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)),
+    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ, TOKENS>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "cudaFuncSetAttribute");
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items), 1);
-  grouped_gemm_wgmma<NUM_PROJ><<<grid, kWgThreads, smem, stream>>>(p);
+  grouped_gemm_wgmma<NUM_PROJ, TOKENS><<<grid, kWgThreads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "grouped_gemm_wgmma launch");
 }
 
@@ -1241,7 +1266,7 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   const int experts = static_cast<int>(a.gate.experts);
   const int64_t T = a.tokens, pairs = T * a.top_k, H = a.gate.K, I = a.gate.N;
   const bool wgmma_path = use_wgmma(a);
-  const int tile_rows = wgmma_path ? kWgRows : tile_rows_for(a);
+  const int tile_rows = wgmma_path ? wgmma_tokens(a) : tile_rows_for(a);
   const int64_t max_items = max_work_items(a, tile_rows);
   const bool hadamard = any_hadamard(a);
   const bool fixed_order = a.deterministic || hadamard;
@@ -1264,11 +1289,12 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.probs = a.probs;
   p.top_k = a.top_k;
   p.k_splits = 1;
-  // Launches grouped_gemm_wgmma<NUM_PROJ> or grouped_gemm<NUM_PROJ, false, tile_rows>.
+  // Launches grouped_gemm_wgmma<NUM_PROJ, tile_rows> or grouped_gemm<NUM_PROJ, false, tile_rows>.
   auto launch = [&](auto num_proj) {
     constexpr int kNumProj = decltype(num_proj)::value;
     if (wgmma_path) {
-      launch_gemm_wgmma<kNumProj>(p, max_items, stream);
+      if (tile_rows == 256) launch_gemm_wgmma<kNumProj, 256>(p, max_items, stream);
+      else launch_gemm_wgmma<kNumProj, 128>(p, max_items, stream);
       return;
     }
     switch (tile_rows) {

@@ -1,6 +1,6 @@
 // Hopper (sm_90a) building blocks of the grouped path's wgmma kernel (grouped_gemm_wgmma in
 // grouped_moe.cu): shared-memory matrix descriptors for the 128-byte-swizzled K-major layout,
-// wgmma.mma_async m64n128k16 with A from registers (bf16 in, fp32 accumulators), the group
+// wgmma.mma_async m64n128k16 / m64n256k16 with A from registers (bf16 in, fp32 accumulators), the group
 // fences and the async proxy fence. tests/cuda/test_grouped_wgmma.cu checks the layouts on a plain
 // GEMM.//
 // Every wrapper compiles to nothing outside the sm_90a device pass (TMOE_WGMMA_DEVICE): the sm_80
@@ -60,31 +60,47 @@ __device__ __forceinline__ void wait_group() {  // at most N committed groups st
 #endif
 }
 
-// d[64 x 128] (+)= A[64 x 16] * B[16 x 128]: A (the weights, rows = output features) from
-// registers, B (the activations, 128 token rows of 16 k) K-major SW128 in shared memory.
+// d[64 x N] (+)= A[64 x 16] * B[16 x N], N = 128 or 256: A (the weights, rows = output features)
+// from registers, B (the activations, N token rows of 16 k) K-major SW128 in shared memory.
 // A registers (per warpgroup thread; warp w = 0..3, lane = 4 g + t): the m16n8k16 A fragment of
 // rows 16 w .. 16 w + 15: a[0] = (row g, k 2t, 2t+1), a[1] = (row g + 8, same k), a[2] = (row g,
 // k 2t+8, 2t+9), a[3] = (row g + 8, same k): the order of scaled_weight_pairs (weight_decode.cuh).
-// Accumulators: d[4 j + i] holds row 16 w + g + 8 (i >> 1), column 8 j + 2 t + (i & 1), j = 0..15.
+// Accumulators: d[4 j + i] holds row 16 w + g + 8 (i >> 1), column 8 j + 2 t + (i & 1), j < N / 8.
 // The registers of a must not change until the wgmma group holding this instruction has retired
 // (wait_group).
-__device__ __forceinline__ void mma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                                  int accumulate) {
+// The accumulator operands of the wrappers below: d[i] .. d[i + 63] as "+f" operands.
+#define TMOE_WGMMA_ACC8(i)                                                                            \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define TMOE_WGMMA_ACC64(i)                                                                           \
+  TMOE_WGMMA_ACC8(i), TMOE_WGMMA_ACC8(i + 8), TMOE_WGMMA_ACC8(i + 16), TMOE_WGMMA_ACC8(i + 24),       \
+      TMOE_WGMMA_ACC8(i + 32), TMOE_WGMMA_ACC8(i + 40), TMOE_WGMMA_ACC8(i + 48), TMOE_WGMMA_ACC8(i + 56)
+#define TMOE_WGMMA_A_DESC_SCALE \
+  "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+
+template <int N>
+__device__ __forceinline__ void mma_m64k16_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                              int accumulate) {
+  static_assert(N == 128 || N == 256);
 #ifdef TMOE_WGMMA_DEVICE
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  if constexpr (N == 128) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : TMOE_WGMMA_ACC64(0)
+        : TMOE_WGMMA_A_DESC_SCALE);
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : TMOE_WGMMA_ACC64(0), TMOE_WGMMA_ACC64(64)
+        : TMOE_WGMMA_A_DESC_SCALE);
+  }
 #endif
 }
+#undef TMOE_WGMMA_ACC8
+#undef TMOE_WGMMA_ACC64
+#undef TMOE_WGMMA_A_DESC_SCALE
 
 // Orders this thread's earlier generic-proxy shared-memory writes (st.shared, cp.async after its
 // wait) before later async-proxy reads (wgmma operands).

@@ -61,7 +61,7 @@ class CudaMoe {
   const char* path(int64_t tokens, int top_k) const;
   // One line on the launches forward() makes for this batch size (for benchmarks and tuning): the
   // path, rows per work item, and per pass its K splits, k-tiles per block, blocks per SM and
-  // shared memory per block.
+  // shared memory per block; for the grouped path, its GEMM kernel and tile height.
   std::string plan_summary(int64_t tokens, int top_k) const;
 
   // Workspace forward() needs for up to `tokens` tokens with `top_k` slots each.

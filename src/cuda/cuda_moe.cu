@@ -248,7 +248,7 @@ const char* CudaMoe::path(int64_t tokens, int top_k) const {
 std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
   const Impl& m = *impl_;
   const ForwardPlan f = m.plan(tokens, top_k);
-  if (f.grouped) return "grouped";
+  if (f.grouped) return grouped::grouped_plan_summary(m.grouped_args(tokens, top_k));
   std::string s = std::string(path(tokens, top_k)) + ": items of " + std::to_string(f.tokens_per_item) + " rows";
   auto pass = [&](const char* name, const PassPlan& p, const PassProjection* proj, int nproj) {
     const bool tc = tensor_core_pass(proj, nproj);  // = every grid of the pass is affine

@@ -1254,6 +1254,13 @@ bool grouped_uses_wgmma(const GroupedMoeArgs& args) {
   return use_wgmma(args);
 }
 
+std::string grouped_plan_summary(const GroupedMoeArgs& args) {
+  validate(args, false);
+  if (use_wgmma(args)) return "grouped: wgmma (sm_90a), " + std::to_string(wgmma_tokens(args)) + "-token tiles";
+  return "grouped: mma.sync, " + std::to_string(tile_rows_for(args)) + "-row tiles" +
+         (any_hadamard(args) ? ", Hadamard" : "");
+}
+
 size_t grouped_moe_workspace_bytes(const GroupedMoeArgs& args) {
   validate(args, false);
   return carve(args, nullptr).bytes;

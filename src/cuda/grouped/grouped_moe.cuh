@@ -25,6 +25,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "cuda/device_weights.cuh"
 #include "tmoe/half.hpp"
@@ -74,6 +75,10 @@ struct GroupedMoeArgs {
 
 // True when grouped_moe_forward(args) runs its GEMMs with grouped_gemm_wgmma (see GroupedKernel).
 bool grouped_uses_wgmma(const GroupedMoeArgs& args);
+
+// What grouped_moe_forward(args) would run, for logs and benchmarks: the GEMM kernel and its tile
+// height, e.g. "grouped: wgmma (sm_90a), 128-token tiles" or "grouped: mma.sync, 64-row tiles".
+std::string grouped_plan_summary(const GroupedMoeArgs& args);
 
 // Throws tmoe::Error (bad input) naming the first thing this path cannot run: shapes that do not
 // form one MoE layer, K or N not a multiple of 16, bad bits / group size / Hadamard block,

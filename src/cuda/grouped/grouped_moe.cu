@@ -12,8 +12,10 @@
 //   transform_intermediate (Hadamard only)
 //   grouped_gemm<1, ...>  down, with the router weight and the combine in the epilogue
 //   finish_rows / combine_rows / convert_from_f32
+#include <cuda.h>  // CUtensorMap (types only; the encoder comes from the runtime entry point)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -586,6 +588,13 @@ constexpr int wg_cols(int tokens) { return 128 * wg_slabs(tokens); }  // feature
 #define TMOE_WGMMA_TILE256_MIN_ROWS 0
 #endif
 constexpr int64_t kWgTile256MinRows = TMOE_WGMMA_TILE256_MIN_ROWS;
+// The X tile by TMA (2D bulk tensor copies completing on a per-slot mbarrier: one per row for
+// gathered gate/up rows, one per tile for down's contiguous h rows) instead of 4-8 cp.async per
+// thread and step. -DTMOE_WGMMA_TMA_X=1 for A/B runs; default 0 (written in session 10, not run).
+#ifndef TMOE_WGMMA_TMA_X
+#define TMOE_WGMMA_TMA_X 0
+#endif
+constexpr bool kWgTmaX = TMOE_WGMMA_TMA_X != 0;
 
 template <int NUM_PROJ, int TOKENS>
 struct WgmmaSmem {
@@ -610,11 +619,16 @@ constexpr size_t wgmma_smem_bytes() {
   return sizeof(WgmmaSmem<NUM_PROJ, TOKENS>) + wgmma::kTileAlign;
 }
 
+// x_map (kWgTmaX): the A source (x rows for gate/up, h rows for down) as a 2D bf16 tensor map, SW128,
+// box 64 k x 1 row (gathered rows) or 64 k x TOKENS rows (contiguous rows).
 template <int NUM_PROJ, int TOKENS>
-__global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmParams p) {
+__global__ void __launch_bounds__(kWgThreads, 1)
+    grouped_gemm_wgmma(const GemmParams p, const __grid_constant__ CUtensorMap x_map) {
 #ifdef TMOE_WGMMA_DEVICE
   // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
   __shared__ const __nv_bfloat16* x_src[TOKENS];
+  __shared__ int x_src_row[kWgTmaX ? TOKENS : 1];  // TMA: the tile row's row of the A source
+  __shared__ uint64_t x_full[kWgStages];            // TMA: the slot's X tile landed
   using Smem = WgmmaSmem<NUM_PROJ, TOKENS>;
   constexpr int kSlabs = wg_slabs(TOKENS);
   constexpr int kUnits = Smem::kUnits;
@@ -635,7 +649,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
   const int num_kb = (K + kBK - 1) / kBK;
 
-  for (int r = tid; r < TOKENS; r += kWgThreads) x_src[r] = a_row_source(p, tile, 0, r);
+  for (int r = tid; r < TOKENS; r += kWgThreads) {
+    x_src[r] = a_row_source(p, tile, 0, r);
+    // Padding rows read row 0 (valid; their columns of D are never stored).
+    if constexpr (kWgTmaX) x_src_row[r] = x_src[r] ? static_cast<int>((x_src[r] - p.a[0]) / p.K) : 0;
+  }
+  if (kWgTmaX && tid == 0)
+    for (int st = 0; st < kWgStages; ++st) wgmma::mbarrier_init(&x_full[st], 1);
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kWgThreads);
   __syncthreads();
 
@@ -683,8 +703,18 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
   auto load_stage = [&](int slot, int kb) {
     const int k0 = kb * kBK;
     uint8_t* x = s.ring.x[slot];
+    if constexpr (kWgTmaX) {
+      // Out-of-range k and rows past the source are zero-filled and still count as the box's bytes.
+      if (tid == 0) wgmma::mbarrier_arrive_expect_tx(&x_full[slot], TOKENS * wgmma::kRowBytes);
+      if (p.gather_tokens) {
+        for (int r = tid; r < TOKENS; r += kWgThreads)
+          wgmma::tma_load_2d(x + r * wgmma::kRowBytes, &x_map, k0, x_src_row[r], &x_full[slot]);
+      } else if (tid == 0) {
+        wgmma::tma_load_2d(x, &x_map, k0, row0, &x_full[slot]);
+      }
+    }
 #pragma unroll
-    for (int i = 0; i < kXCopies; ++i) {
+    for (int i = 0; i < (kWgTmaX ? 0 : kXCopies); ++i) {
       if (x_row[i] == nullptr) continue;
       const int k = k0 + (tid % 8) * 8;
       cp_async16(x + x_dst + i * (kWgThreads / 8) * wgmma::kRowBytes, k < K ? x_row[i] + k : p.a[0], k < K ? 16 : 0);
@@ -745,6 +775,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) grouped_gemm_wgmma(const GemmPa
       // Everyone's copies of step i visible; step i-2 retired in both warpgroups (each waited for
       // it during step i-1), so its slot takes step i + kWgAhead's copies.
       __syncthreads();
+      if constexpr (kWgTmaX) wgmma::mbarrier_wait(&x_full[slot], (i / kWgStages) & 1);
       {
         const int next = i + kWgAhead;
         if (next < num_kb) load_stage(next % kWgStages, next);
@@ -1217,8 +1248,36 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
 
+// The wgmma kernel's A source as a 2D bf16 tensor map (kWgTmaX): rows x K, row stride K, box 64 k x
+// box_rows, 128-byte swizzle (the SW128 tile layout), out-of-range elements zero-filled. Without
+// kWgTmaX an empty map (the kernel never reads it).
+CUtensorMap x_tensor_map(const __nv_bfloat16* base, int64_t rows, int64_t K, int box_rows) {
+  CUtensorMap map{};
+  if (!kWgTmaX) return map;
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found),
+               "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr)
+      throw Error(ErrorKind::internal, "grouped MoE: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult status = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(base), dims,
+                                 strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS)
+    throw Error(ErrorKind::internal, "grouped MoE: cuTensorMapEncodeTiled failed (" + std::to_string(status) + ")");
+  return map;
+}
+
 template <int NUM_PROJ, int TOKENS>
-void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
+void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, int64_t a_rows, cudaStream_t stream) {
   constexpr int kProjCols = wg_cols(TOKENS) / NUM_PROJ;
   const size_t smem = wgmma_smem_bytes<NUM_PROJ, TOKENS>();
   static bool configured = false;  // attribute set once per process and instantiation
@@ -1229,7 +1288,8 @@ void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, cudaStream_t stre
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items), 1);
-  grouped_gemm_wgmma<NUM_PROJ, TOKENS><<<grid, kWgThreads, smem, stream>>>(p);
+  const CUtensorMap x_map = x_tensor_map(p.a[0], a_rows, p.K, p.gather_tokens ? 1 : TOKENS);
+  grouped_gemm_wgmma<NUM_PROJ, TOKENS><<<grid, kWgThreads, smem, stream>>>(p, x_map);
   check_cuda(cudaGetLastError(), "grouped_gemm_wgmma launch");
 }
 
@@ -1300,8 +1360,10 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   auto launch = [&](auto num_proj) {
     constexpr int kNumProj = decltype(num_proj)::value;
     if (wgmma_path) {
-      if (tile_rows == 256) launch_gemm_wgmma<kNumProj, 256>(p, max_items, stream);
-      else launch_gemm_wgmma<kNumProj, 128>(p, max_items, stream);
+      // Rows of the A source: x's tokens (gate/up) or h's pairs (down).
+      const int64_t a_rows = p.gather_tokens ? T : pairs;
+      if (tile_rows == 256) launch_gemm_wgmma<kNumProj, 256>(p, max_items, a_rows, stream);
+      else launch_gemm_wgmma<kNumProj, 128>(p, max_items, a_rows, stream);
       return;
     }
     switch (tile_rows) {

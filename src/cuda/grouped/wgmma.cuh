@@ -1,8 +1,9 @@
 // Hopper (sm_90a) building blocks of the grouped path's wgmma kernel (grouped_gemm_wgmma in
 // grouped_moe.cu): shared-memory matrix descriptors for the 128-byte-swizzled K-major layout,
-// wgmma.mma_async m64n128k16 / m64n256k16 with A from registers (bf16 in, fp32 accumulators), the group
-// fences and the async proxy fence. tests/cuda/test_grouped_wgmma.cu checks the layouts on a plain
-// GEMM.//
+// wgmma.mma_async m64n128k16 / m64n256k16 with A from registers (bf16 in, fp32 accumulators), the
+// group fences and the async proxy fence, mbarriers and 2D TMA loads. tests/cuda/test_grouped_wgmma.cu
+// checks the layouts on a plain GEMM.
+//
 // Every wrapper compiles to nothing outside the sm_90a device pass (TMOE_WGMMA_DEVICE): the sm_80
 // and plain sm_90 passes still compile the callers, whose kernels then do nothing; the host picks
 // the kernel only where it was built for the device (wgmma_kernel_built in grouped_moe.cu).
@@ -101,6 +102,43 @@ __device__ __forceinline__ void mma_m64k16_rs(float (&d)[N / 2], const uint32_t 
 #undef TMOE_WGMMA_ACC8
 #undef TMOE_WGMMA_ACC64
 #undef TMOE_WGMMA_A_DESC_SCALE
+
+// ---- mbarriers and TMA (the X tile's bulk tensor copies, -DTMOE_WGMMA_TMA_X=1) ----
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// Arrives on `bar` and adds `bytes` to the transaction count its phase waits for.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+// Waits until the phase with this parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred done;\nwait_loop:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_loop;\n}\n" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// The box of a 2D tensor map at (c0 = k, c1 = row) into shared memory at `dst` (the map's swizzle
+// applied by the hardware from dst's address bits), completing `bytes` of `bar`'s transaction count.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, uint64_t* bar) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_address(bar))
+      : "memory");
+#endif
+}
 
 // Orders this thread's earlier generic-proxy shared-memory writes (st.shared, cp.async after its
 // wait) before later async-proxy reads (wgmma operands).

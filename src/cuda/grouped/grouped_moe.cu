@@ -567,8 +567,8 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 // all): with 128-token tiles, gate and up of the same 64 features or two of down's; with 256-token
 // tiles one slab (gate in one warpgroup, up in the other, or 64 of down's), so each slice's group is
 // one m64n256k16 for one unit's decode, twice the tensor work per decode instruction.
-// Pipeline: cp.async copies of each 64-deep K step (X rows, raw units, scales, su) run kWgAhead
-// steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes its slabs' fragments,
+// Pipeline: cp.async copies of each 64-deep K step (X rows, raw units, scales, su; the X rows by TMA
+// with kWgTmaX) run kWgAhead steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes its slabs' fragments,
 // issues their wgmmas as one group and waits for the group before, so a slice's decode runs under
 // the previous slice's wgmmas (more groups in flight make ptxas serialize them, notes "v9").
 // Epilogue: the accumulators go through shared memory (transposed to [token][feature], where gate

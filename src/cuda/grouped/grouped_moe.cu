@@ -288,6 +288,87 @@ __device__ __forceinline__ void with_decode_variant(const GemmParams& p, const G
   }
 }
 
+// One thread's fixed share of a K step's weight-side copies, in both GEMM kernels: 16-byte chunks
+// of the block's raw units (chunk c = tid + THREADS i: unit c / 32, chunk c % 32; a unit of the
+// step per PROJ_COLS / 16 n-tiles and projection) and one 16-byte piece of a (k-tile, 8 columns)
+// scale row (threads [0, kScaleChunks)) or of su (the next NUM_PROJ * 8 threads, gate/up with su
+// folded into the weights). Sources are found once per block and advance by one quad per step;
+// pieces outside K / N are zero-filled (a zero scale or su makes padded weights zero). The
+// destinations are stage 0's; issue() adds the stage's offset.
+template <int NUM_PROJ, int PROJ_COLS, int THREADS, bool FOLD_SU>
+struct WeightCopies {
+  static constexpr int kProjNTiles = PROJ_COLS / kTileDim;
+  static constexpr int kChunksPerUnit = unit_bytes(kMaxBits) / 16;
+  static constexpr int kUnitChunks = NUM_PROJ * kProjNTiles * kChunksPerUnit;
+  static constexpr int kUnitCopies = (kUnitChunks + THREADS - 1) / THREADS;
+  static constexpr int kScaleChunks = NUM_PROJ * kKTiles * (PROJ_COLS / 8);
+  static_assert(kScaleChunks + NUM_PROJ * (kBK / 8) <= THREADS);
+
+  const uint32_t* unit_src[kUnitCopies];  // nullptr: nothing to copy
+  uint32_t* unit_dst[kUnitCopies];
+  int unit_step[kUnitCopies];             // words per quad
+  const uint16_t* meta_src = nullptr;     // scales: the expert's row 0 at the piece's columns; su: k = meta_k
+  uint16_t* meta_dst = nullptr;
+  int meta_k = 0, meta_group_size = 1;    // the piece's k offset in a step; scales' group size
+
+  // units0: stage 0's units as [unit][words] (unit = projection * kProjNTiles + n-tile);
+  // scales0 / su0: stage 0's [NUM_PROJ][kKTiles][PROJ_COLS] / [NUM_PROJ][kBK].
+  __device__ __forceinline__ WeightCopies(const GemmParams& p, int tid, int expert, int n0, uint32_t* units0,
+                                          uint16_t* scales0, uint16_t* su0) {
+    const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);
+#pragma unroll
+    for (int i = 0; i < kUnitCopies; ++i) {
+      const int c = tid + i * THREADS;
+      const int chunk = c % kChunksPerUnit, u = c / kChunksPerUnit;
+      const int q = u / kProjNTiles, nt = u % kProjNTiles;
+      unit_src[i] = nullptr;
+      unit_dst[i] = nullptr;
+      unit_step[i] = 0;
+      if (c < kUnitChunks) {
+        const DeviceProjection& w = p.proj[q];
+        const int gn = n0 / kTileDim + nt;
+        if (chunk * 16 < unit_bytes(w.bits) && gn < N / kTileDim) {
+          unit_src[i] = w.unit(expert, gn, 0) + chunk * 4;
+          unit_step[i] = unit_words(w.bits);
+          unit_dst[i] = units0 + u * unit_words(kMaxBits) + chunk * 4;
+        }
+      }
+    }
+    if (tid < kScaleChunks) {
+      const int chunk = tid % (PROJ_COLS / 8), kt = (tid / (PROJ_COLS / 8)) % kKTiles;
+      const int q = tid / ((PROJ_COLS / 8) * kKTiles);
+      const DeviceProjection& w = p.proj[q];
+      meta_k = kt * kTileDim;
+      meta_group_size = w.group_size;
+      if (n0 + chunk * 8 < N) meta_src = w.scales + static_cast<int64_t>(expert) * w.groups() * N + n0 + chunk * 8;
+      meta_dst = scales0 + (q * kKTiles + kt) * PROJ_COLS + chunk * 8;
+    } else if (FOLD_SU && tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
+      const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
+      meta_k = chunk * 8;
+      meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K + meta_k;
+      meta_dst = su0 + q * kBK + meta_k;
+    }
+  }
+
+  // The copies of step kb into stage `stage` (stage sizes in words / halves).
+  __device__ __forceinline__ void issue(const GemmParams& p, int tid, int stage, int kb, size_t unit_stage_words,
+                                        size_t scale_stage_halves, size_t su_stage_halves) const {
+#pragma unroll
+    for (int i = 0; i < kUnitCopies; ++i)
+      if (unit_src[i]) cp_async16(unit_dst[i] + stage * unit_stage_words, unit_src[i] + kb * unit_step[i], 16);
+    if (meta_dst) {
+      const bool is_scale = tid < kScaleChunks;
+      const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
+      const int k0 = kb * kBK, k = k0 + meta_k;
+      const bool ok = meta_src != nullptr && k < K;
+      const uint16_t* src = !ok ? p.proj[0].scales
+                            : is_scale ? meta_src + static_cast<int64_t>(k / meta_group_size) * N
+                                       : meta_src + k0;
+      cp_async16(meta_dst + stage * (is_scale ? scale_stage_halves : su_stage_halves), src, ok ? 16 : 0);
+    }
+  }
+};
+
 // One block: BM rows of one expert's pairs x kBN columns of NUM_PROJ projections (same K).
 // Blocks past the work list exit at once (the grid is sized for the worst case, so no host
 // synchronisation is needed to know how many tiles the routing produced).
@@ -304,7 +385,6 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   using Smem = GemmSmem<NUM_PROJ, SEPARATE_A, BM>;
   constexpr int kNumA = Smem::kNumA;
   constexpr int kProjCols = Smem::kProjCols;
-  constexpr int kProjNTiles = Smem::kProjNTiles;
   constexpr int kWarpCols = kProjCols / 4;      // per projection: 16 (gate/up) or 32 (down)
   constexpr int kWarpNFrags = kWarpCols / 8;    // n8 fragments per projection per warp
   constexpr int kNFrags = NUM_PROJ * kWarpNFrags;  // 4: two units of two n8 halves each
@@ -322,62 +402,15 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   const int n0 = tile.n0, expert = tile.expert, row0 = tile.row0, rows_valid = tile.rows_valid;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // warp_m < kWarpsM
-  const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
+  const int K = static_cast<int>(p.K);  // < 2^31 (validated)
 
   // Per-row A sources (nullptr: padding row, zero-filled).
   for (int i = tid; i < kNumA * kBM; i += kThreads) s.a_src[i / kBM][i % kBM] = a_row_source(p, tile, i / kBM, i % kBM);
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kThreads);
 
-  // Each thread's share of a stage's copies is fixed; its global addresses are computed once here
-  // and advance by one stage per k-step (the k loop then costs a few instructions per copy).
-  // Units: 16-byte chunks, unit_bytes(bits) / 16 per unit; the next stage is the next quad.
-  constexpr int kUnitChunks = NUM_PROJ * kProjNTiles * unit_bytes(kMaxBits) / 16;  // 256
-  constexpr int kUnitCopies = (kUnitChunks + kThreads - 1) / kThreads;
-  const uint32_t* unit_src[kUnitCopies];
-  uint32_t* unit_dst[kUnitCopies];
-  int unit_step[kUnitCopies];  // words per quad
-#pragma unroll
-  for (int i = 0; i < kUnitCopies; ++i) {
-    const int c = tid + i * kThreads;
-    const int chunk = c % (unit_bytes(kMaxBits) / 16), u = c / (unit_bytes(kMaxBits) / 16);
-    const int q = u / kProjNTiles, nt = u % kProjNTiles;
-    unit_src[i] = nullptr;
-    unit_dst[i] = nullptr;
-    unit_step[i] = 0;
-    if (c < kUnitChunks) {
-      const DeviceProjection& w = p.proj[q];
-      const int gn = n0 / kTileDim + nt;
-      if (chunk * 16 < unit_bytes(w.bits) && gn < N / kTileDim) {
-        unit_src[i] = w.unit(expert, gn, 0) + chunk * 4;
-        unit_step[i] = unit_words(w.bits);
-        unit_dst[i] = &s.units[0][q][nt][chunk * 4];
-      }
-    }
-  }
-  // Scales: threads [0, kScaleChunks) copy one 16-byte row piece each; su: the next NUM_PROJ * 8.
-  constexpr int kScaleChunks = NUM_PROJ * kKTiles * (kProjCols / 8);
-  static_assert(kScaleChunks + NUM_PROJ * (kBK / 8) <= kThreads);
-  const uint16_t* meta_src = nullptr;
-  uint16_t* meta_dst = nullptr;
-  int meta_kt = 0, meta_group_size = 1;
-  if (tid < kScaleChunks) {
-    const int chunk = tid % (kProjCols / 8);
-    meta_kt = (tid / (kProjCols / 8)) % kKTiles;
-    const int q = tid / ((kProjCols / 8) * kKTiles);
-    const DeviceProjection& w = p.proj[q];
-    meta_group_size = w.group_size;
-    const int groups = (K + w.group_size - 1) / w.group_size;
-    if (n0 + chunk * 8 < N)
-      meta_src = w.scales + static_cast<int64_t>(expert) * groups * N + n0 + chunk * 8;
-    meta_dst = &s.scales[0][q][meta_kt][chunk * 8];
-  } else if (tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
-    const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
-    meta_kt = chunk;  // su: chunk of 8 k-values
-    if (kFoldSu)
-      meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K +
-                 chunk * 8;
-    meta_dst = &s.su[0][q][chunk * 8];
-  }
+  // Each thread's share of a stage's copies is fixed (WeightCopies for the weight side).
+  const WeightCopies<NUM_PROJ, kProjCols, kThreads, kFoldSu> weight_copies(p, tid, expert, n0, &s.units[0][0][0][0],
+                                                                           &s.scales[0][0][0][0], &s.su[0][0][0]);
   __syncthreads();
 
   // Issues the cp.async copies of stage `kb` (A rows, units, scales, su) into buffer `buf`.
@@ -399,20 +432,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], k < K ? src + k : p.a[0],
                  k < K ? 16 : 0);
     }
-#pragma unroll
-    for (int i = 0; i < kUnitCopies; ++i)
-      if (unit_src[i])
-        cp_async16(unit_dst[i] + buf * (sizeof(s.units[0]) / 4), unit_src[i] + kb * unit_step[i], 16);
-    if (meta_dst) {
-      const bool is_scale = tid < kScaleChunks;
-      const int k = k0 + meta_kt * (is_scale ? kTileDim : 8);
-      const bool ok = meta_src != nullptr && k < K;
-      const uint16_t* src = !ok ? p.proj[0].scales
-                            : is_scale ? meta_src + static_cast<int64_t>(k / meta_group_size) * N
-                                       : meta_src + k0;
-      const size_t stage_halves = is_scale ? sizeof(s.scales[0]) / 2 : sizeof(s.su[0]) / 2;
-      cp_async16(meta_dst + buf * stage_halves, src, ok ? 16 : 0);
-    }
+    weight_copies.issue(p, tid, buf, kb, sizeof(s.units[0]) / 4, sizeof(s.scales[0]) / 2, sizeof(s.su[0]) / 2);
   };
 
   // Coefficients of stage `buf` into s.coef[cb] (one (k-tile, column) entry per thread and pass).
@@ -631,7 +651,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   __shared__ uint64_t x_full[kWgStages];            // TMA: the slot's X tile landed
   using Smem = WgmmaSmem<NUM_PROJ, TOKENS>;
   constexpr int kSlabs = wg_slabs(TOKENS);
-  constexpr int kUnits = Smem::kUnits;
   constexpr int kProjCols = Smem::kProjCols;
   constexpr int kProjNTiles = kProjCols / kTileDim;
   constexpr bool kFoldSu = NUM_PROJ == 2;  // gate/up without Hadamard (the only ones run here)
@@ -646,7 +665,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int n0 = tile.n0, expert = tile.expert, row0 = tile.row0, rows_valid = tile.rows_valid;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t = lane & 3;
-  const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
+  const int K = static_cast<int>(p.K);  // < 2^31 (validated)
   const int num_kb = (K + kBK - 1) / kBK;
 
   for (int r = tid; r < TOKENS; r += kWgThreads) {
@@ -667,39 +686,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
   for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[tid / 8 + (kWgThreads / 8) * i];
   const uint32_t x_dst = wgmma::sw128_offset(tid / 8, tid % 8);  // + i * (kWgThreads / 8) rows
-  constexpr int kUnitChunks = unit_bytes(kMaxBits) / 16;            // 32: lane = chunk
-  constexpr int kUnitCopies = kUnits * kUnitChunks / kWgThreads;  // units warp (, warp + 8)
-  const uint32_t* unit_src[kUnitCopies];                            // nullptr: nothing to copy
-  int unit_step[kUnitCopies];
-#pragma unroll
-  for (int i = 0; i < kUnitCopies; ++i) {
-    const int u = warp + (kWgThreads / 32) * i;
-    const int q = u / kProjNTiles, gn = n0 / kTileDim + u % kProjNTiles;
-    const DeviceProjection& w = p.proj[q];
-    const bool copy = lane * 16 < unit_bytes(w.bits) && gn < N / kTileDim;
-    unit_src[i] = copy ? w.unit(expert, gn, 0) + lane * 4 : nullptr;
-    unit_step[i] = unit_words(w.bits);
-  }
-  // Scales: threads [0, kScaleChunks) copy one 16-byte piece of a (k-tile, 8 columns) row each;
-  // su: the next NUM_PROJ * 8 threads, 8 k-values each.
-  constexpr int kScaleChunks = NUM_PROJ * kKTiles * (kProjCols / 8);
-  static_assert(kScaleChunks + NUM_PROJ * (kBK / 8) <= kWgThreads);
-  const uint16_t* meta_src = nullptr;  // scales: the expert's row 0 at the piece's columns; su: k = chunk * 8
-  uint16_t* meta_dst = nullptr;
-  int meta_k = 0, meta_group_size = 1;
-  if (tid < kScaleChunks) {
-    const int chunk = tid % (kProjCols / 8), q = tid / ((kProjCols / 8) * kKTiles);
-    const DeviceProjection& w = p.proj[q];
-    meta_k = (tid / (kProjCols / 8)) % kKTiles * kTileDim;
-    meta_group_size = w.group_size;
-    if (n0 + chunk * 8 < N) meta_src = w.scales + static_cast<int64_t>(expert) * w.groups() * N + n0 + chunk * 8;
-    meta_dst = &s.ring.scales[0][q][meta_k / kTileDim][chunk * 8];
-  } else if (kFoldSu && tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
-    const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
-    meta_k = chunk * 8;
-    meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K + meta_k;
-    meta_dst = &s.ring.su[0][q][meta_k];
-  }
+  const WeightCopies<NUM_PROJ, kProjCols, kWgThreads, kFoldSu> weight_copies(
+      p, tid, expert, n0, &s.ring.units[0][0][0], &s.ring.scales[0][0][0][0], &s.ring.su[0][0][0]);
   auto load_stage = [&](int slot, int kb) {
     const int k0 = kb * kBK;
     uint8_t* x = s.ring.x[slot];
@@ -719,20 +707,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       const int k = k0 + (tid % 8) * 8;
       cp_async16(x + x_dst + i * (kWgThreads / 8) * wgmma::kRowBytes, k < K ? x_row[i] + k : p.a[0], k < K ? 16 : 0);
     }
-#pragma unroll
-    for (int i = 0; i < kUnitCopies; ++i)
-      if (unit_src[i])
-        cp_async16(&s.ring.units[slot][warp + (kWgThreads / 32) * i][lane * 4], unit_src[i] + kb * unit_step[i], 16);
-    if (meta_dst) {
-      const bool is_scale = tid < kScaleChunks;
-      const int k = k0 + meta_k;
-      const bool ok = meta_src != nullptr && k < K;
-      const uint16_t* src = !ok ? p.proj[0].scales
-                            : is_scale ? meta_src + static_cast<int64_t>(k / meta_group_size) * N
-                                       : meta_src + k0;
-      const size_t stage_halves = is_scale ? sizeof(s.ring.scales[0]) / 2 : sizeof(s.ring.su[0]) / 2;
-      cp_async16(meta_dst + slot * stage_halves, src, ok ? 16 : 0);
-    }
+    weight_copies.issue(p, tid, slot, kb, sizeof(s.ring.units[0]) / 4, sizeof(s.ring.scales[0]) / 2,
+                        sizeof(s.ring.su[0]) / 2);
   };
 
   // This warp's unit of each slab: projection, n-tile j in the block (features 16 j .. 16 j + 15 =

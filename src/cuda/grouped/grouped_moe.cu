@@ -248,11 +248,14 @@ __device__ __forceinline__ bool find_row_tile(const GemmParams& p, int tile_rows
   return true;
 }
 
+// The row of the A sources that valid row r of the tile reads (a token, or a pair row).
+__device__ __forceinline__ int64_t a_row_index(const GemmParams& p, const RowTile& t, int r) {
+  return p.gather_tokens ? p.order[t.row0 + r] / p.top_k : t.row0 + r;
+}
 // Where row r of the tile reads A operand `which` from (nullptr: a padding row, zero-filled).
 __device__ __forceinline__ const __nv_bfloat16* a_row_source(const GemmParams& p, const RowTile& t, int which, int r) {
   if (r >= t.rows_valid) return nullptr;
-  const int64_t a_row = p.gather_tokens ? p.order[t.row0 + r] / p.top_k : t.row0 + r;
-  return p.a[which] + a_row * p.K;
+  return p.a[which] + a_row_index(p, t, r) * p.K;
 }
 
 // Each projection's grid form and its table of level pairs (grid[i], grid[j]) as bf16x2, indexed
@@ -671,7 +674,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   for (int r = tid; r < TOKENS; r += kWgThreads) {
     x_src[r] = a_row_source(p, tile, 0, r);
     // Padding rows read row 0 (valid; their columns of D are never stored).
-    if constexpr (kWgTmaX) x_src_row[r] = x_src[r] ? static_cast<int>((x_src[r] - p.a[0]) / p.K) : 0;
+    if constexpr (kWgTmaX) x_src_row[r] = r < rows_valid ? static_cast<int>(a_row_index(p, tile, r)) : 0;
   }
   if (kWgTmaX && tid == 0)
     for (int st = 0; st < kWgStages; ++st) wgmma::mbarrier_init(&x_full[st], 1);

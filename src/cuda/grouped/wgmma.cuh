@@ -129,7 +129,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #endif
 }
 // The box of a 2D tensor map at (c0 = k, c1 = row) into shared memory at `dst` (the map's swizzle
-// applied by the hardware from dst's address bits), completing `bytes` of `bar`'s transaction count.
+// applied by the hardware from dst's address bits); its bytes count toward `bar`'s transactions.
 __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, uint64_t* bar) {
 #ifdef TMOE_WGMMA_DEVICE
   asm volatile(

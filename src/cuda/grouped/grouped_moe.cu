@@ -1071,9 +1071,12 @@ bool wgmma_kernel_built() {
 }
 
 // Token tile of the wgmma kernel: 256 from kWgTile256MinRows average rows per expert (when set),
-// else 128.
+// else 128. The environment variable TMOE_WGMMA_TILE256_MIN_ROWS=N overrides the build's value
+// (0: never), so that one build tests and times both tiles.
 int wgmma_tokens(const GroupedMoeArgs& a) {
-  return kWgTile256MinRows > 0 && a.tokens * a.top_k >= kWgTile256MinRows * a.gate.experts ? 256 : 128;
+  int64_t min_rows = kWgTile256MinRows;
+  if (const char* env = std::getenv("TMOE_WGMMA_TILE256_MIN_ROWS")) min_rows = std::max(0LL, std::atoll(env));
+  return min_rows > 0 && a.tokens * a.top_k >= min_rows * a.gate.experts ? 256 : 128;
 }
 
 bool use_wgmma(const GroupedMoeArgs& a) {

@@ -378,10 +378,14 @@ TEST(GroupedWgmma, SelectedOnHopper) {
   args.kernel = GroupedKernel::wgmma;
   if (prop.major == 9 && prop.minor == 0) {
     EXPECT_TRUE(grouped_uses_wgmma(args));
-    args.kernel = GroupedKernel::automatic;  // 512 x 4 pairs over 16 experts: 128 rows per expert
-    EXPECT_EQ(grouped_uses_wgmma(args), kWgmmaAutomatic && 128 >= kWgmmaMinRowsPerExpert);
-    args.tokens = 256;  // 64 rows per expert
-    EXPECT_EQ(grouped_uses_wgmma(args), kWgmmaAutomatic && 64 >= kWgmmaMinRowsPerExpert);
+    args.kernel = GroupedKernel::automatic;
+    // The rule at 128, 64, 32 and 24 average rows per expert (512 x 4 pairs over 16 experts: 128).
+    const int64_t min_rows = wgmma_min_rows_per_expert(c.shape.experts);
+    for (const int64_t tokens : {512, 256, 128, 96}) {
+      args.tokens = tokens;
+      const int64_t rows = tokens * c.shape.top_k / c.shape.experts;
+      EXPECT_EQ(grouped_uses_wgmma(args), kWgmmaAutomatic && rows >= min_rows) << tokens << " tokens";
+    }
     args.tokens = 512;
     args.tile_rows = 64;  // a forced tile height keeps the mma.sync kernel
     EXPECT_FALSE(grouped_uses_wgmma(args));

@@ -1091,7 +1091,7 @@ bool use_wgmma(const GroupedMoeArgs& a) {
   if (choice == GroupedKernel::mma_sync || !wgmma_kernel_built()) return false;
   if (choice == GroupedKernel::wgmma) return true;
   return kWgmmaAutomatic && a.tile_rows == 0 &&
-         a.tokens * a.top_k >= kWgmmaMinRowsPerExpert * a.gate.experts;
+         a.tokens * a.top_k >= wgmma_min_rows_per_expert(a.gate.experts) * a.gate.experts;
 }
 
 // Split-K for down (atomic combine only: the partial sums meet in the float atomics): when the

@@ -35,21 +35,33 @@ namespace tmoe::cuda::grouped {
 // Which GEMM kernel runs the projections: the mma.sync kernel (every GPU) or grouped_gemm_wgmma
 // (sm_90a: every warp decodes its own weights once per 128-token tile straight into wgmma's
 // register A operand, the activations are the shared-memory B operand; docs/notes-grouped.md "v9").
-// automatic takes the wgmma kernel only when kWgmmaAutomatic is on and experts
-// average >= kWgmmaMinRowsPerExpert rows; mma_sync / wgmma force one (wgmma falls back to mma_sync
+// automatic takes the wgmma kernel only when kWgmmaAutomatic is on and experts average at least
+// wgmma_min_rows_per_expert(experts) rows; mma_sync / wgmma force one (wgmma falls back to mma_sync
 // where it cannot run: no sm_90a build for this device, or a Hadamard path). With automatic, the
 // environment variable TMOE_GROUPED_KERNEL=mma|wgmma overrides the choice (benchmarks through
 // CudaMoe compare both).
 enum class GroupedKernel { automatic, mma_sync, wgmma };
-// From 64 average rows per expert. Measured (session 10, one H200, both kernels forced in one run,
-// `tmoe bench --backend cuda --grouped-min-tokens 0` with TMOE_GROUPED_KERNEL=mma|wgmma; us,
-// mma.sync | wgmma; docs/notes-grouped.md "v9"):
-//   rows/expert   8-16: qwen3 256 308 | 432, glm 256 911 | 1303, deepseek 256 4096 | 5965
-//                 32:   deepseek 1024 6168 | 6345
-//                 64:   qwen3 1024 822 | 605, glm 1024 2338 | 1569, mixtral 256 1325 | 807
-//                 128+: wgmma 1.25-1.92x faster on every shape (mixtral 4096 12378 | 7375)
+// From 64 average rows per expert, or from 32 on layers of at most 16 experts. Measured (us,
+// mma.sync | wgmma, both kernels forced: `TMOE_GROUPED_KERNEL=mma|wgmma tmoe bench --backend cuda
+// --grouped-min-tokens 0`; docs/notes-grouped.md "v9" and "Session 11"):
+//   rows/expert   8-16: qwen3 256 308 | 432, glm 256 911 | 1303, deepseek 256 4096 | 5965 (H200)
+//                 16:   deepseek 512 4264 | 5834 (H100)
+//                 24:   deepseek 768 5977 | 5966 (H100)
+//                 32:   deepseek 1024 6150 | 6197, qwen3 512 467 | 491, mixtral 128 816 | 755 (H100)
+//                 48:   deepseek 1536 6411 | 6547, qwen3 768 518 | 528, mixtral 192 894 | 780 (H100)
+//                 64:   qwen3 1024 796 | 604, mixtral 256 1326 | 796 (H100); glm 1024 2338 | 1569 (H200)
+//                 128+: wgmma 1.25-1.92x faster on every shape (mixtral 4096 12378 | 7375, H200)
+// At 32-48 rows wgmma loses 1-5% on the many-expert shapes (128-256 experts) and wins 7-13% on
+// mixtral's 8 experts; switching mixtral at 64 rows fell by 11% from 192 tokens (894 us, mma.sync)
+// to 256 (796 us, wgmma), more than #5's 10% cliff rule allows. Not measured: 16-32 rows on mixtral
+// (64-127 tokens keep mma.sync) and glm at 32-48 rows (it keeps the 64).
 inline constexpr bool kWgmmaAutomatic = true;
 inline constexpr int64_t kWgmmaMinRowsPerExpert = 64;
+inline constexpr int64_t kWgmmaFewExperts = 16;
+inline constexpr int64_t kWgmmaMinRowsFewExperts = 32;
+constexpr int64_t wgmma_min_rows_per_expert(int64_t experts) {
+  return experts <= kWgmmaFewExperts ? kWgmmaMinRowsFewExperts : kWgmmaMinRowsPerExpert;
+}
 
 struct GroupedMoeArgs {
   DeviceProjection gate, up, down;

@@ -188,16 +188,6 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
 #define TMOE_SPLIT_LOAD_BATCH 4
 #endif
 inline constexpr int kSplitLoadBatch = TMOE_SPLIT_LOAD_BATCH;
-// -DTMOE_FINISH_OUT_OF_LINE=1: the finishing block's work (finish_group) is a call, not inlined,
-// so its registers do not weigh on the pass kernels' allocation (for A/B runs).
-#ifndef TMOE_FINISH_OUT_OF_LINE
-#define TMOE_FINISH_OUT_OF_LINE 0
-#endif
-#if TMOE_FINISH_OUT_OF_LINE
-#define TMOE_FINISH_INLINE __noinline__
-#else
-#define TMOE_FINISH_INLINE __forceinline__
-#endif
 // -DTMOE_FINISH_SV_PREFETCH=0: the finishing block loads sv after the split sums (for A/B runs).
 #ifndef TMOE_FINISH_SV_PREFETCH
 #define TMOE_FINISH_SV_PREFETCH 1
@@ -205,8 +195,8 @@ inline constexpr int kSplitLoadBatch = TMOE_SPLIT_LOAD_BATCH;
 inline constexpr bool kPrefetchSv = TMOE_FINISH_SV_PREFETCH != 0;
 
 // The finishing block's work for finish group fg (see finish_if_last).
-__device__ TMOE_FINISH_INLINE void finish_group(const PassArgs& a, const PassItem& item, int rows, int fg,
-                                                  float* finish) {
+__device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& item, int rows, int fg,
+                                             float* finish) {
   const int expert = item.expert, first = item.first, count = item.count;
   const int64_t N = a.proj[0].w.N;
   const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
@@ -745,54 +735,6 @@ inline constexpr bool kMmaFusedStaging = TMOE_MMA_FUSED_STAGING != 0;
 #endif
 inline constexpr bool kMmaStageCountRows = TMOE_MMA_STAGE_COUNT_ROWS != 0;
 
-// -DTMOE_MMA_PREFETCH_STAGING=1 (an A/B knob, off): before its weight units go out, a block asks L2
-// for the lines its staging reads (x rows, su, scales), so those small loads do not queue behind the
-// pass's weights (v17's trace: qwen3's 1-token staging took 3.7-6.8 us).
-#ifndef TMOE_MMA_PREFETCH_STAGING
-#define TMOE_MMA_PREFETCH_STAGING 0
-#endif
-inline constexpr bool kMmaPrefetchStaging = TMOE_MMA_PREFETCH_STAGING != 0;
-
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
-// One 128-byte line per thread and step: the item's x rows (gate+up only: down's h is written by the
-// gate+up pass, already in L2) and su over the block's K range, the block's scale rows, and its
-// columns of sv (the finishing block's; v17's trace: finishing blocks 3.4-5.4 us at one token).
-__device__ __forceinline__ void prefetch_staging(const PassArgs& a, const DeviceProjection& w, const PassItem& item,
-                                                 int k_tile0, int k_tiles, int64_t n_tile0) {
-  constexpr int kLine = 128;
-  const int64_t K = w.K, N = w.N;
-  const int64_t k0 = static_cast<int64_t>(k_tile0) * kTileDim, k_len = static_cast<int64_t>(k_tiles) * kTileDim;
-  const int size = dtype_size(a.src_dtype);
-  const int x_lines = a.src_by_token ? static_cast<int>((k_len * size + kLine - 1) / kLine) : 0;
-  const int su_lines = static_cast<int>((k_len * 2 + kLine - 1) / kLine);
-  const int tiles_per_group = w.group_size / kTileDim;
-  const int group0 = k_tile0 / tiles_per_group, groups = (k_tile0 + k_tiles - 1) / tiles_per_group - group0 + 1;
-  const int64_t cols = min(static_cast<int64_t>(kMmaColsPerBlock), N - n_tile0 * kTileDim);
-  const int scale_lines = static_cast<int>((cols * 2 + kLine - 1) / kLine);
-  const int scale_rows = groups + 1;  // the scale rows, then this projection's sv (read by the finish)
-  const int lines = item.count * x_lines + su_lines + scale_rows * scale_lines;
-  for (int i = threadIdx.x; i < lines; i += blockDim.x) {
-    const char* p;
-    if (i < item.count * x_lines) {
-      const int t = i / x_lines;
-      const int64_t row = item.pair[t] / a.top_k;
-      p = static_cast<const char*>(a.src) + (row * K + k0) * size + min(static_cast<int64_t>(i % x_lines) * kLine, k_len * size - 1);
-    } else if (i < item.count * x_lines + su_lines) {
-      const int j = i - item.count * x_lines;
-      p = reinterpret_cast<const char*>(w.su + static_cast<int64_t>(item.expert) * K + k0) + min(static_cast<int64_t>(j) * kLine, k_len * 2 - 1);
-    } else {
-      const int j = i - item.count * x_lines - su_lines, g = j / scale_lines;
-      const uint16_t* row = g < groups ? w.scales + (static_cast<int64_t>(item.expert) * w.groups() + group0 + g) * N
-                                       : w.sv + static_cast<int64_t>(item.expert) * N;
-      p = reinterpret_cast<const char*>(row + n_tile0 * kTileDim) + min(static_cast<int64_t>(j % scale_lines) * kLine, cols * 2 - 1);
-    }
-    prefetch_l2(p);
-  }
-}
-
 TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }  // +16: row banks alternate
 
 // One block of the tensor-core kernel for a projection of BITS bits; CB 8-column mma blocks
@@ -831,7 +773,6 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   const int64_t n_tile = n_tile0 + warp;
   const bool active = n_tile < w.tiles_n();
 
-  if constexpr (kMmaPrefetchStaging) prefetch_staging(a, w, item, k_tile0, k_tiles, n_tile0);
   // --- the first units go out before anything else: they depend only on the item.
   const uint32_t* units = active ? w.unit(expert, n_tile, k_tile0 / kQuadTiles) + lane : nullptr;
   uint32_t ring[kUnitsInFlight][BITS];

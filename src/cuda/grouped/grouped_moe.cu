@@ -293,26 +293,29 @@ __device__ __forceinline__ void with_decode_variant(const GemmParams& p, const G
 
 // One thread's fixed share of a K step's weight-side copies, in both GEMM kernels: 16-byte chunks
 // of the block's raw units (chunk c = tid + THREADS i: unit c / 32, chunk c % 32; a unit of the
-// step per PROJ_COLS / 16 n-tiles and projection) and one 16-byte piece of a (k-tile, 8 columns)
-// scale row (threads [0, kScaleChunks)) or of su (the next NUM_PROJ * 8 threads, gate/up with su
-// folded into the weights). Sources are found once per block and advance by one quad per step;
-// pieces outside K / N are zero-filled (a zero scale or su makes padded weights zero). The
-// destinations are stage 0's; issue() adds the stage's offset.
+// step per PROJ_COLS / 16 n-tiles and projection) and 16-byte pieces of the step's scale rows and
+// su (piece c = tid + THREADS i: one (k-tile, 8 columns) piece of a scale row for c <
+// kScalePieces, then one of su, gate/up with su folded into the weights; one piece per thread
+// where the block has enough threads). Sources are found once per block and advance by one quad
+// per step; pieces outside K / N are zero-filled (a zero scale or su makes padded weights zero).
+// The destinations are stage 0's; issue() adds the stage's offset.
 template <int NUM_PROJ, int PROJ_COLS, int THREADS, bool FOLD_SU>
 struct WeightCopies {
   static constexpr int kProjNTiles = PROJ_COLS / kTileDim;
   static constexpr int kChunksPerUnit = unit_bytes(kMaxBits) / 16;
   static constexpr int kUnitChunks = NUM_PROJ * kProjNTiles * kChunksPerUnit;
   static constexpr int kUnitCopies = (kUnitChunks + THREADS - 1) / THREADS;
-  static constexpr int kScaleChunks = NUM_PROJ * kKTiles * (PROJ_COLS / 8);
-  static_assert(kScaleChunks + NUM_PROJ * (kBK / 8) <= THREADS);
+  static constexpr int kScalePieces = NUM_PROJ * kKTiles * (PROJ_COLS / 8);
+  static constexpr int kMetaPieces = kScalePieces + (FOLD_SU ? NUM_PROJ * (kBK / 8) : 0);
+  static constexpr int kMetaCopies = (kMetaPieces + THREADS - 1) / THREADS;
 
   const uint32_t* unit_src[kUnitCopies];  // nullptr: nothing to copy
   uint32_t* unit_dst[kUnitCopies];
-  int unit_step[kUnitCopies];             // words per quad
-  const uint16_t* meta_src = nullptr;     // scales: the expert's row 0 at the piece's columns; su: k = meta_k
-  uint16_t* meta_dst = nullptr;
-  int meta_k = 0, meta_group_size = 1;    // the piece's k offset in a step; scales' group size
+  int unit_step[kUnitCopies];  // words per quad
+  // Scales: the expert's row 0 at the piece's columns; su: k = meta_k. meta_dst nullptr: no piece.
+  const uint16_t* meta_src[kMetaCopies];
+  uint16_t* meta_dst[kMetaCopies];
+  int meta_k[kMetaCopies], meta_group_size[kMetaCopies];  // the piece's k offset in a step; scales' group size
 
   // units0: stage 0's units as [unit][words] (unit = projection * kProjNTiles + n-tile);
   // scales0 / su0: stage 0's [NUM_PROJ][kKTiles][PROJ_COLS] / [NUM_PROJ][kBK].
@@ -337,19 +340,28 @@ struct WeightCopies {
         }
       }
     }
-    if (tid < kScaleChunks) {
-      const int chunk = tid % (PROJ_COLS / 8), kt = (tid / (PROJ_COLS / 8)) % kKTiles;
-      const int q = tid / ((PROJ_COLS / 8) * kKTiles);
-      const DeviceProjection& w = p.proj[q];
-      meta_k = kt * kTileDim;
-      meta_group_size = w.group_size;
-      if (n0 + chunk * 8 < N) meta_src = w.scales + static_cast<int64_t>(expert) * w.groups() * N + n0 + chunk * 8;
-      meta_dst = scales0 + (q * kKTiles + kt) * PROJ_COLS + chunk * 8;
-    } else if (FOLD_SU && tid < kScaleChunks + NUM_PROJ * (kBK / 8)) {
-      const int chunk = (tid - kScaleChunks) % (kBK / 8), q = (tid - kScaleChunks) / (kBK / 8);
-      meta_k = chunk * 8;
-      meta_src = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K + meta_k;
-      meta_dst = su0 + q * kBK + meta_k;
+#pragma unroll
+    for (int i = 0; i < kMetaCopies; ++i) {
+      const int c = tid + i * THREADS;
+      meta_src[i] = nullptr;
+      meta_dst[i] = nullptr;
+      meta_k[i] = 0;
+      meta_group_size[i] = 1;
+      if (c < kScalePieces) {
+        const int chunk = c % (PROJ_COLS / 8), kt = (c / (PROJ_COLS / 8)) % kKTiles;
+        const int q = c / ((PROJ_COLS / 8) * kKTiles);
+        const DeviceProjection& w = p.proj[q];
+        meta_k[i] = kt * kTileDim;
+        meta_group_size[i] = w.group_size;
+        if (n0 + chunk * 8 < N)
+          meta_src[i] = w.scales + static_cast<int64_t>(expert) * w.groups() * N + n0 + chunk * 8;
+        meta_dst[i] = scales0 + (q * kKTiles + kt) * PROJ_COLS + chunk * 8;
+      } else if (c < kMetaPieces) {
+        const int chunk = (c - kScalePieces) % (kBK / 8), q = (c - kScalePieces) / (kBK / 8);
+        meta_k[i] = chunk * 8;
+        meta_src[i] = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K + meta_k[i];
+        meta_dst[i] = su0 + q * kBK + meta_k[i];
+      }
     }
   }
 
@@ -359,15 +371,17 @@ struct WeightCopies {
 #pragma unroll
     for (int i = 0; i < kUnitCopies; ++i)
       if (unit_src[i]) cp_async16(unit_dst[i] + stage * unit_stage_words, unit_src[i] + kb * unit_step[i], 16);
-    if (meta_dst) {
-      const bool is_scale = tid < kScaleChunks;
+#pragma unroll
+    for (int i = 0; i < kMetaCopies; ++i) {
+      if (!meta_dst[i]) continue;
+      const bool is_scale = tid + i * THREADS < kScalePieces;
       const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
-      const int k0 = kb * kBK, k = k0 + meta_k;
-      const bool ok = meta_src != nullptr && k < K;
+      const int k0 = kb * kBK, k = k0 + meta_k[i];
+      const bool ok = meta_src[i] != nullptr && k < K;
       const uint16_t* src = !ok ? p.proj[0].scales
-                            : is_scale ? meta_src + static_cast<int64_t>(k / meta_group_size) * N
-                                       : meta_src + k0;
-      cp_async16(meta_dst + stage * (is_scale ? scale_stage_halves : su_stage_halves), src, ok ? 16 : 0);
+                            : is_scale ? meta_src[i] + static_cast<int64_t>(k / meta_group_size[i]) * N
+                                       : meta_src[i] + k0;
+      cp_async16(meta_dst[i] + stage * (is_scale ? scale_stage_halves : su_stage_halves), src, ok ? 16 : 0);
     }
   }
 };
@@ -598,7 +612,20 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 // and up meet) into store_output_pair, grouped_gemm's epilogue.
 // (v8, a producer warpgroup decoding into a shared-memory B operand, was no faster than mma.sync;
 // docs/notes-grouped.md.)
-constexpr int kWgThreads = 256;
+// A third warpgroup that issues every copy (X rows, units, scales, su), handing each ring slot to
+// the two consumer warpgroups through a full and an empty mbarrier instead of one __syncthreads per
+// step; registers move from it to the consumers (setmaxnreg). -DTMOE_WGMMA_PRODUCER=1 for A/B runs;
+// default 0 (written in session 11, not run; docs/notes-grouped.md "after session 11", item 2).
+#ifndef TMOE_WGMMA_PRODUCER
+#define TMOE_WGMMA_PRODUCER 0
+#endif
+constexpr bool kWgProducer = TMOE_WGMMA_PRODUCER != 0;
+constexpr int kWgConsumerThreads = 256;                                // warpgroups 0 and 1
+constexpr int kWgCopyThreads = kWgProducer ? 128 : kWgConsumerThreads;  // the threads that issue copies
+constexpr int kWgThreads = kWgConsumerThreads + (kWgProducer ? 128 : 0);
+// Registers per thread after setmaxnreg (multiples of 8; 128 x 56 + 256 x 224 = the 384 x 168 the
+// launch gives a 384-thread block).
+constexpr int kWgProducerRegisters = 56, kWgConsumerRegisters = 224;
 constexpr int kWgStages = 5;
 [[maybe_unused]] constexpr int kWgAhead = kWgStages - 2;  // steps whose copies are in flight beyond the current one
 constexpr int wg_slabs(int tokens) { return tokens == 128 ? 2 : 1; }  // 64-feature slabs per warpgroup
@@ -652,6 +679,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   __shared__ const __nv_bfloat16* x_src[TOKENS];
   __shared__ int x_src_row[kWgTmaX ? TOKENS : 1];  // TMA: the tile row's row of the A source
   __shared__ uint64_t x_full[kWgStages];            // TMA: the slot's X tile landed
+  // kWgProducer: the slot's copies landed (X by TMA too) / both consumer warpgroups are done with it.
+  __shared__ uint64_t slot_full[kWgProducer ? kWgStages : 1], slot_empty[kWgProducer ? kWgStages : 1];
+  uint64_t* const tma_bar = kWgProducer ? slot_full : x_full;  // where the X tile's TMA copies complete
   using Smem = WgmmaSmem<NUM_PROJ, TOKENS>;
   constexpr int kSlabs = wg_slabs(TOKENS);
   constexpr int kProjCols = Smem::kProjCols;
@@ -676,43 +706,83 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     // Padding rows read row 0 (valid; their columns of D are never stored).
     if constexpr (kWgTmaX) x_src_row[r] = r < rows_valid ? static_cast<int>(a_row_index(p, tile, r)) : 0;
   }
-  if (kWgTmaX && tid == 0)
+  if (kWgTmaX && !kWgProducer && tid == 0)
     for (int st = 0; st < kWgStages; ++st) wgmma::mbarrier_init(&x_full[st], 1);
+  if (kWgProducer && tid == 0)
+    for (int st = 0; st < kWgStages; ++st) {
+      // Every copy thread arrives once its copies of the slot landed (+1: TMA's expect_tx arrival).
+      wgmma::mbarrier_init(&slot_full[st], kWgCopyThreads + (kWgTmaX ? 1 : 0));
+      wgmma::mbarrier_init(&slot_empty[st], kWgConsumerThreads);
+    }
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kWgThreads);
   __syncthreads();
 
   // Each thread's share of a step's copies is fixed: its sources are found once here and advance
   // by one step (64 k, one unit quad) per load; chunks outside K / N are zero-filled (a zero scale
   // or su makes padded weights zero, and zero activations meet padded k).
-  constexpr int kXCopies = TOKENS * 8 / kWgThreads;  // X: 8 chunks of 16 bytes per row
-  const __nv_bfloat16* x_row[kXCopies];               // nullptr: a padding row (never stored)
+  // The copy threads: the whole block, or the producer warpgroup (ctid = its thread index).
+  const int ctid = kWgProducer ? tid - kWgConsumerThreads : tid;
+  constexpr int kXCopies = TOKENS * 8 / kWgCopyThreads;  // X: 8 chunks of 16 bytes per row
+  const __nv_bfloat16* x_row[kXCopies];                   // nullptr: a padding row (never stored)
+  if constexpr (!kWgProducer) {  // (the producer reads x_src per copy: its registers are few)
 #pragma unroll
-  for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[tid / 8 + (kWgThreads / 8) * i];
-  const uint32_t x_dst = wgmma::sw128_offset(tid / 8, tid % 8);  // + i * (kWgThreads / 8) rows
-  const WeightCopies<NUM_PROJ, kProjCols, kWgThreads, kFoldSu> weight_copies(
-      p, tid, expert, n0, &s.ring.units[0][0][0], &s.ring.scales[0][0][0][0], &s.ring.su[0][0][0]);
-  auto load_stage = [&](int slot, int kb) {
+    for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[ctid / 8 + (kWgCopyThreads / 8) * i];
+  }
+  auto x_row_at = [&](int i) {
+    if constexpr (kWgProducer) return x_src[ctid / 8 + (kWgCopyThreads / 8) * i];
+    else return x_row[i];
+  };
+  const uint32_t x_dst = wgmma::sw128_offset(ctid / 8, ctid % 8);  // + i * (kWgCopyThreads / 8) rows
+  using Copies = WeightCopies<NUM_PROJ, kProjCols, kWgCopyThreads, kFoldSu>;
+  auto make_copies = [&] {
+    return Copies(p, ctid, expert, n0, &s.ring.units[0][0][0], &s.ring.scales[0][0][0][0], &s.ring.su[0][0][0]);
+  };
+  // The block's copies (the producer makes its own after the role split: nothing live across it).
+  [[maybe_unused]] const auto weight_copies = [&] {
+    if constexpr (kWgProducer) return 0;
+    else return make_copies();
+  }();
+  auto load_stage = [&](const Copies& copies, int slot, int kb) {
     const int k0 = kb * kBK;
     uint8_t* x = s.ring.x[slot];
     if constexpr (kWgTmaX) {
       // Out-of-range k and rows past the source are zero-filled and still count as the box's bytes.
-      if (tid == 0) wgmma::mbarrier_arrive_expect_tx(&x_full[slot], TOKENS * wgmma::kRowBytes);
+      if (ctid == 0) wgmma::mbarrier_arrive_expect_tx(&tma_bar[slot], TOKENS * wgmma::kRowBytes);
       if (p.gather_tokens) {
-        for (int r = tid; r < TOKENS; r += kWgThreads)
-          wgmma::tma_load_2d(x + r * wgmma::kRowBytes, &x_map, k0, x_src_row[r], &x_full[slot]);
-      } else if (tid == 0) {
-        wgmma::tma_load_2d(x, &x_map, k0, row0, &x_full[slot]);
+        for (int r = ctid; r < TOKENS; r += kWgCopyThreads)
+          wgmma::tma_load_2d(x + r * wgmma::kRowBytes, &x_map, k0, x_src_row[r], &tma_bar[slot]);
+      } else if (ctid == 0) {
+        wgmma::tma_load_2d(x, &x_map, k0, row0, &tma_bar[slot]);
       }
     }
 #pragma unroll
     for (int i = 0; i < (kWgTmaX ? 0 : kXCopies); ++i) {
-      if (x_row[i] == nullptr) continue;
-      const int k = k0 + (tid % 8) * 8;
-      cp_async16(x + x_dst + i * (kWgThreads / 8) * wgmma::kRowBytes, k < K ? x_row[i] + k : p.a[0], k < K ? 16 : 0);
+      const __nv_bfloat16* row = x_row_at(i);
+      if (row == nullptr) continue;
+      const int k = k0 + (ctid % 8) * 8;
+      cp_async16(x + x_dst + i * (kWgCopyThreads / 8) * wgmma::kRowBytes, k < K ? row + k : p.a[0], k < K ? 16 : 0);
     }
-    weight_copies.issue(p, tid, slot, kb, sizeof(s.ring.units[0]) / 4, sizeof(s.ring.scales[0]) / 2,
-                        sizeof(s.ring.su[0]) / 2);
+    copies.issue(p, ctid, slot, kb, sizeof(s.ring.units[0]) / 4, sizeof(s.ring.scales[0]) / 2,
+                 sizeof(s.ring.su[0]) / 2);
   };
+
+  if constexpr (kWgProducer) {
+    if (warp >= kWgConsumerThreads / 32) {
+      // The producer: each slot's copies once both consumer warpgroups have released it, then an
+      // arrival on its full barrier that fires when they land. Up to kWgStages steps ahead.
+      wgmma::decrease_registers<kWgProducerRegisters>();
+      const Copies copies = make_copies();
+      for (int kb = 0; kb < num_kb; ++kb) {
+        const int slot = kb % kWgStages;
+        if (kb >= kWgStages) wgmma::mbarrier_wait_or_trap(&slot_empty[slot], (kb / kWgStages - 1) & 1);
+        load_stage(copies, slot, kb);
+        wgmma::cp_async_mbarrier_arrive(&slot_full[slot]);
+      }
+      cp_async_wait<0>();
+      return;
+    }
+    wgmma::increase_registers<kWgConsumerRegisters>();
+  }
 
   // This warp's unit of each slab: projection, n-tile j in the block (features 16 j .. 16 j + 15 =
   // rows 16 wq .. of the warpgroup's 64-row wgmma), bits and grid form. Gate/up: two slabs per
@@ -742,23 +812,30 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   float acc[kSlabs][TOKENS / 2];
   auto main_loop = [&](auto bits_constant) {
     constexpr int BITS_ALL = decltype(bits_constant)::value;
+    if constexpr (!kWgProducer) {
 #pragma unroll
-    for (int st = 0; st < kWgAhead; ++st) {
-      if (st < num_kb) load_stage(st, st);
-      cp_async_commit();
+      for (int st = 0; st < kWgAhead; ++st) {
+        if (st < num_kb) load_stage(weight_copies, st, st);
+        cp_async_commit();
+      }
     }
     for (int i = 0; i < num_kb; ++i) {
       const int slot = i % kWgStages;
-      cp_async_wait<kWgAhead - 1>();  // this thread's copies of step i landed
-      wgmma::fence_proxy_async();     // ... and are visible to wgmma
-      // Everyone's copies of step i visible; step i-2 retired in both warpgroups (each waited for
-      // it during step i-1), so its slot takes step i + kWgAhead's copies.
-      __syncthreads();
-      if constexpr (kWgTmaX) wgmma::mbarrier_wait(&x_full[slot], (i / kWgStages) & 1);
-      {
-        const int next = i + kWgAhead;
-        if (next < num_kb) load_stage(next % kWgStages, next);
-        cp_async_commit();
+      if constexpr (kWgProducer) {
+        wgmma::mbarrier_wait_or_trap(&slot_full[slot], (i / kWgStages) & 1);  // the producer's copies landed
+        wgmma::fence_proxy_async();  // ... and are visible to wgmma
+      } else {
+        cp_async_wait<kWgAhead - 1>();  // this thread's copies of step i landed
+        wgmma::fence_proxy_async();     // ... and are visible to wgmma
+        // Everyone's copies of step i visible; step i-2 retired in both warpgroups (each waited for
+        // it during step i-1), so its slot takes step i + kWgAhead's copies.
+        __syncthreads();
+        if constexpr (kWgTmaX) wgmma::mbarrier_wait(&x_full[slot], (i / kWgStages) & 1);
+        {
+          const int next = i + kWgAhead;
+          if (next < num_kb) load_stage(weight_copies, next % kWgStages, next);
+          cp_async_commit();
+        }
       }
       uint32_t words[kSlabs][kMaxBits];
 #pragma unroll
@@ -796,13 +873,23 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         // The slice before has retired: its fragments' registers are free. (Waiting for all but
         // two made ptxas serialize every wgmma: a wait after each, CUDA 13.0.)
         wgmma::wait_group<1>();
+        // Producer: after the first slice, step i - 1's groups have all retired and its decode
+        // loads are done, so this thread is finished with its slot.
+        if constexpr (kWgProducer && kt == 0)
+          if (i > 0) wgmma::mbarrier_arrive(&slot_empty[(i - 1) % kWgStages]);
       });
     }
     wgmma::wait_group<0>();
   };
   with_decode_variant<NUM_PROJ>(p, s.grid, main_loop);
   cp_async_wait<0>();
-  __syncthreads();  // the ring is free: its last readers (wgmma) retired, its last copies landed
+  // The ring is free: its last readers (wgmma) retired, its last copies landed (the producer's:
+  // every full barrier was waited for; it may have exited, so only the consumers sync).
+  auto consumers_sync = [] {
+    if constexpr (kWgProducer) wgmma::sync_threads(kWgConsumerThreads);
+    else __syncthreads();
+  };
+  consumers_sync();
 
   // Epilogue. acc[sl][4 j + i] is feature slab_col[sl] + g + 8 (i >> 1) of the block's projection
   // columns, token row 8 j + 2 t + (i & 1) of the tile.
@@ -814,8 +901,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) staged[8 * j + 2 * t + (i & 1)][slab_col[sl] + g + 8 * (i >> 1)] = acc[sl][4 * j + i];
   }
-  __syncthreads();
-  for (int e = tid; e < TOKENS * (kProjCols / 2); e += kWgThreads) {
+  consumers_sync();
+  for (int e = tid; e < TOKENS * (kProjCols / 2); e += kWgConsumerThreads) {
     const int r = e / (kProjCols / 2), n = 2 * (e % (kProjCols / 2));
     if (r >= rows_valid) break;
     const float2 v = *reinterpret_cast<const float2*>(&s.staged[0][r][n]);

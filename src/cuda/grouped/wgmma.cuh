@@ -140,6 +140,57 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, i
 #endif
 }
 
+// Waits like mbarrier_wait, but traps after 2^22 unsuccessful tries (each may suspend for a
+// while: well over 0.1 s in all): for protocols not yet run on a device, so that a bug fails the
+// test that hit it instead of hanging the whole run. The loop is all PTX: a C++ loop (clock64,
+// __trap) around try_wait made ptxas serialize the wgmma pipeline (CUDA 13.0).
+__device__ __forceinline__ void mbarrier_wait_or_trap(uint64_t* bar, uint32_t parity) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nwait_or_trap_loop:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@done bra wait_or_trap_done;\n"
+      "add.u32 tries, tries, 1;\n"
+      "setp.lt.u32 done, tries, 4194304;\n"
+      "@done bra wait_or_trap_loop;\n"
+      "trap;\n"
+      "wait_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// Arrives on `bar` (one of its expected arrivals).
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+#endif
+}
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed (the arrival is
+// one of the barrier's expected ones: .noinc).
+__device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar)) : "memory");
+#endif
+}
+// Hands registers between warpgroups (every thread of the warpgroup runs it): the per-thread
+// count becomes N.
+template <int N>
+__device__ __forceinline__ void increase_registers() {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void decrease_registers() {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+// Synchronises the first `threads` threads of the block (named barrier 1), not the rest.
+__device__ __forceinline__ void sync_threads(int threads) {
+  asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+}
+
 // Orders this thread's earlier generic-proxy shared-memory writes (st.shared, cp.async after its
 // wait) before later async-proxy reads (wgmma operands).
 __device__ __forceinline__ void fence_proxy_async() {

@@ -612,17 +612,18 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 // and up meet) into store_output_pair, grouped_gemm's epilogue.
 // (v8, a producer warpgroup decoding into a shared-memory B operand, was no faster than mma.sync;
 // docs/notes-grouped.md.)
-// A third warpgroup that issues every copy (X rows, units, scales, su), handing each ring slot to
-// the two consumer warpgroups through a full and an empty mbarrier instead of one __syncthreads per
-// step; registers move from it to the consumers (setmaxnreg). -DTMOE_WGMMA_PRODUCER=1 for A/B runs;
+// PRODUCER (the kernel's third template argument): a third warpgroup issues every copy (X rows,
+// units, scales, su), handing each ring slot to the two consumer warpgroups through a full and an
+// empty mbarrier instead of one __syncthreads per step; registers move from it to the consumers
+// (setmaxnreg). Chosen by -DTMOE_WGMMA_PRODUCER=1 or the environment variable of the same name;
 // default 0 (written in session 11, not run; docs/notes-grouped.md "after session 11", item 2).
 #ifndef TMOE_WGMMA_PRODUCER
 #define TMOE_WGMMA_PRODUCER 0
 #endif
-constexpr bool kWgProducer = TMOE_WGMMA_PRODUCER != 0;
-constexpr int kWgConsumerThreads = 256;                                // warpgroups 0 and 1
-constexpr int kWgCopyThreads = kWgProducer ? 128 : kWgConsumerThreads;  // the threads that issue copies
-constexpr int kWgThreads = kWgConsumerThreads + (kWgProducer ? 128 : 0);
+constexpr bool kWgProducerDefault = TMOE_WGMMA_PRODUCER != 0;
+constexpr int kWgConsumerThreads = 256;  // warpgroups 0 and 1
+constexpr int wg_copy_threads(bool producer) { return producer ? 128 : kWgConsumerThreads; }  // threads issuing copies
+constexpr int wg_threads(bool producer) { return kWgConsumerThreads + (producer ? 128 : 0); }
 // Registers per thread after setmaxnreg (multiples of 8; 128 x 56 + 256 x 224 = the 384 x 168 the
 // launch gives a 384-thread block).
 constexpr int kWgProducerRegisters = 56, kWgConsumerRegisters = 224;
@@ -671,10 +672,12 @@ constexpr size_t wgmma_smem_bytes() {
 
 // x_map (kWgTmaX): the A source (x rows for gate/up, h rows for down) as a 2D bf16 tensor map, SW128,
 // box 64 k x 1 row (gathered rows) or 64 k x TOKENS rows (contiguous rows).
-template <int NUM_PROJ, int TOKENS>
-__global__ void __launch_bounds__(kWgThreads, 1)
+template <int NUM_PROJ, int TOKENS, bool PRODUCER>
+__global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
     grouped_gemm_wgmma(const GemmParams p, const __grid_constant__ CUtensorMap x_map) {
 #ifdef TMOE_WGMMA_DEVICE
+  constexpr bool kWgProducer = PRODUCER;
+  constexpr int kWgThreads = wg_threads(PRODUCER), kWgCopyThreads = wg_copy_threads(PRODUCER);
   // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
   __shared__ const __nv_bfloat16* x_src[TOKENS];
   __shared__ int x_src_row[kWgTmaX ? TOKENS : 1];  // TMA: the tile row's row of the A source
@@ -1146,8 +1149,8 @@ bool wgmma_kernel_built() {
   static int known[64] = {};  // per device: 0 unknown, 1 yes, 2 no
   if (device < 64 && known[device]) return known[device] == 1;
   cudaFuncAttributes gate_up{}, down{};
-  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2, 128>), "cudaFuncGetAttributes");
-  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1, 128>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2, 128, false>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1, 128, false>), "cudaFuncGetAttributes");
   // The largest instantiation's shared memory (256-token tiles: ~190 KB + its 2 KB row table).
   const size_t most = std::max({wgmma_smem_bytes<1, 128>(), wgmma_smem_bytes<2, 128>(), wgmma_smem_bytes<1, 256>(),
                                 wgmma_smem_bytes<2, 256>()});
@@ -1164,6 +1167,13 @@ int wgmma_tokens(const GroupedMoeArgs& a) {
   int64_t min_rows = kWgTile256MinRows;
   if (const char* env = std::getenv("TMOE_WGMMA_TILE256_MIN_ROWS")) min_rows = std::max(0LL, std::atoll(env));
   return min_rows > 0 && a.tokens * a.top_k >= min_rows * a.gate.experts ? 256 : 128;
+}
+
+// Whether the wgmma kernel runs with a producer warpgroup (PRODUCER): the build's default, or the
+// environment variable TMOE_WGMMA_PRODUCER=0|1, so that one build tests and times both.
+bool wgmma_producer() {
+  if (const char* env = std::getenv("TMOE_WGMMA_PRODUCER")) return std::atoi(env) != 0;
+  return kWgProducerDefault;
 }
 
 bool use_wgmma(const GroupedMoeArgs& a) {
@@ -1345,20 +1355,20 @@ CUtensorMap x_tensor_map(const __nv_bfloat16* base, int64_t rows, int64_t K, int
   return map;
 }
 
-template <int NUM_PROJ, int TOKENS>
+template <int NUM_PROJ, int TOKENS, bool PRODUCER>
 void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, int64_t a_rows, cudaStream_t stream) {
   constexpr int kProjCols = wg_cols(TOKENS) / NUM_PROJ;
   const size_t smem = wgmma_smem_bytes<NUM_PROJ, TOKENS>();
   static bool configured = false;  // attribute set once per process and instantiation
   if (!configured) {
-    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ, TOKENS>,
+    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "cudaFuncSetAttribute");
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items), 1);
   const CUtensorMap x_map = x_tensor_map(p.a[0], a_rows, p.K, p.gather_tokens ? 1 : TOKENS);
-  grouped_gemm_wgmma<NUM_PROJ, TOKENS><<<grid, kWgThreads, smem, stream>>>(p, x_map);
+  grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER><<<grid, wg_threads(PRODUCER), smem, stream>>>(p, x_map);
   check_cuda(cudaGetLastError(), "grouped_gemm_wgmma launch");
 }
 
@@ -1385,7 +1395,9 @@ bool grouped_uses_wgmma(const GroupedMoeArgs& args) {
 
 std::string grouped_plan_summary(const GroupedMoeArgs& args) {
   validate(args, false);
-  if (use_wgmma(args)) return "grouped: wgmma (sm_90a), " + std::to_string(wgmma_tokens(args)) + "-token tiles";
+  if (use_wgmma(args))
+    return "grouped: wgmma (sm_90a), " + std::to_string(wgmma_tokens(args)) + "-token tiles" +
+           (wgmma_producer() ? ", producer warpgroup" : "");
   return "grouped: mma.sync, " + std::to_string(tile_rows_for(args)) + "-row tiles" +
          (any_hadamard(args) ? ", Hadamard" : "");
 }
@@ -1425,14 +1437,17 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
   p.probs = a.probs;
   p.top_k = a.top_k;
   p.k_splits = 1;
-  // Launches grouped_gemm_wgmma<NUM_PROJ, tile_rows> or grouped_gemm<NUM_PROJ, false, tile_rows>.
+  // Launches grouped_gemm_wgmma<NUM_PROJ, tile_rows, producer> or grouped_gemm<NUM_PROJ, false, tile_rows>.
   auto launch = [&](auto num_proj) {
     constexpr int kNumProj = decltype(num_proj)::value;
     if (wgmma_path) {
       // Rows of the A source: x's tokens (gate/up) or h's pairs (down).
       const int64_t a_rows = p.gather_tokens ? T : pairs;
-      if (tile_rows == 256) launch_gemm_wgmma<kNumProj, 256>(p, max_items, a_rows, stream);
-      else launch_gemm_wgmma<kNumProj, 128>(p, max_items, a_rows, stream);
+      const bool producer = wgmma_producer();
+      if (tile_rows == 256 && producer) launch_gemm_wgmma<kNumProj, 256, true>(p, max_items, a_rows, stream);
+      else if (tile_rows == 256) launch_gemm_wgmma<kNumProj, 256, false>(p, max_items, a_rows, stream);
+      else if (producer) launch_gemm_wgmma<kNumProj, 128, true>(p, max_items, a_rows, stream);
+      else launch_gemm_wgmma<kNumProj, 128, false>(p, max_items, a_rows, stream);
       return;
     }
     switch (tile_rows) {

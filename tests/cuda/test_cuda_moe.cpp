@@ -293,14 +293,14 @@ TEST(CudaMoe, PathFollowsTheDispatchRule) {
   // Inside the grouped path: mma.sync below 64 rows per expert (200 tokens: 50), the sm_90a wgmma
   // kernel from there on Hopper (1000 tokens: 250), named with its tile height.
   const std::regex grouped_plan(
-      R"(grouped: (wgmma \(sm_90a\), \d+-token tiles(, producer warpgroup)?|mma\.sync, \d+-row tiles))");
+      R"(grouped: (wgmma \(sm_90a\), \d+-token tiles(, producer warpgroup)?(, X by TMA)?|mma\.sync, \d+-row tiles))");
   EXPECT_TRUE(std::regex_match(automatic.plan_summary(200, c.k), grouped_plan)) << automatic.plan_summary(200, c.k);
   EXPECT_NE(automatic.plan_summary(200, c.k).find("mma.sync"), std::string::npos);
   cudaDeviceProp prop{};
   ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
-  if (prop.major == 9 && prop.minor == 0)  // 128-token tiles, or 256 (TMOE_WGMMA_TILE256_MIN_ROWS); a producer (TMOE_WGMMA_PRODUCER)
+  if (prop.major == 9 && prop.minor == 0)  // 128 or 256-token tiles; TMOE_WGMMA_PRODUCER, TMOE_WGMMA_TMA_X
     EXPECT_TRUE(std::regex_match(automatic.plan_summary(1000, c.k),
-                                 std::regex(R"(grouped: wgmma \(sm_90a\), (128|256)-token tiles(, producer warpgroup)?)")))
+                                 std::regex(R"(grouped: wgmma \(sm_90a\), (128|256)-token tiles(, producer warpgroup)?(, X by TMA)?)")))
         << automatic.plan_summary(1000, c.k);
   cuda::CudaMoeOptions forced;
   forced.grouped_min_tokens = 2;

@@ -605,7 +605,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 // tiles one slab (gate in one warpgroup, up in the other, or 64 of down's), so each slice's group is
 // one m64n256k16 for one unit's decode, twice the tensor work per decode instruction.
 // Pipeline: cp.async copies of each 64-deep K step (X rows, raw units, scales, su; the X rows by TMA
-// with kWgTmaX) run kWgAhead steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes its slabs' fragments,
+// with TMA_X) run kWgAhead steps ahead, one __syncthreads per step; per k16 slice a warpgroup decodes its slabs' fragments,
 // issues their wgmmas as one group and waits for the group before, so a slice's decode runs under
 // the previous slice's wgmmas (more groups in flight make ptxas serialize them, notes "v9").
 // Epilogue: the accumulators go through shared memory (transposed to [token][feature], where gate
@@ -639,13 +639,14 @@ constexpr int wg_cols(int tokens) { return 128 * wg_slabs(tokens); }  // feature
 #define TMOE_WGMMA_TILE256_MIN_ROWS 0
 #endif
 constexpr int64_t kWgTile256MinRows = TMOE_WGMMA_TILE256_MIN_ROWS;
-// The X tile by TMA (2D bulk tensor copies completing on a per-slot mbarrier: one per row for
-// gathered gate/up rows, one per tile for down's contiguous h rows) instead of 4-8 cp.async per
-// thread and step. -DTMOE_WGMMA_TMA_X=1 for A/B runs; default 0 (written in session 10, not run).
+// TMA_X (the kernel's fourth template argument): the X tile by TMA (2D bulk tensor copies
+// completing on a per-slot mbarrier: one per row for gathered gate/up rows, one per tile for down's
+// contiguous h rows) instead of 4-8 cp.async per thread and step. Chosen by -DTMOE_WGMMA_TMA_X=1 or
+// the environment variable of the same name; default 0 (written in session 10, not run).
 #ifndef TMOE_WGMMA_TMA_X
 #define TMOE_WGMMA_TMA_X 0
 #endif
-constexpr bool kWgTmaX = TMOE_WGMMA_TMA_X != 0;
+constexpr bool kWgTmaXDefault = TMOE_WGMMA_TMA_X != 0;
 
 template <int NUM_PROJ, int TOKENS>
 struct WgmmaSmem {
@@ -670,13 +671,13 @@ constexpr size_t wgmma_smem_bytes() {
   return sizeof(WgmmaSmem<NUM_PROJ, TOKENS>) + wgmma::kTileAlign;
 }
 
-// x_map (kWgTmaX): the A source (x rows for gate/up, h rows for down) as a 2D bf16 tensor map, SW128,
+// x_map (TMA_X): the A source (x rows for gate/up, h rows for down) as a 2D bf16 tensor map, SW128,
 // box 64 k x 1 row (gathered rows) or 64 k x TOKENS rows (contiguous rows).
-template <int NUM_PROJ, int TOKENS, bool PRODUCER>
+template <int NUM_PROJ, int TOKENS, bool PRODUCER, bool TMA_X>
 __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
     grouped_gemm_wgmma(const GemmParams p, const __grid_constant__ CUtensorMap x_map) {
 #ifdef TMOE_WGMMA_DEVICE
-  constexpr bool kWgProducer = PRODUCER;
+  constexpr bool kWgProducer = PRODUCER, kWgTmaX = TMA_X;
   constexpr int kWgThreads = wg_threads(PRODUCER), kWgCopyThreads = wg_copy_threads(PRODUCER);
   // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
   __shared__ const __nv_bfloat16* x_src[TOKENS];
@@ -1149,8 +1150,8 @@ bool wgmma_kernel_built() {
   static int known[64] = {};  // per device: 0 unknown, 1 yes, 2 no
   if (device < 64 && known[device]) return known[device] == 1;
   cudaFuncAttributes gate_up{}, down{};
-  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2, 128, false>), "cudaFuncGetAttributes");
-  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1, 128, false>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&gate_up, grouped_gemm_wgmma<2, 128, false, false>), "cudaFuncGetAttributes");
+  check_cuda(cudaFuncGetAttributes(&down, grouped_gemm_wgmma<1, 128, false, false>), "cudaFuncGetAttributes");
   // The largest instantiation's shared memory (256-token tiles: ~190 KB + its 2 KB row table).
   const size_t most = std::max({wgmma_smem_bytes<1, 128>(), wgmma_smem_bytes<2, 128>(), wgmma_smem_bytes<1, 256>(),
                                 wgmma_smem_bytes<2, 256>()});
@@ -1169,11 +1170,21 @@ int wgmma_tokens(const GroupedMoeArgs& a) {
   return min_rows > 0 && a.tokens * a.top_k >= min_rows * a.gate.experts ? 256 : 128;
 }
 
-// Whether the wgmma kernel runs with a producer warpgroup (PRODUCER): the build's default, or the
-// environment variable TMOE_WGMMA_PRODUCER=0|1, so that one build tests and times both.
-bool wgmma_producer() {
-  if (const char* env = std::getenv("TMOE_WGMMA_PRODUCER")) return std::atoi(env) != 0;
-  return kWgProducerDefault;
+// A build-time default that the environment variable `name`=0|1 overrides, so that one build tests
+// and times both settings.
+bool env_flag(const char* name, bool build_default) {
+  if (const char* env = std::getenv(name)) return std::atoi(env) != 0;
+  return build_default;
+}
+// Whether the wgmma kernel runs with a producer warpgroup (PRODUCER) / loads X by TMA (TMA_X).
+bool wgmma_producer() { return env_flag("TMOE_WGMMA_PRODUCER", kWgProducerDefault); }
+bool wgmma_tma_x() { return env_flag("TMOE_WGMMA_TMA_X", kWgTmaXDefault); }
+
+// f(std::true_type{}) or f(std::false_type{}): a run-time flag as a compile-time one.
+template <typename F>
+void with_bool(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 bool use_wgmma(const GroupedMoeArgs& a) {
@@ -1327,12 +1338,12 @@ void launch_gemm(const GemmParams& p, int64_t max_items, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "grouped_gemm launch");
 }
 
-// The wgmma kernel's A source as a 2D bf16 tensor map (kWgTmaX): rows x K, row stride K, box 64 k x
+// The wgmma kernel's A source as a 2D bf16 tensor map (TMA_X): rows x K, row stride K, box 64 k x
 // box_rows, 128-byte swizzle (the SW128 tile layout), out-of-range elements zero-filled. Without
-// kWgTmaX an empty map (the kernel never reads it).
-CUtensorMap x_tensor_map(const __nv_bfloat16* base, int64_t rows, int64_t K, int box_rows) {
+// TMA_X an empty map (the kernel never reads it).
+CUtensorMap x_tensor_map(bool tma_x, const __nv_bfloat16* base, int64_t rows, int64_t K, int box_rows) {
   CUtensorMap map{};
-  if (!kWgTmaX) return map;
+  if (!tma_x) return map;
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -1355,20 +1366,20 @@ CUtensorMap x_tensor_map(const __nv_bfloat16* base, int64_t rows, int64_t K, int
   return map;
 }
 
-template <int NUM_PROJ, int TOKENS, bool PRODUCER>
+template <int NUM_PROJ, int TOKENS, bool PRODUCER, bool TMA_X>
 void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, int64_t a_rows, cudaStream_t stream) {
   constexpr int kProjCols = wg_cols(TOKENS) / NUM_PROJ;
   const size_t smem = wgmma_smem_bytes<NUM_PROJ, TOKENS>();
   static bool configured = false;  // attribute set once per process and instantiation
   if (!configured) {
-    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER>,
+    check_cuda(cudaFuncSetAttribute(grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER, TMA_X>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "cudaFuncSetAttribute");
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items), 1);
-  const CUtensorMap x_map = x_tensor_map(p.a[0], a_rows, p.K, p.gather_tokens ? 1 : TOKENS);
-  grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER><<<grid, wg_threads(PRODUCER), smem, stream>>>(p, x_map);
+  const CUtensorMap x_map = x_tensor_map(TMA_X, p.a[0], a_rows, p.K, p.gather_tokens ? 1 : TOKENS);
+  grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER, TMA_X><<<grid, wg_threads(PRODUCER), smem, stream>>>(p, x_map);
   check_cuda(cudaGetLastError(), "grouped_gemm_wgmma launch");
 }
 
@@ -1397,7 +1408,7 @@ std::string grouped_plan_summary(const GroupedMoeArgs& args) {
   validate(args, false);
   if (use_wgmma(args))
     return "grouped: wgmma (sm_90a), " + std::to_string(wgmma_tokens(args)) + "-token tiles" +
-           (wgmma_producer() ? ", producer warpgroup" : "");
+           (wgmma_producer() ? ", producer warpgroup" : "") + (wgmma_tma_x() ? ", X by TMA" : "");
   return "grouped: mma.sync, " + std::to_string(tile_rows_for(args)) + "-row tiles" +
          (any_hadamard(args) ? ", Hadamard" : "");
 }
@@ -1443,11 +1454,16 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
     if (wgmma_path) {
       // Rows of the A source: x's tokens (gate/up) or h's pairs (down).
       const int64_t a_rows = p.gather_tokens ? T : pairs;
-      const bool producer = wgmma_producer();
-      if (tile_rows == 256 && producer) launch_gemm_wgmma<kNumProj, 256, true>(p, max_items, a_rows, stream);
-      else if (tile_rows == 256) launch_gemm_wgmma<kNumProj, 256, false>(p, max_items, a_rows, stream);
-      else if (producer) launch_gemm_wgmma<kNumProj, 128, true>(p, max_items, a_rows, stream);
-      else launch_gemm_wgmma<kNumProj, 128, false>(p, max_items, a_rows, stream);
+      // The instantiation of (tile, producer, TMA) chosen at run time.
+      const bool tile256 = tile_rows == 256;
+      with_bool(tile256, [&](auto t256) {
+        with_bool(wgmma_producer(), [&](auto producer) {
+          with_bool(wgmma_tma_x(), [&](auto tma_x) {
+            launch_gemm_wgmma<kNumProj, decltype(t256)::value ? 256 : 128, decltype(producer)::value,
+                              decltype(tma_x)::value>(p, max_items, a_rows, stream);
+          });
+        });
+      });
       return;
     }
     switch (tile_rows) {

@@ -8,7 +8,9 @@
 // are poisoned with 0x7f bytes, a huge float / NaN half, before every run).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -452,6 +454,51 @@ TEST(GroupedWgmma, PartialTiles) {
 TEST(GroupedWgmma, DeterministicIsBitwiseRepeatable) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   expect_bitwise_repeatable(wgmma_case(1000), 2);
+}
+
+// Sets an environment variable for a scope and restores it after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_) setenv(name_.c_str(), old_->c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
+
+// The wgmma kernel's run-time variants (environment variables, each its own instantiation): 256-token
+// tiles, the producer warpgroup, the X tile by TMA, in every combination, on a partial tile, ragged
+// routings, odd shapes with partial K steps and a contiguous (down) TMA source, and determinism.
+TEST(GroupedWgmma, RunTimeVariants) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (const char* tile256 : {"0", "1"})
+    for (const char* producer : {"0", "1"})
+      for (const char* tma_x : {"0", "1"}) {
+        SCOPED_TRACE(std::string("TILE256_MIN_ROWS=") + tile256 + " PRODUCER=" + producer + " TMA_X=" + tma_x);
+        const ScopedEnv e1("TMOE_WGMMA_TILE256_MIN_ROWS", tile256), e2("TMOE_WGMMA_PRODUCER", producer),
+            e3("TMOE_WGMMA_TMA_X", tma_x);
+        expect_matches_reference(wgmma_case(65));
+        Case c = wgmma_case(700);
+        c.routing = Routing::one_hot;
+        expect_matches_reference(c);
+        c = wgmma_case(1100);
+        c.shape = {"odd", 208, 80, 12, 3};
+        c.layer.group_size = 48;
+        c.layer.down_bits = 4;
+        c.x_dtype = DType::f32;
+        c.deterministic = true;
+        expect_matches_reference(c);
+        if (HasFailure()) return;  // one failing variant is enough to read
+      }
 }
 
 TEST(Grouped, RejectsBadShapes) {

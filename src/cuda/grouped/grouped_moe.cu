@@ -834,7 +834,7 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
         // Everyone's copies of step i visible; step i-2 retired in both warpgroups (each waited for
         // it during step i-1), so its slot takes step i + kWgAhead's copies.
         __syncthreads();
-        if constexpr (kWgTmaX) wgmma::mbarrier_wait(&x_full[slot], (i / kWgStages) & 1);
+        if constexpr (kWgTmaX) wgmma::mbarrier_wait_or_trap(&x_full[slot], (i / kWgStages) & 1);
         {
           const int next = i + kWgAhead;
           if (next < num_kb) load_stage(weight_copies, next % kWgStages, next);

@@ -117,17 +117,6 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 #endif
 }
-// Waits until the phase with this parity has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-#ifdef TMOE_WGMMA_DEVICE
-  asm volatile(
-      "{\n.reg .pred done;\nwait_loop:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_loop;\n}\n" ::"r"(smem_address(bar)),
-      "r"(parity)
-      : "memory");
-#endif
-}
 // The box of a 2D tensor map at (c0 = k, c1 = row) into shared memory at `dst` (the map's swizzle
 // applied by the hardware from dst's address bits); its bytes count toward `bar`'s transactions.
 __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, int c0, int c1, uint64_t* bar) {
@@ -140,7 +129,7 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, i
 #endif
 }
 
-// Waits like mbarrier_wait, but traps after 2^22 unsuccessful tries (each may suspend for a
+// Waits until the phase with this parity has completed; traps after 2^22 unsuccessful tries (each may suspend for a
 // while: well over 0.1 s in all): for protocols not yet run on a device, so that a bug fails the
 // test that hit it instead of hanging the whole run. The loop is all PTX: a C++ loop (clock64,
 // __trap) around try_wait made ptxas serialize the wgmma pipeline (CUDA 13.0).

@@ -20,6 +20,7 @@
 
 #include "cuda/dispatch.hpp"
 #include "cuda/fragment_layout.hpp"
+#include "cuda/grouped/grouped_moe.cuh"
 #include "cuda/routing.hpp"
 #include "cuda_test_util.hpp"
 #include "tmoe/cuda.hpp"
@@ -290,12 +291,17 @@ TEST(CudaMoe, PathFollowsTheDispatchRule) {
     EXPECT_EQ(std::string(automatic.path(T, c.k)) == "grouped", grouped) << "T=" << T;
   }
   EXPECT_STREQ(automatic.path(1, c.k), "decode");
-  // Inside the grouped path: mma.sync below 64 rows per expert (200 tokens: 50), the sm_90a wgmma
-  // kernel from there on Hopper (1000 tokens: 250), named with its tile height.
+  // Inside the grouped path: mma.sync below wgmma_min_rows_per_expert (32 for these 16 experts: 96
+  // tokens give 24), the sm_90a wgmma kernel from there on Hopper (1000 tokens: 250), named with
+  // its tile height.
+  constexpr int64_t kMmaTokens = 96;
+  ASSERT_LT(kMmaTokens * c.k / c.E, cuda::grouped::wgmma_min_rows_per_expert(c.E));
+  ASSERT_STREQ(automatic.path(kMmaTokens, c.k), "grouped");
   const std::regex grouped_plan(
       R"(grouped: (wgmma \(sm_90a\), \d+-token tiles(, producer warpgroup)?(, X by TMA)?|mma\.sync, \d+-row tiles))");
-  EXPECT_TRUE(std::regex_match(automatic.plan_summary(200, c.k), grouped_plan)) << automatic.plan_summary(200, c.k);
-  EXPECT_NE(automatic.plan_summary(200, c.k).find("mma.sync"), std::string::npos);
+  EXPECT_TRUE(std::regex_match(automatic.plan_summary(kMmaTokens, c.k), grouped_plan))
+      << automatic.plan_summary(kMmaTokens, c.k);
+  EXPECT_NE(automatic.plan_summary(kMmaTokens, c.k).find("mma.sync"), std::string::npos);
   cudaDeviceProp prop{};
   ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
   if (prop.major == 9 && prop.minor == 0)  // 128 or 256-token tiles; TMOE_WGMMA_PRODUCER, TMOE_WGMMA_TMA_X

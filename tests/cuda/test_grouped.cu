@@ -273,6 +273,7 @@ TEST(Grouped, MixedBitsCustomGridFp16) {
   Case c;
   c.shape = small_shape();
   c.tokens = 200;
+  c.kernel = GroupedKernel::mma_sync;  // 50 rows per expert take wgmma on Hopper (its own test covers it)
   make_mixed_bits_custom_grid_fp16(c);
   expect_matches_reference(c);
 }

@@ -1161,24 +1161,22 @@ bool wgmma_kernel_built() {
   return built;
 }
 
-// Token tile of the wgmma kernel: 256 from kWgTile256MinRows average rows per expert (when set),
-// else 128. The environment variable TMOE_WGMMA_TILE256_MIN_ROWS=N overrides the build's value
-// (0: never), so that one build tests and times both tiles.
-int wgmma_tokens(const GroupedMoeArgs& a) {
-  int64_t min_rows = kWgTile256MinRows;
-  if (const char* env = std::getenv("TMOE_WGMMA_TILE256_MIN_ROWS")) min_rows = std::max(0LL, std::atoll(env));
-  return min_rows > 0 && a.tokens * a.top_k >= min_rows * a.gate.experts ? 256 : 128;
+// A wgmma kernel knob: the build's value (-Dname=N), overridden by the environment variable of the
+// same name, so that one build tests and times every setting.
+int64_t wgmma_knob(const char* name, int64_t build_value) {
+  if (const char* env = std::getenv(name)) return std::atoll(env);
+  return build_value;
 }
 
-// A build-time default that the environment variable `name`=0|1 overrides, so that one build tests
-// and times both settings.
-bool env_flag(const char* name, bool build_default) {
-  if (const char* env = std::getenv(name)) return std::atoi(env) != 0;
-  return build_default;
+// Token tile of the wgmma kernel: 256 from TMOE_WGMMA_TILE256_MIN_ROWS average rows per expert
+// (0: never), else 128.
+int wgmma_tokens(const GroupedMoeArgs& a) {
+  const int64_t min_rows = wgmma_knob("TMOE_WGMMA_TILE256_MIN_ROWS", kWgTile256MinRows);
+  return min_rows > 0 && a.tokens * a.top_k >= min_rows * a.gate.experts ? 256 : 128;
 }
 // Whether the wgmma kernel runs with a producer warpgroup (PRODUCER) / loads X by TMA (TMA_X).
-bool wgmma_producer() { return env_flag("TMOE_WGMMA_PRODUCER", kWgProducerDefault); }
-bool wgmma_tma_x() { return env_flag("TMOE_WGMMA_TMA_X", kWgTmaXDefault); }
+bool wgmma_producer() { return wgmma_knob("TMOE_WGMMA_PRODUCER", kWgProducerDefault) != 0; }
+bool wgmma_tma_x() { return wgmma_knob("TMOE_WGMMA_TMA_X", kWgTmaXDefault) != 0; }
 
 // f(std::true_type{}) or f(std::false_type{}): a run-time flag as a compile-time one.
 template <typename F>

@@ -99,10 +99,21 @@ struct GemmParams {
 };
 
 // ---- small PTX wrappers --------------------------------------------------------------------
+// 16 bytes from global to shared memory (src_bytes < 16: the rest zero-filled). The shared
+// address form is for copy loops that compute their destinations once: the generic pointer form
+// converts on every call (an S2R, a LEA and a subtraction in the SASS).
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes));
+  cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, src_bytes);
+}
+// The same, issued only where `copy` (no branch around it).
+__device__ __forceinline__ void cp_async16_if(bool copy, uint32_t smem, const void* gmem, int src_bytes = 16) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n @p cp.async.cg.shared.global [%1], [%2], 16, %3;\n}\n" ::"r"(
+          static_cast<int>(copy)),
+      "r"(smem), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
@@ -186,26 +197,53 @@ __device__ __forceinline__ void static_for(std::integer_sequence<int, I...>, F&&
   (f(std::integral_constant<int, I>{}), ...);
 }
 
-// The epilogue of both GEMM kernels for two adjacent output columns n, n+1 of pair row r (rows
-// past the expert's valid rows are never passed): v0, v1 = the projection's (gate's) accumulators,
-// u0, u1 = up's (NUM_PROJ == 2). By value: a pointer into a register array would move it to local
-// memory. Applies sv, SwiGLU (and down's su) or the router weight and the combine.
+// The epilogue of both GEMM kernels, in three parts so that a kernel can load what depends only on
+// the column or only on the row once (grouped_gemm_wgmma: sv once per thread, the rows' router
+// weights before its main loop; ncu, session 12: down's per-element dependent loads order ->
+// probs -> multiply were a third of qwen3 16384's down kernel's stall samples).
+// Column pair n, n + 1 (N is a multiple of 16, so n < N means n + 1 < N too): the sv factors
+// (gate/up: sv_g, sv_u, then down's su folded into h, or 1; down: sv_d).
+struct OutputColumns {
+  float f[3][2];
+};
 template <int NUM_PROJ>
-__device__ __forceinline__ void store_output_pair(const GemmParams& p, int expert, int64_t r, int n,
-                                                  float v0, float v1, float u0, float u1) {
+__device__ __forceinline__ OutputColumns output_columns(const GemmParams& p, int expert, int n) {
+  const int64_t N = p.N, base = static_cast<int64_t>(expert) * N + n;
+  OutputColumns c{{{1.0f, 1.0f}, {1.0f, 1.0f}, {1.0f, 1.0f}}};
+  if (NUM_PROJ == 2 ? p.epilogue != kSwiglu : p.epilogue == kRowsRaw) return c;
+  for (int j = 0; j < 2; ++j) {
+    c.f[0][j] = h2f(p.proj[0].sv[base + j]);
+    if constexpr (NUM_PROJ == 2) {
+      c.f[1][j] = h2f(p.proj[1].sv[base + j]);
+      if (p.h_su) c.f[2][j] = h2f(p.h_su[base + j]);
+    }
+  }
+  return c;
+}
+// Pair row r: down's router weight and the row its output goes to (kAtomic: the token's row of
+// out_acc; else r itself).
+struct OutputRow {
+  float prob;
+  int32_t dst;
+};
+template <int NUM_PROJ>
+__device__ __forceinline__ OutputRow output_row(const GemmParams& p, int64_t r) {
+  if (NUM_PROJ == 2 || p.epilogue == kRowsRaw) return {1.0f, static_cast<int32_t>(r)};
+  const int32_t pair = p.order[r];
+  return {p.probs[pair], p.epilogue == kAtomic ? pair / p.top_k : static_cast<int32_t>(r)};
+}
+// Columns n, n + 1 of pair row r (rows past the expert's valid rows are never passed): v0, v1 = the
+// projection's (gate's) accumulators, u0, u1 = up's (NUM_PROJ == 2). By value: a pointer into a
+// register array would move it to local memory. Applies sv, SwiGLU (and down's su) or the router
+// weight and the combine.
+template <int NUM_PROJ>
+__device__ __forceinline__ void store_output(const GemmParams& p, const OutputColumns& c, OutputRow row, int64_t r,
+                                             int n, float v0, float v1, float u0, float u1) {
   const int64_t N = p.N;
-  if (n >= N) return;  // N is a multiple of 16: n + 1 < N too
   if constexpr (NUM_PROJ == 2) {
     if (p.epilogue == kSwiglu) {
-      const uint16_t* svg = p.proj[0].sv + static_cast<int64_t>(expert) * N;
-      const uint16_t* svu = p.proj[1].sv + static_cast<int64_t>(expert) * N;
-      const float g0 = v0 * h2f(svg[n]), g1 = v1 * h2f(svg[n + 1]);
-      float h0 = silu(g0) * u0 * h2f(svu[n]);
-      float h1 = silu(g1) * u1 * h2f(svu[n + 1]);
-      if (p.h_su) {  // down's su: h . su_d is down's A operand
-        h0 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n]);
-        h1 *= h2f(p.h_su[static_cast<int64_t>(expert) * N + n + 1]);
-      }
+      const float h0 = silu(v0 * c.f[0][0]) * u0 * c.f[1][0] * c.f[2][0];
+      const float h1 = silu(v1 * c.f[0][1]) * u1 * c.f[1][1] * c.f[2][1];
       *reinterpret_cast<uint32_t*>(&p.h[r * N + n]) = pack_bf16(h0, h1);
     } else {
       *reinterpret_cast<float2*>(&p.g_raw[r * N + n]) = make_float2(v0, v1);
@@ -216,19 +254,24 @@ __device__ __forceinline__ void store_output_pair(const GemmParams& p, int exper
       *reinterpret_cast<float2*>(&p.rows[r * N + n]) = make_float2(v0, v1);
       return;
     }
-    const int32_t pair = p.order[r];
-    const float prob = p.probs[pair];
-    const uint16_t* sv = p.proj[0].sv + static_cast<int64_t>(expert) * N;
-    const float d0 = v0 * h2f(sv[n]) * prob;
-    const float d1 = v1 * h2f(sv[n + 1]) * prob;
+    const float d0 = v0 * c.f[0][0] * row.prob;
+    const float d1 = v1 * c.f[0][1] * row.prob;
     if (p.epilogue == kAtomic) {
-      float* dst = p.out_acc + static_cast<int64_t>(pair / p.top_k) * N + n;
+      float* dst = p.out_acc + static_cast<int64_t>(row.dst) * N + n;
       atomicAdd(dst, d0);
       atomicAdd(dst + 1, d1);
     } else {
       *reinterpret_cast<float2*>(&p.rows[r * N + n]) = make_float2(d0, d1);
     }
   }
+}
+// All three for one element pair (grouped_gemm, whose threads own few elements of a row).
+template <int NUM_PROJ>
+__device__ __forceinline__ void store_output_pair(const GemmParams& p, int expert, int64_t r, int n,
+                                                  float v0, float v1, float u0, float u1) {
+  if (n >= p.N) return;
+  store_output<NUM_PROJ>(p, output_columns<NUM_PROJ>(p, expert, n), output_row<NUM_PROJ>(p, r), r, n, v0, v1, u0,
+                         u1);
 }
 
 // The row tile of a GEMM block: grid y = work item (expert, first row of up to `tile_rows`), grid
@@ -296,9 +339,12 @@ __device__ __forceinline__ void with_decode_variant(const GemmParams& p, const G
 // step per PROJ_COLS / 16 n-tiles and projection) and 16-byte pieces of the step's scale rows and
 // su (piece c = tid + THREADS i: one (k-tile, 8 columns) piece of a scale row for c <
 // kScalePieces, then one of su, gate/up with su folded into the weights; one piece per thread
-// where the block has enough threads). Sources are found once per block and advance by one quad
-// per step; pieces outside K / N are zero-filled (a zero scale or su makes padded weights zero).
-// The destinations are stage 0's; issue() adds the stage's offset.
+// where the block has enough threads). Everything that does not change between steps is found
+// once per block (sources, shared-memory destinations, the scale row's shift), so a step costs a
+// few instructions per copy: the copies are issued by the same warps that decode and multiply
+// (ncu, session 12: ~100 of the wgmma kernel's ~400 instructions per warp and step were copy
+// issue, a run-time division for the scale row among them). Pieces outside K / N are zero-filled
+// (a zero scale or su makes padded weights zero).
 template <int NUM_PROJ, int PROJ_COLS, int THREADS, bool FOLD_SU>
 struct WeightCopies {
   static constexpr int kProjNTiles = PROJ_COLS / kTileDim;
@@ -308,35 +354,43 @@ struct WeightCopies {
   static constexpr int kScalePieces = NUM_PROJ * kKTiles * (PROJ_COLS / 8);
   static constexpr int kMetaPieces = kScalePieces + (FOLD_SU ? NUM_PROJ * (kBK / 8) : 0);
   static constexpr int kMetaCopies = (kMetaPieces + THREADS - 1) / THREADS;
+  static constexpr uint32_t kNoCopy = ~0u;  // the destination of a copy slot with nothing to copy
 
-  const uint32_t* unit_src[kUnitCopies];  // nullptr: nothing to copy
-  uint32_t* unit_dst[kUnitCopies];
-  int unit_step[kUnitCopies];  // words per quad
-  // Scales: the expert's row 0 at the piece's columns; su: k = meta_k. meta_dst nullptr: no piece.
+  // Units: step 0's source, stage 0's shared-memory destination (kNoCopy: none), bytes per step.
+  const uint32_t* unit_src[kUnitCopies];
+  uint32_t unit_dst[kUnitCopies];
+  int unit_step_bytes[kUnitCopies];
+  // Scale and su pieces: the piece at k (k = its k-tile's first k in the step) is row
+  // k >> meta_shift of meta_src (k / meta_divisor where the group size is not a power of two),
+  // rows meta_row_bytes apart: scales' rows are the expert's groups (N halves apart), su's "rows"
+  // its single halves (shift 0). meta_src nullptr: columns past N (zero-filled).
   const uint16_t* meta_src[kMetaCopies];
-  uint16_t* meta_dst[kMetaCopies];
-  int meta_k[kMetaCopies], meta_group_size[kMetaCopies];  // the piece's k offset in a step; scales' group size
+  uint32_t meta_dst[kMetaCopies];  // stage 0's; kNoCopy: none
+  uint32_t meta_stage_bytes[kMetaCopies];
+  int meta_k[kMetaCopies], meta_shift[kMetaCopies], meta_divisor[kMetaCopies], meta_row_bytes[kMetaCopies];
 
   // units0: stage 0's units as [unit][words] (unit = projection * kProjNTiles + n-tile);
-  // scales0 / su0: stage 0's [NUM_PROJ][kKTiles][PROJ_COLS] / [NUM_PROJ][kBK].
+  // scales0 / su0: stage 0's [NUM_PROJ][kKTiles][PROJ_COLS] / [NUM_PROJ][kBK]; *_stage_bytes: the
+  // distance between two stages of each.
   __device__ __forceinline__ WeightCopies(const GemmParams& p, int tid, int expert, int n0, uint32_t* units0,
-                                          uint16_t* scales0, uint16_t* su0) {
+                                          uint16_t* scales0, uint16_t* su0, uint32_t scale_stage_bytes,
+                                          uint32_t su_stage_bytes) {
     const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);
 #pragma unroll
     for (int i = 0; i < kUnitCopies; ++i) {
       const int c = tid + i * THREADS;
       const int chunk = c % kChunksPerUnit, u = c / kChunksPerUnit;
       const int q = u / kProjNTiles, nt = u % kProjNTiles;
-      unit_src[i] = nullptr;
-      unit_dst[i] = nullptr;
-      unit_step[i] = 0;
+      unit_src[i] = p.proj[0].units;  // never read (kNoCopy)
+      unit_dst[i] = kNoCopy;
+      unit_step_bytes[i] = 0;
       if (c < kUnitChunks) {
         const DeviceProjection& w = p.proj[q];
         const int gn = n0 / kTileDim + nt;
         if (chunk * 16 < unit_bytes(w.bits) && gn < N / kTileDim) {
           unit_src[i] = w.unit(expert, gn, 0) + chunk * 4;
-          unit_step[i] = unit_words(w.bits);
-          unit_dst[i] = units0 + u * unit_words(kMaxBits) + chunk * 4;
+          unit_step_bytes[i] = 4 * unit_words(w.bits);
+          unit_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(units0 + u * unit_words(kMaxBits) + chunk * 4));
         }
       }
     }
@@ -344,44 +398,51 @@ struct WeightCopies {
     for (int i = 0; i < kMetaCopies; ++i) {
       const int c = tid + i * THREADS;
       meta_src[i] = nullptr;
-      meta_dst[i] = nullptr;
+      meta_dst[i] = kNoCopy;
+      meta_stage_bytes[i] = 0;
       meta_k[i] = 0;
-      meta_group_size[i] = 1;
+      meta_shift[i] = 0;
+      meta_divisor[i] = 1;
+      meta_row_bytes[i] = 2;
       if (c < kScalePieces) {
         const int chunk = c % (PROJ_COLS / 8), kt = (c / (PROJ_COLS / 8)) % kKTiles;
         const int q = c / ((PROJ_COLS / 8) * kKTiles);
         const DeviceProjection& w = p.proj[q];
         meta_k[i] = kt * kTileDim;
-        meta_group_size[i] = w.group_size;
+        const int group = w.group_size;
+        meta_shift[i] = (group & (group - 1)) == 0 ? __ffs(group) - 1 : -1;
+        meta_divisor[i] = group;
+        meta_row_bytes[i] = 2 * N;
         if (n0 + chunk * 8 < N)
           meta_src[i] = w.scales + static_cast<int64_t>(expert) * w.groups() * N + n0 + chunk * 8;
-        meta_dst[i] = scales0 + (q * kKTiles + kt) * PROJ_COLS + chunk * 8;
+        meta_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(scales0 + (q * kKTiles + kt) * PROJ_COLS + chunk * 8));
+        meta_stage_bytes[i] = scale_stage_bytes;
       } else if (c < kMetaPieces) {
         const int chunk = (c - kScalePieces) % (kBK / 8), q = (c - kScalePieces) / (kBK / 8);
         meta_k[i] = chunk * 8;
-        meta_src[i] = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K + meta_k[i];
-        meta_dst[i] = su0 + q * kBK + meta_k[i];
+        meta_src[i] = reinterpret_cast<const uint16_t*>(p.su16[q]) + static_cast<int64_t>(expert) * K;
+        meta_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(su0 + q * kBK + meta_k[i]));
+        meta_stage_bytes[i] = su_stage_bytes;
       }
     }
   }
 
-  // The copies of step kb into stage `stage` (stage sizes in words / halves).
-  __device__ __forceinline__ void issue(const GemmParams& p, int tid, int stage, int kb, size_t unit_stage_words,
-                                        size_t scale_stage_halves, size_t su_stage_halves) const {
+  // The copies of step kb into stage `stage`, whose units lie unit_stage_bytes after stage 0's.
+  __device__ __forceinline__ void issue(const GemmParams& p, int stage, int kb, uint32_t unit_stage_bytes) const {
 #pragma unroll
     for (int i = 0; i < kUnitCopies; ++i)
-      if (unit_src[i]) cp_async16(unit_dst[i] + stage * unit_stage_words, unit_src[i] + kb * unit_step[i], 16);
+      cp_async16_if(unit_dst[i] != kNoCopy, unit_dst[i] + stage * unit_stage_bytes,
+                    reinterpret_cast<const uint8_t*>(unit_src[i]) + static_cast<int64_t>(kb) * unit_step_bytes[i]);
 #pragma unroll
     for (int i = 0; i < kMetaCopies; ++i) {
-      if (!meta_dst[i]) continue;
-      const bool is_scale = tid + i * THREADS < kScalePieces;
-      const int K = static_cast<int>(p.K), N = static_cast<int>(p.N);  // < 2^31 (validated)
-      const int k0 = kb * kBK, k = k0 + meta_k[i];
+      if (meta_dst[i] == kNoCopy) continue;
+      const int K = static_cast<int>(p.K);  // < 2^31 (validated)
+      const int k = kb * kBK + meta_k[i];
       const bool ok = meta_src[i] != nullptr && k < K;
-      const uint16_t* src = !ok ? p.proj[0].scales
-                            : is_scale ? meta_src[i] + static_cast<int64_t>(k / meta_group_size[i]) * N
-                                       : meta_src[i] + k0;
-      cp_async16(meta_dst[i] + stage * (is_scale ? scale_stage_halves : su_stage_halves), src, ok ? 16 : 0);
+      const int row = !ok ? 0 : meta_shift[i] >= 0 ? k >> meta_shift[i] : k / meta_divisor[i];
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(ok ? meta_src[i] : p.proj[0].scales);
+      cp_async16(meta_dst[i] + stage * meta_stage_bytes[i], src + static_cast<int64_t>(row) * meta_row_bytes[i],
+                 ok ? 16 : 0);
     }
   }
 };
@@ -426,8 +487,9 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kThreads);
 
   // Each thread's share of a stage's copies is fixed (WeightCopies for the weight side).
-  const WeightCopies<NUM_PROJ, kProjCols, kThreads, kFoldSu> weight_copies(p, tid, expert, n0, &s.units[0][0][0][0],
-                                                                           &s.scales[0][0][0][0], &s.su[0][0][0]);
+  const WeightCopies<NUM_PROJ, kProjCols, kThreads, kFoldSu> weight_copies(
+      p, tid, expert, n0, &s.units[0][0][0][0], &s.scales[0][0][0][0], &s.su[0][0][0], sizeof(s.scales[0]),
+      sizeof(s.su[0]));
   __syncthreads();
 
   // Issues the cp.async copies of stage `kb` (A rows, units, scales, su) into buffer `buf`.
@@ -449,7 +511,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
       cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], k < K ? src + k : p.a[0],
                  k < K ? 16 : 0);
     }
-    weight_copies.issue(p, tid, buf, kb, sizeof(s.units[0]) / 4, sizeof(s.scales[0]) / 2, sizeof(s.su[0]) / 2);
+    weight_copies.issue(p, buf, kb, sizeof(s.units[0]));
   };
 
   // Coefficients of stage `buf` into s.coef[cb] (one (k-tile, column) entry per thread and pass).
@@ -615,10 +677,11 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
 // PRODUCER (the kernel's third template argument): a third warpgroup issues every copy (X rows,
 // units, scales, su), handing each ring slot to the two consumer warpgroups through a full and an
 // empty mbarrier instead of one __syncthreads per step; registers move from it to the consumers
-// (setmaxnreg). Chosen by -DTMOE_WGMMA_PRODUCER=1 or the environment variable of the same name;
-// default 0 (written in session 11, not run; docs/notes-grouped.md "after session 11", item 2).
+// (setmaxnreg). The default: 1-4% faster than without it from 1024 tokens on every shape (H100,
+// session 12, once the copies were cheap to issue; before that the producer was the bottleneck,
+// 10-15% slower). -DTMOE_WGMMA_PRODUCER=0 or the environment variable of the same name turns it off.
 #ifndef TMOE_WGMMA_PRODUCER
-#define TMOE_WGMMA_PRODUCER 0
+#define TMOE_WGMMA_PRODUCER 1
 #endif
 constexpr bool kWgProducerDefault = TMOE_WGMMA_PRODUCER != 0;
 constexpr int kWgConsumerThreads = 256;  // warpgroups 0 and 1
@@ -685,6 +748,9 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   __shared__ uint64_t x_full[kWgStages];            // TMA: the slot's X tile landed
   // kWgProducer: the slot's copies landed (X by TMA too) / both consumer warpgroups are done with it.
   __shared__ uint64_t slot_full[kWgProducer ? kWgStages : 1], slot_empty[kWgProducer ? kWgStages : 1];
+  // Down: each valid row's router weight and destination, loaded before the main loop so that the
+  // epilogue's stores wait on no global load.
+  __shared__ OutputRow out_row[NUM_PROJ == 1 ? TOKENS : 1];
   uint64_t* const tma_bar = kWgProducer ? slot_full : x_full;  // where the X tile's TMA copies complete
   using Smem = WgmmaSmem<NUM_PROJ, TOKENS>;
   constexpr int kSlabs = wg_slabs(TOKENS);
@@ -706,7 +772,8 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   const int num_kb = (K + kBK - 1) / kBK;
 
   for (int r = tid; r < TOKENS; r += kWgThreads) {
-    x_src[r] = a_row_source(p, tile, 0, r);
+    x_src[r] = a_row_source(p, tile, 0, r < rows_valid ? r : 0);  // padding rows: row 0's (never copied)
+    if (NUM_PROJ == 1 && r < rows_valid) out_row[r] = output_row<NUM_PROJ>(p, row0 + r);
     // Padding rows read row 0 (valid; their columns of D are never stored).
     if constexpr (kWgTmaX) x_src_row[r] = r < rows_valid ? static_cast<int>(a_row_index(p, tile, r)) : 0;
   }
@@ -726,20 +793,24 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   // or su makes padded weights zero, and zero activations meet padded k).
   // The copy threads: the whole block, or the producer warpgroup (ctid = its thread index).
   const int ctid = kWgProducer ? tid - kWgConsumerThreads : tid;
-  constexpr int kXCopies = TOKENS * 8 / kWgCopyThreads;  // X: 8 chunks of 16 bytes per row
-  const __nv_bfloat16* x_row[kXCopies];                   // nullptr: a padding row (never stored)
+  // X: chunk ctid % 8 (16 bytes) of tile rows x_row0 + kXRowStep i; padding rows are not copied
+  // (their columns of D are never stored).
+  constexpr int kXCopies = TOKENS * 8 / kWgCopyThreads, kXRowStep = kWgCopyThreads / 8;
+  const int x_row0 = ctid / 8, x_k = (ctid % 8) * 8;
+  const __nv_bfloat16* x_row[kXCopies];
   if constexpr (!kWgProducer) {  // (the producer reads x_src per copy: its registers are few)
 #pragma unroll
-    for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[ctid / 8 + (kWgCopyThreads / 8) * i];
+    for (int i = 0; i < kXCopies; ++i) x_row[i] = x_src[x_row0 + kXRowStep * i];
   }
   auto x_row_at = [&](int i) {
-    if constexpr (kWgProducer) return x_src[ctid / 8 + (kWgCopyThreads / 8) * i];
+    if constexpr (kWgProducer) return x_src[x_row0 + kXRowStep * i];
     else return x_row[i];
   };
-  const uint32_t x_dst = wgmma::sw128_offset(ctid / 8, ctid % 8);  // + i * (kWgCopyThreads / 8) rows
+  const uint32_t x_dst0 = wgmma::smem_address(s.ring.x[0]) + wgmma::sw128_offset(x_row0, ctid % 8);
   using Copies = WeightCopies<NUM_PROJ, kProjCols, kWgCopyThreads, kFoldSu>;
   auto make_copies = [&] {
-    return Copies(p, ctid, expert, n0, &s.ring.units[0][0][0], &s.ring.scales[0][0][0][0], &s.ring.su[0][0][0]);
+    return Copies(p, ctid, expert, n0, &s.ring.units[0][0][0], &s.ring.scales[0][0][0][0], &s.ring.su[0][0][0],
+                  sizeof(s.ring.scales[0]), sizeof(s.ring.su[0]));
   };
   // The block's copies (the producer makes its own after the role split: nothing live across it).
   [[maybe_unused]] const auto weight_copies = [&] {
@@ -748,8 +819,8 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   }();
   auto load_stage = [&](const Copies& copies, int slot, int kb) {
     const int k0 = kb * kBK;
-    uint8_t* x = s.ring.x[slot];
     if constexpr (kWgTmaX) {
+      uint8_t* x = s.ring.x[slot];
       // Out-of-range k and rows past the source are zero-filled and still count as the box's bytes.
       if (ctid == 0) wgmma::mbarrier_arrive_expect_tx(&tma_bar[slot], TOKENS * wgmma::kRowBytes);
       if (p.gather_tokens) {
@@ -758,16 +829,17 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
       } else if (ctid == 0) {
         wgmma::tma_load_2d(x, &x_map, k0, row0, &tma_bar[slot]);
       }
-    }
+    } else {
+      // k past K (a last partial step) is zero-filled from row k = 0.
+      const bool k_in = k0 + x_k < K;
+      const int k = k_in ? k0 + x_k : 0, bytes = k_in ? 16 : 0;
+      const uint32_t dst = x_dst0 + slot * static_cast<uint32_t>(sizeof(s.ring.x[0]));
 #pragma unroll
-    for (int i = 0; i < (kWgTmaX ? 0 : kXCopies); ++i) {
-      const __nv_bfloat16* row = x_row_at(i);
-      if (row == nullptr) continue;
-      const int k = k0 + (ctid % 8) * 8;
-      cp_async16(x + x_dst + i * (kWgCopyThreads / 8) * wgmma::kRowBytes, k < K ? row + k : p.a[0], k < K ? 16 : 0);
+      for (int i = 0; i < kXCopies; ++i)
+        cp_async16_if(x_row0 + kXRowStep * i < rows_valid, dst + i * kXRowStep * wgmma::kRowBytes, x_row_at(i) + k,
+                      bytes);
     }
-    copies.issue(p, ctid, slot, kb, sizeof(s.ring.units[0]) / 4, sizeof(s.ring.scales[0]) / 2,
-                 sizeof(s.ring.su[0]) / 2);
+    copies.issue(p, slot, kb, sizeof(s.ring.units[0]));
   };
 
   if constexpr (kWgProducer) {
@@ -906,12 +978,18 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
       for (int i = 0; i < 4; ++i) staged[8 * j + 2 * t + (i & 1)][slab_col[sl] + g + 8 * (i >> 1)] = acc[sl][4 * j + i];
   }
   consumers_sync();
-  for (int e = tid; e < TOKENS * (kProjCols / 2); e += kWgConsumerThreads) {
-    const int r = e / (kProjCols / 2), n = 2 * (e % (kProjCols / 2));
-    if (r >= rows_valid) break;
-    const float2 v = *reinterpret_cast<const float2*>(&s.staged[0][r][n]);
-    const float2 u = *reinterpret_cast<const float2*>(&s.staged[NUM_PROJ - 1][r][n]);
-    store_output_pair<NUM_PROJ>(p, expert, row0 + r, n0 + n, v.x, v.y, u.x, u.y);
+  // Each thread owns one column pair of the block (its sv loaded once) and every kRowStep-th row.
+  constexpr int kColPairs = kProjCols / 2, kRowStep = kWgConsumerThreads / kColPairs;
+  static_assert(kWgConsumerThreads % kColPairs == 0);
+  const int n = 2 * (tid % kColPairs);
+  if (n0 + n < p.N) {
+    const OutputColumns columns = output_columns<NUM_PROJ>(p, expert, n0 + n);
+    for (int r = tid / kColPairs; r < rows_valid; r += kRowStep) {
+      const float2 v = *reinterpret_cast<const float2*>(&s.staged[0][r][n]);
+      const float2 u = *reinterpret_cast<const float2*>(&s.staged[NUM_PROJ - 1][r][n]);
+      const OutputRow row = NUM_PROJ == 1 ? out_row[r] : OutputRow{1.0f, row0 + r};
+      store_output<NUM_PROJ>(p, columns, row, row0 + r, n0 + n, v.x, v.y, u.x, u.y);
+    }
   }
 #endif
 }

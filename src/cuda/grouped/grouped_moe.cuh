@@ -89,7 +89,8 @@ struct GroupedMoeArgs {
 bool grouped_uses_wgmma(const GroupedMoeArgs& args);
 
 // What grouped_moe_forward(args) would run, for logs and benchmarks: the GEMM kernel and its tile
-// height, e.g. "grouped: wgmma (sm_90a), 128-token tiles" or "grouped: mma.sync, 64-row tiles".
+// height, e.g. "grouped: wgmma (sm_90a), 128-token tiles, producer warpgroup" or "grouped: mma.sync,
+// 64-row tiles".
 std::string grouped_plan_summary(const GroupedMoeArgs& args);
 
 // Throws tmoe::Error (bad input) naming the first thing this path cannot run: shapes that do not

@@ -298,7 +298,7 @@ TEST(CudaMoe, PathFollowsTheDispatchRule) {
   ASSERT_LT(kMmaTokens * c.k / c.E, cuda::grouped::wgmma_min_rows_per_expert(c.E));
   ASSERT_STREQ(automatic.path(kMmaTokens, c.k), "grouped");
   const std::regex grouped_plan(
-      R"(grouped: (wgmma \(sm_90a\), \d+-token tiles(, producer warpgroup)?(, X by TMA)?|mma\.sync, \d+-row tiles))");
+      R"(grouped: (wgmma \(sm_90a\), \d+-token tiles(, producer warpgroup)?(, down's X by TMA)?|mma\.sync, \d+-row tiles))");
   EXPECT_TRUE(std::regex_match(automatic.plan_summary(kMmaTokens, c.k), grouped_plan))
       << automatic.plan_summary(kMmaTokens, c.k);
   EXPECT_NE(automatic.plan_summary(kMmaTokens, c.k).find("mma.sync"), std::string::npos);
@@ -306,7 +306,7 @@ TEST(CudaMoe, PathFollowsTheDispatchRule) {
   ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
   if (prop.major == 9 && prop.minor == 0)  // 128 or 256-token tiles; TMOE_WGMMA_PRODUCER, TMOE_WGMMA_TMA_X
     EXPECT_TRUE(std::regex_match(automatic.plan_summary(1000, c.k),
-                                 std::regex(R"(grouped: wgmma \(sm_90a\), (128|256)-token tiles(, producer warpgroup)?(, X by TMA)?)")))
+                                 std::regex(R"(grouped: wgmma \(sm_90a\), (128|256)-token tiles(, producer warpgroup)?(, down's X by TMA)?)")))
         << automatic.plan_summary(1000, c.k);
   cuda::CudaMoeOptions forced;
   forced.grouped_min_tokens = 2;

@@ -477,7 +477,7 @@ class ScopedEnv {
 };
 
 // The wgmma kernel's run-time variants (environment variables, each its own instantiation): 256-token
-// tiles, the producer warpgroup, the X tile by TMA, in every combination, on a partial tile, ragged
+// tiles, the producer warpgroup, down's X tile by TMA, in every combination, on a partial tile, ragged
 // routings, odd shapes with partial K steps and a contiguous (down) TMA source, and determinism.
 TEST(GroupedWgmma, RunTimeVariants) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";

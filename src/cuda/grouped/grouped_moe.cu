@@ -702,10 +702,11 @@ constexpr int wg_cols(int tokens) { return 128 * wg_slabs(tokens); }  // feature
 #define TMOE_WGMMA_TILE256_MIN_ROWS 0
 #endif
 constexpr int64_t kWgTile256MinRows = TMOE_WGMMA_TILE256_MIN_ROWS;
-// TMA_X (the kernel's fourth template argument): the X tile by TMA (2D bulk tensor copies
-// completing on a per-slot mbarrier: one per row for gathered gate/up rows, one per tile for down's
-// contiguous h rows) instead of 4-8 cp.async per thread and step. Chosen by -DTMOE_WGMMA_TMA_X=1 or
-// the environment variable of the same name; default 0 (written in session 10, not run).
+// TMA_X (the kernel's fourth template argument, down only): down's X tile (contiguous h rows) by one
+// 2D bulk tensor copy per step, completing on the slot's mbarrier, instead of 4-8 cp.async per
+// thread. Gate/up rows are gathered and stay on cp.async: one TMA per gathered row was 64% slower
+// (session 12's ncu; down with one box per step 5% faster, without the producer). Chosen by
+// -DTMOE_WGMMA_TMA_X=1 or the environment variable of the same name; default 0.
 #ifndef TMOE_WGMMA_TMA_X
 #define TMOE_WGMMA_TMA_X 0
 #endif
@@ -744,7 +745,6 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   constexpr int kWgThreads = wg_threads(PRODUCER), kWgCopyThreads = wg_copy_threads(PRODUCER);
   // Static shared memory exists only in this sm_90a body: the host's probe of a usable build.
   __shared__ const __nv_bfloat16* x_src[TOKENS];
-  __shared__ int x_src_row[kWgTmaX ? TOKENS : 1];  // TMA: the tile row's row of the A source
   __shared__ uint64_t x_full[kWgStages];            // TMA: the slot's X tile landed
   // kWgProducer: the slot's copies landed (X by TMA too) / both consumer warpgroups are done with it.
   __shared__ uint64_t slot_full[kWgProducer ? kWgStages : 1], slot_empty[kWgProducer ? kWgStages : 1];
@@ -775,7 +775,6 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
     x_src[r] = a_row_source(p, tile, 0, r < rows_valid ? r : 0);  // padding rows: row 0's (never copied)
     if (NUM_PROJ == 1 && r < rows_valid) out_row[r] = output_row<NUM_PROJ>(p, row0 + r);
     // Padding rows read row 0 (valid; their columns of D are never stored).
-    if constexpr (kWgTmaX) x_src_row[r] = r < rows_valid ? static_cast<int>(a_row_index(p, tile, r)) : 0;
   }
   if (kWgTmaX && !kWgProducer && tid == 0)
     for (int st = 0; st < kWgStages; ++st) wgmma::mbarrier_init(&x_full[st], 1);
@@ -820,14 +819,12 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   auto load_stage = [&](const Copies& copies, int slot, int kb) {
     const int k0 = kb * kBK;
     if constexpr (kWgTmaX) {
-      uint8_t* x = s.ring.x[slot];
-      // Out-of-range k and rows past the source are zero-filled and still count as the box's bytes.
-      if (ctid == 0) wgmma::mbarrier_arrive_expect_tx(&tma_bar[slot], TOKENS * wgmma::kRowBytes);
-      if (p.gather_tokens) {
-        for (int r = ctid; r < TOKENS; r += kWgCopyThreads)
-          wgmma::tma_load_2d(x + r * wgmma::kRowBytes, &x_map, k0, x_src_row[r], &tma_bar[slot]);
-      } else if (ctid == 0) {
-        wgmma::tma_load_2d(x, &x_map, k0, row0, &tma_bar[slot]);
+      // The tile's rows row0 .. row0 + TOKENS - 1 of h (the host launches TMA_X for down only, whose
+      // rows are contiguous). Out-of-range k and rows past the source are zero-filled and still
+      // count as the box's bytes; rows past the expert's are padding (never stored).
+      if (ctid == 0) {
+        wgmma::mbarrier_arrive_expect_tx(&tma_bar[slot], TOKENS * wgmma::kRowBytes);
+        wgmma::tma_load_2d(s.ring.x[slot], &x_map, k0, row0, &tma_bar[slot]);
       }
     } else {
       // k past K (a last partial step) is zero-filled from row k = 0.
@@ -1454,7 +1451,8 @@ void launch_gemm_wgmma(const GemmParams& p, int64_t max_items, int64_t a_rows, c
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kProjCols)), static_cast<unsigned>(max_items), 1);
-  const CUtensorMap x_map = x_tensor_map(TMA_X, p.a[0], a_rows, p.K, p.gather_tokens ? 1 : TOKENS);
+  static_assert(!TMA_X || NUM_PROJ == 1, "X by TMA for down's contiguous rows only");
+  const CUtensorMap x_map = x_tensor_map(TMA_X, p.a[0], a_rows, p.K, TOKENS);
   grouped_gemm_wgmma<NUM_PROJ, TOKENS, PRODUCER, TMA_X><<<grid, wg_threads(PRODUCER), smem, stream>>>(p, x_map);
   check_cuda(cudaGetLastError(), "grouped_gemm_wgmma launch");
 }
@@ -1484,7 +1482,7 @@ std::string grouped_plan_summary(const GroupedMoeArgs& args) {
   validate(args, false);
   if (use_wgmma(args))
     return "grouped: wgmma (sm_90a), " + std::to_string(wgmma_tokens(args)) + "-token tiles" +
-           (wgmma_producer() ? ", producer warpgroup" : "") + (wgmma_tma_x() ? ", X by TMA" : "");
+           (wgmma_producer() ? ", producer warpgroup" : "") + (wgmma_tma_x() ? ", down's X by TMA" : "");
   return "grouped: mma.sync, " + std::to_string(tile_rows_for(args)) + "-row tiles" +
          (any_hadamard(args) ? ", Hadamard" : "");
 }
@@ -1533,10 +1531,14 @@ void grouped_moe_forward(const GroupedMoeArgs& a, cudaStream_t stream) {
       // The instantiation of (tile, producer, TMA) chosen at run time.
       const bool tile256 = tile_rows == 256;
       with_bool(tile256, [&](auto t256) {
+        constexpr int kTokens = decltype(t256)::value ? 256 : 128;
         with_bool(wgmma_producer(), [&](auto producer) {
-          with_bool(wgmma_tma_x(), [&](auto tma_x) {
-            launch_gemm_wgmma<kNumProj, decltype(t256)::value ? 256 : 128, decltype(producer)::value,
-                              decltype(tma_x)::value>(p, max_items, a_rows, stream);
+          constexpr bool kProducer = decltype(producer)::value;
+          // X by TMA for down only (contiguous rows; no gate/up instantiation with it).
+          with_bool(kNumProj == 1 && wgmma_tma_x(), [&](auto tma_x) {
+            constexpr bool kTmaX = decltype(tma_x)::value;
+            if constexpr (kNumProj == 1 || !kTmaX)
+              launch_gemm_wgmma<kNumProj, kTokens, kProducer, kTmaX>(p, max_items, a_rows, stream);
           });
         });
       });

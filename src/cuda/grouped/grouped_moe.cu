@@ -134,7 +134,10 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+// v * sigmoid(v) with the approximate reciprocal (2 ulp; h is stored as bf16): the IEEE division
+// put a check and a slow-path call in the gate/up epilogue's loop. For v < -87, exp overflows and
+// the reciprocal of infinity is 0, so silu is -0 as it should be.
+__device__ __forceinline__ float silu(float v) { return v * __fdividef(1.0f, 1.0f + __expf(-v)); }
 // fp16 bits -> float with the hardware conversion (half_to_float is the portable bit-exact one;
 // both are exact, this one is a single instruction).
 __device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
@@ -258,6 +261,14 @@ __device__ __forceinline__ void store_output(const GemmParams& p, const OutputCo
     const float d1 = v1 * c.f[0][1] * row.prob;
     if (p.epilogue == kAtomic) {
       float* dst = p.out_acc + static_cast<int64_t>(row.dst) * N + n;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // One vector reduction for both columns (sm_90) where dst is 8-byte aligned: n and N are even,
+      // so it is unless the caller's out_acc is not.
+      if ((reinterpret_cast<uintptr_t>(dst) & 7) == 0) {
+        atomicAdd(reinterpret_cast<float2*>(dst), make_float2(d0, d1));
+        return;
+      }
+#endif
       atomicAdd(dst, d0);
       atomicAdd(dst + 1, d1);
     } else {

@@ -493,8 +493,9 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   const int warp_m = warp >> 2, warp_n = warp & 3;  // warp_m < kWarpsM
   const int K = static_cast<int>(p.K);  // < 2^31 (validated)
 
-  // Per-row A sources (nullptr: padding row, zero-filled).
-  for (int i = tid; i < kNumA * kBM; i += kThreads) s.a_src[i / kBM][i % kBM] = a_row_source(p, tile, i / kBM, i % kBM);
+  // Per-row A sources (padding rows: row 0's, never copied).
+  for (int i = tid; i < kNumA * kBM; i += kThreads)
+    s.a_src[i / kBM][i % kBM] = a_row_source(p, tile, i / kBM, i % kBM < rows_valid ? i % kBM : 0);
   load_grid_tables<NUM_PROJ>(p, s.grid, s.level_pairs, tid, kThreads);
 
   // Each thread's share of a stage's copies is fixed (WeightCopies for the weight side).
@@ -506,21 +507,25 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   // Issues the cp.async copies of stage `kb` (A rows, units, scales, su) into buffer `buf`.
   // Chunks outside K / N / the expert's rows are zero-filled (src-size 0), so the MMA sees zeros
   // (a zero scale or su makes the weights of padded k and n zero; padded units hold index 0).
+  // A: this thread's 16-byte chunk a_k / 8 of kAChunks rows (the same chunk in each: kThreads is a
+  // multiple of 8), destinations as shared addresses found once (as in WeightCopies).
+  constexpr int kAChunks = kNumA * kBM * (kBK / 8) / kThreads;
+  static_assert(kAChunks * kThreads == kNumA * kBM * (kBK / 8) && kThreads % (kBK / 8) == 0);
+  const int a_k = (tid % (kBK / 8)) * 8;
+  const uint32_t a_dst0 = static_cast<uint32_t>(__cvta_generic_to_shared(&s.a[0][0][a_k]));
   auto load_stage = [&](int buf, int kb) {
-    const int k0 = kb * kBK;
-    constexpr int kAChunks = kNumA * kBM * (kBK / 8) / kThreads;
-    static_assert(kAChunks * kThreads == kNumA * kBM * (kBK / 8));
+    // k past K (a last partial step) is zero-filled from k = 0 of the row.
+    const bool k_in = kb * kBK + a_k < K;
+    const int k = k_in ? kb * kBK + a_k : 0, bytes = k_in ? 16 : 0;
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
       const int c = tid + i * kThreads;
       const int which = c / (kBM * (kBK / 8)), row = (c / (kBK / 8)) % kBM;
-      const int k = k0 + (c % (kBK / 8)) * 8;
-      const __nv_bfloat16* src = s.a_src[which][row];
       // Padding rows are not copied at all: an output row depends only on its own A row, and
-      // the epilogue never stores padding rows (row fragments without valid rows skip the MMAs).
-      if (src == nullptr) continue;
-      cp_async16(&s.a[buf][which][row * kAStride + (c % (kBK / 8)) * 8], k < K ? src + k : p.a[0],
-                 k < K ? 16 : 0);
+      // the epilogue never stores padding rows (their MMAs' results are never read).
+      const uint32_t dst = a_dst0 + static_cast<uint32_t>(sizeof(s.a[0])) * buf +
+                           static_cast<uint32_t>(sizeof(s.a[0][0])) * which + row * kAStride * 2;
+      cp_async16_if(row < rows_valid, dst, s.a_src[which][row] + k, bytes);
     }
     weight_copies.issue(p, buf, kb, sizeof(s.units[0]));
   };

@@ -1,12 +1,12 @@
 // Hopper (sm_90a) building blocks of the grouped path's wgmma kernel (grouped_gemm_wgmma in
-// grouped_moe.cu): shared-memory matrix descriptors for the 128-byte-swizzled K-major layout,
+// gemm_wgmma.cu): shared-memory matrix descriptors for the 128-byte-swizzled K-major layout,
 // wgmma.mma_async m64n128k16 / m64n256k16 with A from registers (bf16 in, fp32 accumulators), the
 // group fences and the async proxy fence, mbarriers and 2D TMA loads. tests/cuda/test_grouped_wgmma.cu
 // checks the layouts on a plain GEMM.
 //
 // Every wrapper compiles to nothing outside the sm_90a device pass (TMOE_WGMMA_DEVICE): the sm_80
 // and plain sm_90 passes still compile the callers, whose kernels then do nothing; the host picks
-// the kernel only where it was built for the device (wgmma_kernel_built in grouped_moe.cu).
+// the kernel only where it was built for the device (wgmma_kernel_built in gemm_wgmma.cu).
 //
 // The K-major SW128 layout (one operand tile of R rows x 64 k of bf16): row r is 128 bytes
 // (64 k) at r * 128 from a 1024-byte aligned base; its 16-byte chunk c (k = 8c .. 8c+7) sits at

@@ -94,6 +94,15 @@ __device__ __forceinline__ void cp_async16_if(bool copy, uint32_t smem, const vo
           static_cast<int>(copy)),
       "r"(smem), "l"(gmem), "r"(src_bytes));
 }
+// A thread's 16-byte chunk of an activation row at k into shared memory: the A / X copies of both
+// GEMM kernels. Only where row_valid (padding rows are not copied at all: an output row depends
+// only on its own activation row, and padding rows are never stored); k past K (a last partial
+// step) is zero-filled, read from the row's start.
+__device__ __forceinline__ void cp_async_activation_chunk(bool row_valid, uint32_t smem, const __nv_bfloat16* row,
+                                                          int k, int K) {
+  const bool k_in = k < K;
+  cp_async16_if(row_valid, smem, row + (k_in ? k : 0), k_in ? 16 : 0);
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

@@ -93,18 +93,13 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
   const int a_k = (tid % (kBK / 8)) * 8;
   const uint32_t a_dst0 = static_cast<uint32_t>(__cvta_generic_to_shared(&s.a[0][0][a_k]));
   auto load_stage = [&](int buf, int kb) {
-    // k past K (a last partial step) is zero-filled from k = 0 of the row.
-    const bool k_in = kb * kBK + a_k < K;
-    const int k = k_in ? kb * kBK + a_k : 0, bytes = k_in ? 16 : 0;
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
       const int c = tid + i * kThreads;
       const int which = c / (kBM * (kBK / 8)), row = (c / (kBK / 8)) % kBM;
-      // Padding rows are not copied at all: an output row depends only on its own A row, and
-      // the epilogue never stores padding rows (their MMAs' results are never read).
       const uint32_t dst = a_dst0 + static_cast<uint32_t>(sizeof(s.a[0])) * buf +
                            static_cast<uint32_t>(sizeof(s.a[0][0])) * which + row * kAStride * 2;
-      cp_async16_if(row < rows_valid, dst, s.a_src[which][row] + k, bytes);
+      cp_async_activation_chunk(row < rows_valid, dst, s.a_src[which][row], kb * kBK + a_k, K);
     }
     weight_copies.issue(p, buf, kb, sizeof(s.units[0]));
   };

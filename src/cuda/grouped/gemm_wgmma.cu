@@ -136,7 +136,6 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   for (int r = tid; r < TOKENS; r += kWgThreads) {
     x_src[r] = a_row_source(p, tile, 0, r < rows_valid ? r : 0);  // padding rows: row 0's (never copied)
     if (NUM_PROJ == 1 && r < rows_valid) out_row[r] = output_row<NUM_PROJ>(p, row0 + r);
-    // Padding rows read row 0 (valid; their columns of D are never stored).
   }
   if (kWgTmaX && !kWgProducer && tid == 0)
     for (int st = 0; st < kWgStages; ++st) wgmma::mbarrier_init(&x_full[st], 1);
@@ -154,8 +153,7 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
   // or su makes padded weights zero, and zero activations meet padded k).
   // The copy threads: the whole block, or the producer warpgroup (ctid = its thread index).
   const int ctid = kWgProducer ? tid - kWgConsumerThreads : tid;
-  // X: chunk ctid % 8 (16 bytes) of tile rows x_row0 + kXRowStep i; padding rows are not copied
-  // (their columns of D are never stored).
+  // X: chunk ctid % 8 (16 bytes) of tile rows x_row0 + kXRowStep i (cp_async_activation_chunk).
   constexpr int kXCopies = TOKENS * 8 / kWgCopyThreads, kXRowStep = kWgCopyThreads / 8;
   const int x_row0 = ctid / 8, x_k = (ctid % 8) * 8;
   const __nv_bfloat16* x_row[kXCopies];
@@ -189,14 +187,11 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
         wgmma::tma_load_2d(s.ring.x[slot], &x_map, k0, row0, &tma_bar[slot]);
       }
     } else {
-      // k past K (a last partial step) is zero-filled from row k = 0.
-      const bool k_in = k0 + x_k < K;
-      const int k = k_in ? k0 + x_k : 0, bytes = k_in ? 16 : 0;
       const uint32_t dst = x_dst0 + slot * static_cast<uint32_t>(sizeof(s.ring.x[0]));
 #pragma unroll
       for (int i = 0; i < kXCopies; ++i)
-        cp_async16_if(x_row0 + kXRowStep * i < rows_valid, dst + i * kXRowStep * wgmma::kRowBytes, x_row_at(i) + k,
-                      bytes);
+        cp_async_activation_chunk(x_row0 + kXRowStep * i < rows_valid, dst + i * kXRowStep * wgmma::kRowBytes,
+                                  x_row_at(i), k0 + x_k, K);
     }
     copies.issue(p, slot, kb, sizeof(s.ring.units[0]));
   };

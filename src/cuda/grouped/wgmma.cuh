@@ -130,8 +130,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, i
 }
 
 // Waits until the phase with this parity has completed; traps after 2^22 unsuccessful tries (each may suspend for a
-// while: well over 0.1 s in all): for protocols not yet run on a device, so that a bug fails the
-// test that hit it instead of hanging the whole run. The loop is all PTX: a C++ loop (clock64,
+// while: well over 0.1 s in all), so that a protocol bug fails the test that hit it instead of
+// hanging the whole run. The loop is all PTX: a C++ loop (clock64,
 // __trap) around try_wait made ptxas serialize the wgmma pipeline (CUDA 13.0).
 __device__ __forceinline__ void mbarrier_wait_or_trap(uint64_t* bar, uint32_t parity) {
 #ifdef TMOE_WGMMA_DEVICE

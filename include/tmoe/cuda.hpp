@@ -41,6 +41,10 @@ struct CudaMoeOptions {
   // (src/cuda/grouped/); smaller ones run the decode / small-batch kernels. -1 (the default):
   // the dispatcher decides from the expected pairs per expert (src/cuda/dispatch.hpp).
   int64_t grouped_min_tokens = -1;
+  // One-token batches run the one-launch decode (src/cuda/fused_decode.cuh: one kernel streams
+  // every weight of the forward, no K splits) where the layer allows it (affine grids, no
+  // Hadamard, top_k <= 16) and the device has sm_90; false runs the two projection passes.
+  bool fused_decode = true;
 };
 
 class CudaMoe {

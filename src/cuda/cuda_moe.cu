@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "cuda_check.hpp"
 #include "device_weights.cuh"
 #include "fragment_layout.hpp"
+#include "fused_decode.cuh"
 #include "grouped/grouped_moe.cuh"
 #include "pass_plan.hpp"
 #include "projection.cuh"
@@ -73,6 +75,7 @@ constexpr int64_t kChainMaxWaves = 1;
 // only, so a captured graph replays the same launches.
 struct ForwardPlan {
   bool grouped = false;  // the tensor-core grouped path runs this call
+  bool fused = false;    // the one-launch decode runs this call (one token; fused_decode.cuh)
   int tokens_per_item = 1;
   int64_t pairs = 0, max_items = 0;
   PassPlan gate_up, down;
@@ -92,6 +95,8 @@ struct CudaMoe::Impl {
   int32_t* error = nullptr;  // [3], see routing.hpp
   Occupancy occupancy;
   int64_t bytes = 0;
+  // The one-launch decode's plan per top_k (index top_k; 0 unused), made at upload.
+  FusedDecodePlan fused[kFusedMaxSlots + 1];
 
   ~Impl() {
     for (void* p : owned) cudaFree(p);
@@ -150,6 +155,7 @@ struct CudaMoe::Impl {
     ForwardPlan f;
     f.grouped = use_grouped_path(tokens, top_k, shape.experts, options.grouped_min_tokens);
     f.pairs = tokens * top_k;
+    f.fused = !f.grouped && tokens == 1 && top_k <= kFusedMaxSlots && fused[top_k].ok;
     const bool gu_tensor_core = tensor_core_pass(&gate_pass, 1) && tensor_core_pass(&up_pass, 1);
     const bool down_tensor_core = tensor_core_pass(&down_pass, 1);
     const ItemPlan items = plan_items(tokens, top_k, shape.experts, gu_tensor_core && down_tensor_core);
@@ -165,8 +171,9 @@ struct CudaMoe::Impl {
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
     // Finish counters per (item, finish group) of each pass, then the fused combine's per (token,
     // finish group of the down pass).
-    f.num_counters = f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups) +
-                     tokens * f.down.num_finish_groups;
+    f.num_counters = f.fused ? 1  // the phase arrivals
+                             : f.max_items * (f.gate_up.num_finish_groups + f.down.num_finish_groups) +
+                                   tokens * f.down.num_finish_groups;
     size_t at = 0;
     auto take = [&](size_t bytes) {
       const size_t here = at;
@@ -194,6 +201,10 @@ struct CudaMoe::Impl {
       return f;
     }
     f.h = take(P * I * 4);
+    if (f.fused) {
+      f.total = at;
+      return f;
+    }
     f.y = take(P * H * 4);
     f.partial_gate_up = take(2 * static_cast<size_t>(f.gate_up.k_splits) * P * I * 4);
     f.partial_down = take(static_cast<size_t>(f.down.k_splits) * P * H * 4);
@@ -235,6 +246,17 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
   m.up_pass.w = m.up = m.upload_projection(weights.up, !gate_up_affine);
   m.down_pass.w = m.down = m.upload_projection(weights.down, !m.down_pass.affine);
   m.error = upload(std::vector<int32_t>{0, INT_MAX, 0}, m.owned);
+  // TMOE_FUSED_DECODE=0 in the environment turns it off too (A/B timing: scripts/gpu-env-ab).
+  const char* fused_knob = std::getenv("TMOE_FUSED_DECODE");
+  const bool fused_allowed = options.fused_decode && !(fused_knob != nullptr && std::string(fused_knob) == "0");
+  if (fused_allowed && fused_decode_built()) {
+    int shared_optin = 0;
+    TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    // Less the kernel's static shared memory (the slot tables: well under 1 KB).
+    const size_t budget = static_cast<size_t>(shared_optin) - 1024;
+    for (int k = 1; k <= kFusedMaxSlots; ++k)
+      m.fused[k] = plan_fused_decode(m.gate_pass, m.up_pass, m.down_pass, k, m.occupancy.sms, budget);
+  }
 }
 
 CudaMoe::~CudaMoe() = default;
@@ -249,6 +271,12 @@ std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
   const Impl& m = *impl_;
   const ForwardPlan f = m.plan(tokens, top_k);
   if (f.grouped) return grouped::grouped_plan_summary(m.grouped_args(tokens, top_k));
+  if (f.fused) {
+    const FusedDecodePlan& p = m.fused[top_k];
+    return "decode: one launch, " + std::to_string(p.blocks) + " blocks, ring of " +
+           std::to_string(p.layout.ring_slots) + " x " + std::to_string(p.layout.slot_bytes) + " bytes, " +
+           std::to_string((p.shared + 1023) / 1024) + " KB shared";
+  }
   std::string s = std::string(path(tokens, top_k)) + ": items of " + std::to_string(f.tokens_per_item) + " rows";
   auto pass = [&](const char* name, const PassPlan& p, const PassProjection* proj, int nproj) {
     const bool tc = tensor_core_pass(proj, nproj);  // = every grid of the pass is affine
@@ -316,6 +344,25 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
     a.out_dtype = b.out_dtype;
     a.workspace = ws + f.grouped_workspace;
     grouped::grouped_moe_forward(a, stream);
+    return;
+  }
+
+  if (f.fused) {
+    FusedDecodeArgs a;
+    a.proj[0] = m.gate_pass;
+    a.proj[1] = m.up_pass;
+    a.proj[2] = m.down_pass;
+    a.x = b.x;
+    a.x_dtype = b.x_dtype;
+    a.expert_ids = b.expert_ids;
+    a.probs = b.expert_probs;
+    a.top_k = b.top_k;
+    a.experts = static_cast<int>(m.shape.experts);
+    a.out = b.out;
+    a.out_dtype = b.out_dtype;
+    a.h = at_f(f.h);
+    a.arrivals = r.counters;
+    launch_fused_decode(a, m.fused[b.top_k], stream);
     return;
   }
 

@@ -100,6 +100,12 @@ cuda::CudaMoeOptions decode_kernels_only() {
   o.grouped_min_tokens = std::numeric_limits<int64_t>::max();
   return o;
 }
+// The projection passes also at one token (the one-launch decode off).
+cuda::CudaMoeOptions projection_passes_only() {
+  cuda::CudaMoeOptions o = decode_kernels_only();
+  o.fused_decode = false;
+  return o;
+}
 
 void check_against_reference(const MoeCase& c, int64_t T,
                              const cuda::CudaMoeOptions& options = decode_kernels_only(),
@@ -213,8 +219,9 @@ TEST(CudaMoe, ManySlotsAndSplits) {
     c.routing = routing;
     for (int64_t T : {1, 2, 5, 16}) {
       std::string plan;
-      check_against_reference(c, T, decode_kernels_only(), -1, &plan);
+      check_against_reference(c, T, T == 1 ? projection_passes_only() : decode_kernels_only(), -1, &plan);
       if (T == 1) EXPECT_GE(plan_number(plan, R"(down \(tensor cores\): (\d+) splits)"), 6) << plan;
+      if (T == 1) check_against_reference(c, T);  // and the one-launch decode
     }
   }
 }
@@ -230,8 +237,10 @@ TEST(CudaMoe, ActivationsFarFromZeroMean) {
   TMOE_REQUIRE_GPU();
   const MoeCase c{.H = 4096, .I = 8192, .E = 2, .k = 2, .group = 128, .x_offset = 16.0f};
   std::string plan;
-  check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
+  check_against_reference(c, 1, projection_passes_only(), -1, &plan);
   EXPECT_GE(plan_number(plan, R"(gate\+up \(tensor cores\): \d+ splits x (\d+) k-tiles)"), 64) << plan;
+  // The one-launch decode flushes per scale group the same way, over whole strips (K = 4096).
+  check_against_reference(c, 1);
 }
 
 // The tensor-core kernel's scale-group flushes: groups of 16 (a flush after every k-tile), 48 (flushes
@@ -410,7 +419,7 @@ TEST(CudaMoe, RepeatsBitwiseAndReplaysInAGraph) {
   c.E = 8;
   c.k = 2;
   c.out_dtype = DType::f32;
-  const int64_t T = 3;
+  for (const int64_t T : {1, 3}) {  // 1: the one-launch decode; 3: the projection passes
   SCOPED_TRACE(describe(c, T, seed));
   const MoeWeights w = make_weights(c, seed);
   std::mt19937_64 rng(seed);
@@ -447,6 +456,62 @@ TEST(CudaMoe, RepeatsBitwiseAndReplaysInAGraph) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
+  }
+}
+
+// The one-launch decode (fused_decode.cuh) at its edges, against the reference: K = 208 (13 k-tiles:
+// a padded last quad, chunks ending mid-quad) with groups of 48 (groups straddling chunk bounds)
+// and 16 (a flush every k-tile), 16 slots some of them -1, duplicate experts in one token, mixed
+// bits, half precision in and out; a shape whose blocks each take several units spanning two slots
+// in phase A while some blocks have no phase B unit; one with all slots skipped (a zero output).
+// Where the device has sm_90 the plan must say it is the one-launch kernel.
+bool expect_one_launch() {
+  int device = 0, major = 0;
+  TMOE_CUDA_CHECK(cudaGetDevice(&device));
+  TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
+
+void check_one_launch(const MoeCase& c) {
+  std::string plan;
+  check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
+  if (expect_one_launch()) EXPECT_NE(plan.find("one launch"), std::string::npos) << plan;
+}
+
+TEST(FusedDecode, EdgesMatchReference) {
+  TMOE_REQUIRE_GPU();
+  check_one_launch({.H = 208, .I = 144, .E = 16, .k = 16, .group = 48, .x_dtype = DType::bf16,
+                    .out_dtype = DType::f16, .routing = RoutingKind::some_minus});
+  check_one_launch({.H = 208, .I = 144, .E = 16, .k = 5, .gate_bits = 2, .up_bits = 4, .down_bits = 3,
+                    .group = 16, .x_dtype = DType::f16, .out_dtype = DType::bf16});
+  check_one_launch({.H = 256, .I = 160, .E = 4, .k = 6, .group = 32, .routing = RoutingKind::few_experts});
+  check_one_launch({.H = 1024, .I = 1024, .E = 32, .k = 8, .group = 128});
+  check_one_launch({.H = 512, .I = 256, .E = 128, .k = 8, .group = 64, .up_group = 128, .down_group = 32});
+}
+
+TEST(FusedDecode, AllSlotsSkippedGivesZeros) {
+  TMOE_REQUIRE_GPU();
+  const MoeCase c{.H = 256, .I = 160, .E = 8, .k = 4};
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(describe(c, 1, seed));
+  std::mt19937_64 rng(seed);
+  RandomBatch b = random_batch(1, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+  for (int32_t& id : b.ids) id = -1;
+  cuda::CudaMoe moe(make_weights(c, seed), decode_kernels_only());
+  if (expect_one_launch()) EXPECT_NE(moe.plan_summary(1, c.k).find("one launch"), std::string::npos);
+  EXPECT_EQ(run_device(moe, c, b, 1), std::vector<float>(c.H, 0.0f));
+}
+
+// The layers the one-launch decode does not take run the projection passes.
+TEST(FusedDecode, OtherLayersTakeThePasses) {
+  TMOE_REQUIRE_GPU();
+  MoeCase hadamard{.hadamard = 32};
+  MoeCase many_slots{.E = 32, .k = 17};
+  for (const MoeCase& c : {hadamard, many_slots}) {
+    std::string plan;
+    check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
+    EXPECT_EQ(plan.find("one launch"), std::string::npos) << plan;
+  }
 }
 
 // The device plan equals the host plan (counts, offsets, stable order, inverse), and the work

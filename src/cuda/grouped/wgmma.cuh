@@ -129,6 +129,17 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, i
 #endif
 }
 
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory at `dst`
+// in one bulk copy; its bytes count toward `bar`'s transactions.
+__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_address(dst)),
+               "l"(src), "r"(bytes), "r"(smem_address(bar))
+               : "memory");
+#endif
+}
+
 // Waits until the phase with this parity has completed; traps after 2^22 unsuccessful tries (each may suspend for a
 // while: well over 0.1 s in all), so that a protocol bug fails the test that hit it instead of
 // hanging the whole run. The loop is all PTX: a C++ loop (clock64,

@@ -1,0 +1,495 @@
+// The one-launch decode (see fused_decode.cuh for the scheme).
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "cuda_check.hpp"
+#include "fragment_decode.cuh"
+#include "fused_decode.cuh"
+#include "grouped/gemm_common.cuh"
+#include "grouped/wgmma.cuh"
+#include "launch.hpp"
+#include "staging.cuh"
+#include "tmoe/error.hpp"
+
+namespace tmoe::cuda {
+namespace {
+
+namespace wg = grouped::wgmma;
+
+constexpr int kConsumerThreads = kFusedConsumerWarps * 32;
+
+// Units [begin, end) of `units` that block b of `blocks` takes.
+TMOE_HD constexpr int64_t range_begin(int64_t units, int64_t b, int64_t blocks) { return units * b / blocks; }
+
+// What one block does: its routed slots, unit ranges and chunk counts (every thread derives the same).
+struct BlockWork {
+  int pairs = 0;               // routed slots (ids in [0, E)), in slot order
+  int tn_i = 0, tn_h = 0;      // n-tiles of I and of H
+  int quads_a = 0, quads_b = 0;  // quads of K = H (gate, up) and of K = I (down)
+  int chunk_quads = 1;         // units per chunk (a strip's last chunk may have fewer)
+  int chunks_a = 0, chunks_b = 0;  // chunks per strip
+  int a0 = 0, a1 = 0, b0 = 0, b1 = 0;  // phase A units (slot, n-tile of I), phase B units (n-tile of H)
+  int pair_a0 = 0;             // the first slot of the phase A range (its activations staged first)
+  int na = 0, nb = 0;          // chunks of each phase
+
+  __device__ BlockWork(const FusedDecodeArgs& a, int routed) {
+    pairs = routed;
+    const DeviceProjection &gate = a.proj[0].w, &down = a.proj[2].w;
+    tn_i = static_cast<int>(gate.tiles_n());
+    tn_h = static_cast<int>(down.tiles_n());
+    quads_a = static_cast<int>(gate.quads);
+    quads_b = static_cast<int>(down.quads);
+    chunk_quads = a.chunk_quads;
+    chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
+    chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
+    const int64_t units_a = static_cast<int64_t>(pairs) * tn_i;
+    a0 = static_cast<int>(range_begin(units_a, blockIdx.x, gridDim.x));
+    a1 = static_cast<int>(range_begin(units_a, blockIdx.x + 1, gridDim.x));
+    b0 = static_cast<int>(range_begin(tn_h, blockIdx.x, gridDim.x));
+    b1 = static_cast<int>(range_begin(tn_h, blockIdx.x + 1, gridDim.x));
+    pair_a0 = a0 / tn_i;
+    na = (a1 - a0) * 2 * chunks_a;
+    nb = pairs > 0 ? (b1 - b0) * pairs * chunks_b : 0;
+  }
+  __device__ int a_stride() const { return quads_a * (kQuadK + kQuadTiles); }  // floats: B fragments, then tile sums
+  __device__ int b_stride() const { return quads_b * (kQuadK + kQuadTiles); }
+};
+
+// One chunk of a block's stream: chunk_quads units (or fewer at a strip's end) of one strip.
+struct Chunk {
+  int proj;         // 0 gate, 1 up, 2 down
+  int pair;         // routed slot (index into the block's slot list)
+  int n_tile;
+  int quad0, quads;
+  int unit;         // the block's unit sequence number (phase A units, then phase B)
+  int phase_unit;   // unit number within its phase, from the block's first
+  int first;        // block chunk index of the unit's first chunk
+  int per_unit;     // chunks of the unit
+};
+
+__device__ __forceinline__ Chunk describe_chunk(const BlockWork& b, int i) {
+  Chunk c;
+  int k;
+  if (i < b.na) {
+    c.per_unit = 2 * b.chunks_a;
+    const int ul = i / c.per_unit, r = i - ul * c.per_unit;
+    const int unit = b.a0 + ul;
+    c.pair = unit / b.tn_i;
+    c.n_tile = unit - c.pair * b.tn_i;
+    c.proj = r / b.chunks_a;
+    k = r - c.proj * b.chunks_a;
+    c.quad0 = k * b.chunk_quads;
+    c.quads = min(b.chunk_quads, b.quads_a - c.quad0);
+    c.unit = c.phase_unit = ul;
+    c.first = i - r;
+  } else {
+    const int j = i - b.na;
+    c.per_unit = b.pairs * b.chunks_b;
+    const int ul = j / c.per_unit, r = j - ul * c.per_unit;
+    c.pair = r / b.chunks_b;
+    k = r - c.pair * b.chunks_b;
+    c.proj = 2;
+    c.n_tile = b.b0 + ul;
+    c.quad0 = k * b.chunk_quads;
+    c.quads = min(b.chunk_quads, b.quads_b - c.quad0);
+    c.unit = (b.a1 - b.a0) + ul;
+    c.phase_unit = ul;
+    c.first = i - r;
+  }
+  return c;
+}
+
+// The chunk's products for this lane's output columns g and g + 8 (lane = 4 g + tq; meaningful in
+// the lanes with tq == 0, the accumulator columns of the hi and lo halves of the one activation
+// row): the sum over its k-tiles of scale * (grid index . x), the affine term added per scale group
+// (projection.cu's flush, with the group's activation sum accumulated along the way so that a chunk
+// may start or end inside a group).
+template <int BITS>
+__device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uint16_t* scales, const float* xs,
+                                                const float* tile_sums, int kt_begin, int kt_end, int tiles_per_group,
+                                                float coefficient) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const uint32_t* b_src = reinterpret_cast<const uint32_t*>(xs) + (tq * 2 + (g & 1)) * 2;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float total0 = 0.0f, total1 = 0.0f, tile_sum = 0.0f;
+  int group = 0, left = tiles_per_group - kt_begin % tiles_per_group;
+  const int quads = (kt_end - kt_begin + kQuadTiles - 1) / kQuadTiles;
+  for (int u = 0; u < quads; ++u) {
+    uint32_t w[BITS];
+#pragma unroll
+    for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
+    uint32_t pairs[16];
+    decode_unit_pairs<BITS>(w, pairs);
+#pragma unroll
+    for (int i = 0; i < kQuadTiles; ++i) {
+      const int kt = kt_begin + u * kQuadTiles + i;
+      if (kt >= kt_end) break;
+      const uint2 b = *reinterpret_cast<const uint2*>(b_src + kt * kTileDim);
+      mma_bf16(acc, pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
+      tile_sum += tile_sums[kt];
+      if (--left == 0 || kt + 1 == kt_end) {
+        const float affine = coefficient * tile_sum;
+        total0 = fmaf(half_bits_to_float(scales[group * kTileDim + g]), (acc[0] + affine) + acc[1], total0);
+        total1 = fmaf(half_bits_to_float(scales[group * kTileDim + g + 8]), (acc[2] + affine) + acc[3], total1);
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+        tile_sum = 0.0f;
+        ++group;
+        left = tiles_per_group;
+      }
+    }
+  }
+  return make_float2(total0, total1);
+}
+
+// A k-tile row of activations (16 values from src[0..15] times su) as B fragments at `row`; returns
+// its tile sum. fp32 rows from other blocks (h) are loaded through L2 (ld.cg).
+__device__ __forceinline__ float stage_row(const void* src, int64_t index, DType dtype, const uint16_t* su,
+                                           bool from_l2, float* row) {
+  float v[kTileDim];
+  if (from_l2) {
+    const float4* s = reinterpret_cast<const float4*>(static_cast<const float*>(src) + index);
+    const uint4* s4 = reinterpret_cast<const uint4*>(su);
+    const uint4 u0 = __ldg(s4), u1 = __ldg(s4 + 1);
+    const uint32_t su_words[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 f = __ldcg(s + q);
+      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+    }
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) v[j] *= half_bits_to_float(static_cast<uint16_t>(su_words[j / 2] >> (16 * (j % 2))));
+  } else if (!load_whole_tile_row(src, index, dtype, su, 1.0f, true, v)) {
+#pragma unroll
+    for (int j = 0; j < kTileDim; ++j) v[j] = load_as_float(src, index + j, dtype) * half_bits_to_float(su[j]);
+  }
+  return store_b_fragments(v, row);
+}
+
+__device__ __forceinline__ int load_acquire(const int32_t* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Every block's phase A is done (one thread per block): the blocks are all resident (cooperative
+// launch), so this ends; it traps instead of hanging if the protocol is ever broken.
+__device__ __forceinline__ void arrive_and_wait_all(int32_t* arrivals) {
+  wait_for_predecessor();  // the routing kernel zeroed the counter
+  __threadfence();         // this block's h before its arrival
+  atomicAdd(arrivals, 1);
+  for (uint32_t tries = 0; load_acquire(arrivals) < static_cast<int>(gridDim.x); ++tries) {
+    if (tries > (1u << 24)) __trap();
+    __nanosleep(64);
+  }
+  __threadfence();
+}
+
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __grid_constant__ FusedDecodeArgs a) {
+#ifdef TMOE_WGMMA_DEVICE
+  __shared__ int slot_expert[kFusedMaxSlots];
+  __shared__ float slot_prob[kFusedMaxSlots];
+  __shared__ int routed;
+  extern __shared__ __align__(128) uint8_t smem[];
+  allow_dependents();
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + a.bars_offset);
+  uint64_t* empty = full + a.ring_slots;
+  float* act = reinterpret_cast<float*>(smem + a.act_offset);
+  float* partial = reinterpret_cast<float*>(smem + a.partial_offset);
+  float* sv = reinterpret_cast<float*>(smem + a.sv_offset);
+  int* unit_done = reinterpret_cast<int*>(smem + a.counters_offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  // The routed slots, in slot order (ids outside [0, E) are skipped; the routing kernel flags them).
+  if (warp == 0) {
+    const int id = lane < a.top_k ? a.expert_ids[lane] : -1;
+    const bool ok = id >= 0 && id < a.experts;
+    const unsigned mask = __ballot_sync(0xffffffffu, ok);
+    if (ok) {
+      const int at = __popc(mask & ((1u << lane) - 1u));
+      slot_expert[at] = id;
+      slot_prob[at] = a.probs[lane];
+    }
+    if (lane == 0) routed = __popc(mask);
+  }
+  if (threadIdx.x == 0)
+    for (int s = 0; s < a.ring_slots; ++s) {
+      wg::mbarrier_init(&full[s], 32);  // the producer warp's lanes
+      wg::mbarrier_init(&empty[s], 1);
+    }
+  for (int s = threadIdx.x; s < a.unit_slots; s += blockDim.x) unit_done[s] = 0;
+  __syncthreads();
+  const BlockWork work(a, routed);
+  const int total_chunks = work.na + work.nb;
+
+  if (warp == kFusedConsumerWarps) {  // --- the producer: every chunk in order, as ring slots free up
+    for (int i = 0; i < total_chunks; ++i) {
+      const int slot = i % a.ring_slots;
+      if (i >= a.ring_slots) wg::mbarrier_wait_or_trap(&empty[slot], (i / a.ring_slots - 1) & 1);
+      const Chunk c = describe_chunk(work, i);
+      const DeviceProjection& w = a.proj[c.proj].w;
+      const int expert = slot_expert[c.pair];
+      const int tiles_per_group = w.group_size / kTileDim;
+      const int kt_begin = c.quad0 * kQuadTiles;
+      const int kt_end = min(static_cast<int>(w.tiles_k()), (c.quad0 + c.quads) * kQuadTiles);
+      const int group0 = kt_begin / tiles_per_group, groups = (kt_end - 1) / tiles_per_group - group0 + 1;
+      // cp.async, 16 bytes per lane and copy, each lane's copies counted on the slot's barrier when
+      // they land (its 32 expected arrivals). (Bulk copies, one per chunk and one per scale row,
+      // ran at ~1 us per chunk and block on H100: 71 us for qwen3's forward, notes-cuda.md.)
+      const int weight_pieces = c.quads * unit_bytes(w.bits) / 16;
+      const uint32_t dst = wg::smem_address(smem + static_cast<size_t>(slot) * a.slot_bytes);
+      const uint8_t* weights = reinterpret_cast<const uint8_t*>(w.unit(expert, c.n_tile, c.quad0));
+      for (int piece = lane; piece < weight_pieces; piece += 32) grouped::cp_async16(dst + piece * 16, weights + piece * 16, 16);
+      const uint16_t* scale_rows = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * w.N +
+                                   static_cast<int64_t>(c.n_tile) * kTileDim;
+      for (int piece = lane; piece < 2 * groups; piece += 32)
+        grouped::cp_async16(dst + a.scales_offset_in_slot + piece * 16, scale_rows + (piece >> 1) * w.N + (piece & 1) * 8, 16);
+      wg::cp_async_mbarrier_arrive(&full[slot]);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy outlives its issuing thread
+    return;
+  }
+
+  // --- consumers
+  // Phase A's activations: x * su of gate and up for each slot of the block's range, and sv.
+  const int64_t H = a.proj[0].w.K, I = a.proj[0].w.N;
+  if (work.na > 0) {
+    const int slots_a = (work.a1 - 1) / work.tn_i - work.pair_a0 + 1;
+    const int tk = static_cast<int>(a.proj[0].w.tiles_k());
+    for (int t = threadIdx.x; t < slots_a * 2 * tk; t += kConsumerThreads) {
+      const int row = t / tk, kt = t - row * tk;  // row = 2 * staged slot + projection
+      const int p = work.pair_a0 + row / 2;
+      const DeviceProjection& w = a.proj[row % 2].w;
+      float* xs = act + row * work.a_stride();
+      xs[work.quads_a * kQuadK + kt] =
+          stage_row(a.x, static_cast<int64_t>(kt) * kTileDim, a.x_dtype,
+                    w.su + static_cast<int64_t>(slot_expert[p]) * H + kt * kTileDim, false, xs + kt * kTileDim);
+    }
+    for (int t = threadIdx.x; t < (work.a1 - work.a0) * 2 * kTileDim; t += kConsumerThreads) {
+      const int n = t % kTileDim, proj = (t / kTileDim) % 2, unit = work.a0 + t / (2 * kTileDim);
+      const int p = unit / work.tn_i, j = unit - p * work.tn_i;
+      sv[t] = half_bits_to_float(a.proj[proj].w.sv[static_cast<int64_t>(slot_expert[p]) * I + j * kTileDim + n]);
+    }
+  }
+  wg::sync_threads(kConsumerThreads);
+
+  auto consume = [&](int i) {
+    const Chunk c = describe_chunk(work, i);
+    const int slot = i % a.ring_slots;
+    const PassProjection& pp = a.proj[c.proj];
+    const DeviceProjection& w = pp.w;
+    const bool phase_a = c.proj < 2;
+    const float* xs = phase_a ? act + ((c.pair - work.pair_a0) * 2 + c.proj) * work.a_stride()
+                              : act + c.pair * work.b_stride();
+    const float* tile_sums = xs + (phase_a ? work.quads_a : work.quads_b) * kQuadK;
+    const int kt_begin = c.quad0 * kQuadTiles;
+    const int kt_end = min(static_cast<int>(w.tiles_k()), (c.quad0 + c.quads) * kQuadTiles);
+    const uint8_t* data = smem + static_cast<size_t>(slot) * a.slot_bytes;
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(data);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.scales_offset_in_slot);
+    const int tpg = w.group_size / kTileDim;
+    wg::mbarrier_wait_or_trap(&full[slot], (i / a.ring_slots) & 1);
+    float2 t;
+    switch (w.bits) {
+      case 2: t = consume_chunk<2>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<2>); break;
+      case 4: t = consume_chunk<4>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<4>); break;
+      default: t = consume_chunk<3>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<3>); break;
+    }
+    float* mine = partial + (i % a.partial_slots) * kTileDim;
+    // Partial rows are written and read with shared-memory atomics: the unit's chunks meet through
+    // the unit counter below, not a barrier, which compute-sanitizer's racecheck cannot see.
+    if ((lane & 3) == 0) {
+      atomicExch(&mine[lane >> 2], t.x);
+      atomicExch(&mine[(lane >> 2) + 8], t.y);
+    }
+    __threadfence_block();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) {
+      int* done = &unit_done[c.unit % a.unit_slots];
+      last = atomicAdd(done, 1) == c.per_unit - 1;
+      if (last) *done = 0;  // the slot's next unit is a unit_slots later one (see plan_fused_decode)
+    }
+    if (__shfl_sync(0xffffffffu, last, 0)) {  // this warp completes the unit: finish it
+      __threadfence_block();
+      const int n = lane;
+      auto chunk_sum = [&](int r0, int count) {  // the unit's chunks r0 .. r0 + count - 1, in order
+        float s = 0.0f;
+        for (int r = r0; r < r0 + count; ++r) s += atomicAdd(&partial[((c.first + r) % a.partial_slots) * kTileDim + n], 0.0f);
+        return s;
+      };
+      if (n < kTileDim) {
+        if (phase_a) {
+          const float* unit_sv = sv + c.phase_unit * 2 * kTileDim;
+          const float gate = chunk_sum(0, work.chunks_a) * a.proj[0].step * unit_sv[n];
+          const float up = chunk_sum(work.chunks_a, work.chunks_a) * a.proj[1].step * unit_sv[kTileDim + n];
+          a.h[static_cast<int64_t>(c.pair) * I + c.n_tile * kTileDim + n] = gate / (1.0f + expf(-gate)) * up;  // SwiGLU
+        } else {
+          const float* unit_sv = sv + c.phase_unit * work.pairs * kTileDim;
+          float sum = 0.0f;
+          for (int p = 0; p < work.pairs; ++p) {
+            const float y = chunk_sum(p * work.chunks_b, work.chunks_b) * pp.step * unit_sv[p * kTileDim + n];
+            sum = fmaf(slot_prob[p], y, sum);
+          }
+          store_from_float(a.out, c.n_tile * kTileDim + n, a.out_dtype, sum);
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) wg::mbarrier_arrive(&empty[slot]);  // after the finish: see plan_fused_decode
+  };
+
+  for (int i = warp; i < work.na; i += kFusedConsumerWarps) consume(i);
+
+  // --- every block's h is written: stage down's activations (h * su of each slot) and sv.
+  wg::sync_threads(kConsumerThreads);
+  if (threadIdx.x == 0) arrive_and_wait_all(a.arrivals);
+  wg::sync_threads(kConsumerThreads);
+  if (work.pairs == 0) {  // no routed slot: the output is zero
+    for (int n = work.b0 * kTileDim + threadIdx.x; n < work.b1 * kTileDim; n += kConsumerThreads)
+      store_from_float(a.out, n, a.out_dtype, 0.0f);
+    return;
+  }
+  const int tk_b = static_cast<int>(a.proj[2].w.tiles_k());
+  for (int t = threadIdx.x; t < work.pairs * tk_b; t += kConsumerThreads) {
+    const int p = t / tk_b, kt = t - p * tk_b;
+    float* xs = act + p * work.b_stride();
+    xs[work.quads_b * kQuadK + kt] =
+        stage_row(a.h, static_cast<int64_t>(p) * I + kt * kTileDim, DType::f32,
+                  a.proj[2].w.su + static_cast<int64_t>(slot_expert[p]) * I + kt * kTileDim, true, xs + kt * kTileDim);
+  }
+  for (int t = threadIdx.x; t < (work.b1 - work.b0) * work.pairs * kTileDim; t += kConsumerThreads) {
+    const int n = t % kTileDim, p = (t / kTileDim) % work.pairs, j = work.b0 + t / (work.pairs * kTileDim);
+    sv[t] = half_bits_to_float(a.proj[2].w.sv[static_cast<int64_t>(slot_expert[p]) * H + j * kTileDim + n]);
+  }
+  wg::sync_threads(kConsumerThreads);
+  const int first_b = work.na + ((warp - work.na % kFusedConsumerWarps) + kFusedConsumerWarps) % kFusedConsumerWarps;
+  for (int i = first_b; i < total_chunks; i += kFusedConsumerWarps) consume(i);
+#endif
+}
+
+}  // namespace
+
+FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjection& up, const PassProjection& down,
+                                  int top_k, int sms, size_t max_shared) {
+  FusedDecodePlan plan;
+  auto no = [&](const std::string& why) {
+    plan.why = why;
+    return plan;
+  };
+  if (top_k < 1 || top_k > kFusedMaxSlots) return no("top_k " + std::to_string(top_k) + " > 16");
+  for (const PassProjection* p : {&gate, &up, &down}) {
+    if (!p->affine) return no("a custom (non-affine) grid");
+    if (p->w.hadamard != 0) return no("a Hadamard transform");
+  }
+  const int64_t H = gate.w.K, I = gate.w.N;
+  if (up.w.K != H || up.w.N != I || down.w.K != I || down.w.N != H) return no("mismatched projections");
+  if (sms < 1) return no("no SMs");
+  const int64_t G = sms;
+  const int64_t tn_i = I / kTileDim, tn_h = H / kTileDim;
+  const int64_t quads_a = gate.w.quads, quads_b = down.w.quads;
+  // Units per chunk: kFusedChunkQuads, or TMOE_FUSED_CHUNK_QUADS (1..16) for A/B timing.
+  int chunk_quads = kFusedChunkQuads;
+  if (const char* knob = std::getenv("TMOE_FUSED_CHUNK_QUADS")) chunk_quads = std::clamp(std::atoi(knob), 1, 16);
+  const int64_t chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
+  const int64_t chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
+  // The largest phase A slot span and unit counts of any block, for any number of routed slots.
+  int64_t most_a_slots = 1, most_a_units = 0, most_b_units = 0;
+  for (int64_t pairs = 1; pairs <= top_k; ++pairs)
+    for (int64_t b = 0; b < G; ++b) {
+      const int64_t a0 = range_begin(pairs * tn_i, b, G), a1 = range_begin(pairs * tn_i, b + 1, G);
+      if (a1 > a0) most_a_slots = std::max(most_a_slots, (a1 - 1) / tn_i - a0 / tn_i + 1);
+      most_a_units = std::max(most_a_units, a1 - a0);
+    }
+  for (int64_t b = 0; b < G; ++b) most_b_units = std::max(most_b_units, range_begin(tn_h, b + 1, G) - range_begin(tn_h, b, G));
+  const int64_t most_unit_chunks = std::max(2 * chunks_a, top_k * chunks_b);
+  const int64_t act_floats = std::max(most_a_slots * 2 * quads_a * (kQuadK + kQuadTiles), top_k * quads_b * (kQuadK + kQuadTiles));
+  const int64_t sv_floats = std::max(most_a_units * 2 * kTileDim, most_b_units * top_k * kTileDim);
+  const int bits = std::max({gate.w.bits, up.w.bits, down.w.bits});
+  const uint32_t weight_bytes = chunk_quads * unit_bytes(bits);
+  // Scale rows of a chunk: its k range over groups of at least 16, plus one for a range that
+  // starts inside a group; 32 bytes each (16 columns of fp16).
+  const uint32_t chunk_groups = chunk_quads * kQuadTiles + 1;
+  const uint32_t slot_bytes = (weight_bytes + chunk_groups * kTileDim * 2 + 127) / 128 * 128;
+  // Per ring slot: the slot, its two mbarriers, a partial-sum row and a unit counter. The partial
+  // rows are ring_slots + most_unit_chunks: a chunk's row is reused by chunk i + partial_slots, which
+  // cannot be loaded before every chunk up to i + partial_slots - ring_slots has released its slot;
+  // a chunk releases it after the finish it may run, so the unit's rows outlive its finish. The
+  // same argument with one chunk per unit sizes the unit counters (ring_slots + 1).
+  const size_t fixed = static_cast<size_t>(act_floats + sv_floats + most_unit_chunks * kTileDim) * 4 + 4 + 512;
+  const size_t per_slot = slot_bytes + 16 + kTileDim * 4 + 4;
+  if (max_shared <= fixed + 8 * per_slot) return no("staged activations leave too little shared memory for a ring");
+  const int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot));
+  FusedDecodeArgs& l = plan.layout;
+  l.ring_slots = slots;
+  l.chunk_quads = chunk_quads;
+  l.slot_bytes = slot_bytes;
+  l.scales_offset_in_slot = weight_bytes;
+  l.partial_slots = static_cast<int>(slots + most_unit_chunks);
+  l.unit_slots = slots + 1;
+  size_t at = static_cast<size_t>(slots) * slot_bytes;
+  l.bars_offset = static_cast<uint32_t>(at);
+  at += static_cast<size_t>(slots) * 16;
+  l.act_offset = static_cast<uint32_t>(at);
+  at += static_cast<size_t>(act_floats) * 4;
+  l.partial_offset = static_cast<uint32_t>(at);
+  at += static_cast<size_t>(l.partial_slots) * kTileDim * 4;
+  l.sv_offset = static_cast<uint32_t>(at);
+  at += static_cast<size_t>(sv_floats) * 4;
+  l.counters_offset = static_cast<uint32_t>(at);
+  at += static_cast<size_t>(l.unit_slots) * 4;
+  if (at > max_shared) return no("shared memory");
+  plan.shared = at;
+  plan.blocks = sms;
+  plan.ok = true;
+  return plan;
+}
+
+bool fused_decode_built() {
+  int device = 0;
+  TMOE_CUDA_CHECK(cudaGetDevice(&device));
+  static int known[64] = {};  // per device: 0 unknown, 1 yes, 2 no
+  if (device < 64 && known[device]) return known[device] == 1;
+  cudaFuncAttributes attributes{};
+  TMOE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_decode_kernel));
+  // Only the sm_90a body declares static shared memory (the slot tables).
+  const bool built = attributes.sharedSizeBytes > 0;
+  if (device < 64) known[device] = built ? 1 : 2;
+  return built;
+}
+
+void launch_fused_decode(const FusedDecodeArgs& args, const FusedDecodePlan& plan, cudaStream_t stream) {
+  if (!plan.ok) throw Error(ErrorKind::internal, "launch_fused_decode: the plan does not take this layer: " + plan.why);
+  FusedDecodeArgs a = args;
+  const FusedDecodeArgs& l = plan.layout;
+  a.ring_slots = l.ring_slots;
+  a.chunk_quads = l.chunk_quads;
+  a.slot_bytes = l.slot_bytes;
+  a.scales_offset_in_slot = l.scales_offset_in_slot;
+  a.bars_offset = l.bars_offset;
+  a.act_offset = l.act_offset;
+  a.partial_offset = l.partial_offset;
+  a.sv_offset = l.sv_offset;
+  a.counters_offset = l.counters_offset;
+  a.partial_slots = l.partial_slots;
+  a.unit_slots = l.unit_slots;
+  TMOE_CUDA_CHECK(cudaFuncSetAttribute(fused_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(plan.shared)));
+  // Cooperative: every block resident at once (the phase barrier waits for all of them); programmatic
+  // (launch.hpp): it starts while the routing kernel runs.
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeCooperative;
+  attributes[0].val.cooperative = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(plan.blocks);
+  config.blockDim = dim3(kFusedThreads);
+  config.dynamicSmemBytes = plan.shared;
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = programmatic_launch_supported(reinterpret_cast<const void*>(fused_decode_kernel)) ? 2 : 1;
+  TMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_decode_kernel, a));
+}
+
+}  // namespace tmoe::cuda

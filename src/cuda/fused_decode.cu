@@ -223,28 +223,51 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   const int total_chunks = work.na + work.nb;
 
   if (warp == kFusedConsumerWarps) {  // --- the producer: every chunk in order, as ring slots free up
-    for (int i = 0; i < total_chunks; ++i) {
-      const int slot = i % a.ring_slots;
-      if (i >= a.ring_slots) wg::mbarrier_wait_or_trap(&empty[slot], (i / a.ring_slots - 1) & 1);
-      const Chunk c = describe_chunk(work, i);
-      const DeviceProjection& w = a.proj[c.proj].w;
-      const int expert = slot_expert[c.pair];
-      const int tiles_per_group = w.group_size / kTileDim;
-      const int kt_begin = c.quad0 * kQuadTiles;
-      const int kt_end = min(static_cast<int>(w.tiles_k()), (c.quad0 + c.quads) * kQuadTiles);
-      const int group0 = kt_begin / tiles_per_group, groups = (kt_end - 1) / tiles_per_group - group0 + 1;
-      // cp.async, 16 bytes per lane and copy, each lane's copies counted on the slot's barrier when
-      // they land (its 32 expected arrivals). (Bulk copies, one per chunk and one per scale row,
-      // ran at ~1 us per chunk and block on H100: 71 us for qwen3's forward, notes-cuda.md.)
-      const int weight_pieces = c.quads * unit_bytes(w.bits) / 16;
-      const uint32_t dst = wg::smem_address(smem + static_cast<size_t>(slot) * a.slot_bytes);
-      const uint8_t* weights = reinterpret_cast<const uint8_t*>(w.unit(expert, c.n_tile, c.quad0));
-      for (int piece = lane; piece < weight_pieces; piece += 32) grouped::cp_async16(dst + piece * 16, weights + piece * 16, 16);
-      const uint16_t* scale_rows = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * w.N +
-                                   static_cast<int64_t>(c.n_tile) * kTileDim;
-      for (int piece = lane; piece < 2 * groups; piece += 32)
-        grouped::cp_async16(dst + a.scales_offset_in_slot + piece * 16, scale_rows + (piece >> 1) * w.N + (piece & 1) * 8, 16);
-      wg::cp_async_mbarrier_arrive(&full[slot]);
+    // Lane l works out where chunk base + l comes from (divisions, 64-bit products: ~1 us of
+    // dependent integer work per chunk when one thread did it for every chunk in turn, which
+    // made the forward 3-8x slower than the passes, notes-cuda.md), then the warp issues the 32
+    // chunks one after another from shuffled descriptors. Copies are cp.async, 16 bytes per lane,
+    // each lane's copies counted on the slot's barrier when they land (its 32 expected arrivals).
+    int slot = 0, round = 0;
+    for (int base = 0; base < total_chunks; base += 32) {
+      const uint8_t* weights = nullptr;
+      const uint16_t* scale_rows = nullptr;
+      int weight_pieces = 0, scale_pieces = 0, row_stride = 0;
+      if (base + lane < total_chunks) {
+        const Chunk c = describe_chunk(work, base + lane);
+        const DeviceProjection& w = a.proj[c.proj].w;
+        const int expert = slot_expert[c.pair];
+        const int tiles_per_group = w.group_size / kTileDim;
+        const int kt_begin = c.quad0 * kQuadTiles;
+        const int kt_end = min(static_cast<int>(w.tiles_k()), (c.quad0 + c.quads) * kQuadTiles);
+        const int group0 = kt_begin / tiles_per_group;
+        weights = reinterpret_cast<const uint8_t*>(w.unit(expert, c.n_tile, c.quad0));
+        weight_pieces = c.quads * unit_bytes(w.bits) / 16;
+        scale_rows = w.scales + (static_cast<int64_t>(expert) * w.groups() + group0) * w.N +
+                     static_cast<int64_t>(c.n_tile) * kTileDim;
+        scale_pieces = 2 * ((kt_end - 1) / tiles_per_group - group0 + 1);
+        row_stride = static_cast<int>(w.N);
+      }
+      const int count = min(32, total_chunks - base);
+      for (int l = 0; l < count; ++l) {
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(weights), l));
+        const uint16_t* rows = reinterpret_cast<const uint16_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_rows), l));
+        const int pieces = __shfl_sync(0xffffffffu, weight_pieces, l);
+        const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
+        const int stride = __shfl_sync(0xffffffffu, row_stride, l);
+        if (base + l >= a.ring_slots) wg::mbarrier_wait_or_trap(&empty[slot], (round - 1) & 1);
+        const uint32_t dst = wg::smem_address(smem + static_cast<size_t>(slot) * a.slot_bytes);
+        for (int piece = lane; piece < pieces; piece += 32) grouped::cp_async16(dst + piece * 16, src + piece * 16, 16);
+        for (int piece = lane; piece < row_pieces; piece += 32)
+          grouped::cp_async16(dst + a.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
+        wg::cp_async_mbarrier_arrive(&full[slot]);
+        if (++slot == a.ring_slots) {
+          slot = 0;
+          ++round;
+        }
+      }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy outlives its issuing thread
     return;

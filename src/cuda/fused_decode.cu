@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   }
   if (threadIdx.x == 0)
     for (int s = 0; s < a.ring_slots; ++s) {
-      wg::mbarrier_init(&full[s], 32);  // the producer warp's lanes
+      wg::mbarrier_init(&full[s], a.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
       wg::mbarrier_init(&empty[s], 1);
     }
   for (int s = threadIdx.x; s < a.unit_slots; s += blockDim.x) unit_done[s] = 0;
@@ -258,11 +258,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
         const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
         const int stride = __shfl_sync(0xffffffffu, row_stride, l);
         if (base + l >= a.ring_slots) wg::mbarrier_wait_or_trap(&empty[slot], (round - 1) & 1);
-        const uint32_t dst = wg::smem_address(smem + static_cast<size_t>(slot) * a.slot_bytes);
-        for (int piece = lane; piece < pieces; piece += 32) grouped::cp_async16(dst + piece * 16, src + piece * 16, 16);
-        for (int piece = lane; piece < row_pieces; piece += 32)
-          grouped::cp_async16(dst + a.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
-        wg::cp_async_mbarrier_arrive(&full[slot]);
+        uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.slot_bytes;
+        if (a.bulk_copies) {  // one bulk copy for the weights, one per scale row
+          if (lane == 0) wg::mbarrier_arrive_expect_tx(&full[slot], (pieces + row_pieces) * 16);
+          __syncwarp();
+          if (lane == 0) wg::bulk_copy_to_shared(slot_data, src, pieces * 16, &full[slot]);
+          for (int row = lane; row < row_pieces / 2; row += 32)
+            wg::bulk_copy_to_shared(slot_data + a.scales_offset_in_slot + row * 32, rows + row * stride, 32, &full[slot]);
+        } else {
+          const uint32_t dst = wg::smem_address(slot_data);
+          for (int piece = lane; piece < pieces; piece += 32) grouped::cp_async16(dst + piece * 16, src + piece * 16, 16);
+          for (int piece = lane; piece < row_pieces; piece += 32)
+            grouped::cp_async16(dst + a.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
+          wg::cp_async_mbarrier_arrive(&full[slot]);
+        }
         if (++slot == a.ring_slots) {
           slot = 0;
           ++round;
@@ -413,7 +422,10 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   const int64_t quads_a = gate.w.quads, quads_b = down.w.quads;
   // Units per chunk: kFusedChunkQuads, or TMOE_FUSED_CHUNK_QUADS (1..16) for A/B timing.
   int chunk_quads = kFusedChunkQuads;
-  if (const char* knob = std::getenv("TMOE_FUSED_CHUNK_QUADS")) chunk_quads = std::clamp(std::atoi(knob), 1, 16);
+  if (const char* knob = std::getenv("TMOE_FUSED_CHUNK_QUADS")) chunk_quads = std::clamp(std::atoi(knob), 1, 8);
+  // Copies: bulk copies (TMOE_FUSED_COPY=bulk, the default) or cp.async (=cp) for A/B timing.
+  const char* copy_knob = std::getenv("TMOE_FUSED_COPY");
+  plan.layout.bulk_copies = !(copy_knob != nullptr && std::string(copy_knob) == "cp");
   const int64_t chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
   const int64_t chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
   // The largest phase A slot span and unit counts of any block, for any number of routed slots.
@@ -487,6 +499,7 @@ void launch_fused_decode(const FusedDecodeArgs& args, const FusedDecodePlan& pla
   const FusedDecodeArgs& l = plan.layout;
   a.ring_slots = l.ring_slots;
   a.chunk_quads = l.chunk_quads;
+  a.bulk_copies = l.bulk_copies;
   a.slot_bytes = l.slot_bytes;
   a.scales_offset_in_slot = l.scales_offset_in_slot;
   a.bars_offset = l.bars_offset;

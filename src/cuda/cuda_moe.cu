@@ -246,9 +246,9 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
   m.up_pass.w = m.up = m.upload_projection(weights.up, !gate_up_affine);
   m.down_pass.w = m.down = m.upload_projection(weights.down, !m.down_pass.affine);
   m.error = upload(std::vector<int32_t>{0, INT_MAX, 0}, m.owned);
-  // TMOE_FUSED_DECODE=0 in the environment turns it off too (A/B timing: scripts/gpu-env-ab).
+  // TMOE_FUSED_DECODE=1 / =0 in the environment overrides the option (A/B timing: scripts/gpu-env-ab).
   const char* fused_knob = std::getenv("TMOE_FUSED_DECODE");
-  const bool fused_allowed = options.fused_decode && !(fused_knob != nullptr && std::string(fused_knob) == "0");
+  const bool fused_allowed = fused_knob != nullptr && *fused_knob != '\0' ? std::string(fused_knob) != "0" : options.fused_decode;
   if (fused_allowed && fused_decode_built()) {
     int shared_optin = 0;
     TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));

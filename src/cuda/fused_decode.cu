@@ -212,11 +212,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     }
     if (lane == 0) routed = __popc(mask);
   }
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
     for (int s = 0; s < a.ring_slots; ++s) {
-      wg::mbarrier_init(&full[s], a.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
-      wg::mbarrier_init(&empty[s], 1);
+      wg::mbarrier_init_unfenced(&full[s], a.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
+      wg::mbarrier_init_unfenced(&empty[s], 1);
     }
+    wg::fence_mbarrier_init();  // once: a fence per init cost ~0.3 us each (hypothesis, notes-cuda.md)
+  }
   for (int s = threadIdx.x; s < a.unit_slots; s += blockDim.x) unit_done[s] = 0;
   __syncthreads();
   const BlockWork work(a, routed);
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
         const int pieces = __shfl_sync(0xffffffffu, weight_pieces, l);
         const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
         const int stride = __shfl_sync(0xffffffffu, row_stride, l);
-        if (base + l >= a.ring_slots) wg::mbarrier_wait_or_trap(&empty[slot], (round - 1) & 1);
+        if (base + l >= a.ring_slots) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
         uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.slot_bytes;
         if (a.bulk_copies) {  // one bulk copy for the weights, one per scale row
           if (lane == 0) wg::mbarrier_arrive_expect_tx(&full[slot], (pieces + row_pieces) * 16);
@@ -320,7 +322,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const uint32_t* words = reinterpret_cast<const uint32_t*>(data);
     const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.scales_offset_in_slot);
     const int tpg = w.group_size / kTileDim;
-    wg::mbarrier_wait_or_trap(&full[slot], (i / a.ring_slots) & 1);
+    wg::mbarrier_spin_or_trap(&full[slot], (i / a.ring_slots) & 1);
     float2 t;
     switch (w.bits) {
       case 2: t = consume_chunk<2>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<2>); break;

@@ -100,10 +100,10 @@ cuda::CudaMoeOptions decode_kernels_only() {
   o.grouped_min_tokens = std::numeric_limits<int64_t>::max();
   return o;
 }
-// The projection passes also at one token (the one-launch decode off).
-cuda::CudaMoeOptions projection_passes_only() {
+// The one-launch decode at one token (fused_decode.cuh; off by default), where the layer allows it.
+cuda::CudaMoeOptions one_launch_decode() {
   cuda::CudaMoeOptions o = decode_kernels_only();
-  o.fused_decode = false;
+  o.fused_decode = true;
   return o;
 }
 
@@ -219,9 +219,9 @@ TEST(CudaMoe, ManySlotsAndSplits) {
     c.routing = routing;
     for (int64_t T : {1, 2, 5, 16}) {
       std::string plan;
-      check_against_reference(c, T, T == 1 ? projection_passes_only() : decode_kernels_only(), -1, &plan);
+      check_against_reference(c, T, decode_kernels_only(), -1, &plan);
       if (T == 1) EXPECT_GE(plan_number(plan, R"(down \(tensor cores\): (\d+) splits)"), 6) << plan;
-      if (T == 1) check_against_reference(c, T);  // and the one-launch decode
+      if (T == 1) check_against_reference(c, T, one_launch_decode());
     }
   }
 }
@@ -237,10 +237,10 @@ TEST(CudaMoe, ActivationsFarFromZeroMean) {
   TMOE_REQUIRE_GPU();
   const MoeCase c{.H = 4096, .I = 8192, .E = 2, .k = 2, .group = 128, .x_offset = 16.0f};
   std::string plan;
-  check_against_reference(c, 1, projection_passes_only(), -1, &plan);
+  check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
   EXPECT_GE(plan_number(plan, R"(gate\+up \(tensor cores\): \d+ splits x (\d+) k-tiles)"), 64) << plan;
   // The one-launch decode flushes per scale group the same way, over whole strips (K = 4096).
-  check_against_reference(c, 1);
+  check_against_reference(c, 1, one_launch_decode());
 }
 
 // The tensor-core kernel's scale-group flushes: groups of 16 (a flush after every k-tile), 48 (flushes
@@ -419,12 +419,15 @@ TEST(CudaMoe, RepeatsBitwiseAndReplaysInAGraph) {
   c.E = 8;
   c.k = 2;
   c.out_dtype = DType::f32;
-  for (const int64_t T : {1, 3}) {  // 1: the one-launch decode; 3: the projection passes
+  for (const int64_t T : {1, 3}) {
   SCOPED_TRACE(describe(c, T, seed));
   const MoeWeights w = make_weights(c, seed);
   std::mt19937_64 rng(seed);
   const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
-  cuda::CudaMoe moe(w, cuda::CudaMoeOptions{true});
+  cuda::CudaMoeOptions options;
+  options.deterministic = true;
+  options.fused_decode = T == 1;  // 1: the one-launch decode; 3: the projection passes
+  cuda::CudaMoe moe(w, options);
   const std::vector<float> first = run_device(moe, c, b, T);
   for (int i = 0; i < 3; ++i) {
     const std::vector<float> again = run_device(moe, c, b, T);
@@ -474,7 +477,7 @@ bool expect_one_launch() {
 
 void check_one_launch(const MoeCase& c) {
   std::string plan;
-  check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
+  check_against_reference(c, 1, one_launch_decode(), -1, &plan);
   if (expect_one_launch()) EXPECT_NE(plan.find("one launch"), std::string::npos) << plan;
 }
 
@@ -497,7 +500,7 @@ TEST(FusedDecode, AllSlotsSkippedGivesZeros) {
   std::mt19937_64 rng(seed);
   RandomBatch b = random_batch(1, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
   for (int32_t& id : b.ids) id = -1;
-  cuda::CudaMoe moe(make_weights(c, seed), decode_kernels_only());
+  cuda::CudaMoe moe(make_weights(c, seed), one_launch_decode());
   if (expect_one_launch()) EXPECT_NE(moe.plan_summary(1, c.k).find("one launch"), std::string::npos);
   EXPECT_EQ(run_device(moe, c, b, 1), std::vector<float>(c.H, 0.0f));
 }
@@ -509,7 +512,7 @@ TEST(FusedDecode, OtherLayersTakeThePasses) {
   MoeCase many_slots{.E = 32, .k = 17};
   for (const MoeCase& c : {hadamard, many_slots}) {
     std::string plan;
-    check_against_reference(c, 1, decode_kernels_only(), -1, &plan);
+    check_against_reference(c, 1, one_launch_decode(), -1, &plan);
     EXPECT_EQ(plan.find("one launch"), std::string::npos) << plan;
   }
 }
@@ -580,6 +583,7 @@ TEST(CudaSmall, ForwardMatchesReference) {
   c.k = 11;
   c.hadamard = 0;
   for (int64_t T : {1, 6}) check_against_reference(c, T);
+  check_against_reference(c, 1, one_launch_decode());  // under the sanitizers too
 }
 
 TEST(CudaSmall, Routing) {

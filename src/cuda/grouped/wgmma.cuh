@@ -104,11 +104,22 @@ __device__ __forceinline__ void mma_m64k16_rs(float (&d)[N / 2], const uint32_t 
 #undef TMOE_WGMMA_A_DESC_SCALE
 
 // ---- mbarriers and TMA (the X tile's bulk tensor copies, -DTMOE_WGMMA_TMA_X=1) ----
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+// Initialises `bar` for `count` arrivals per phase. Before other threads (or the async proxy) use
+// it: fence_mbarrier_init() once after all of a block's inits, then a barrier.
+__device__ __forceinline__ void mbarrier_init_unfenced(uint64_t* bar, int count) {
 #ifdef TMOE_WGMMA_DEVICE
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_mbarrier_init() {
+#ifdef TMOE_WGMMA_DEVICE
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
+}
+// Both in one (for a handful of barriers; each fence is a release at cluster scope).
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+  mbarrier_init_unfenced(bar, count);
+  fence_mbarrier_init();
 }
 // Arrives on `bar` and adds `bytes` to the transaction count its phase waits for.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -155,6 +166,25 @@ __device__ __forceinline__ void mbarrier_wait_or_trap(uint64_t* bar, uint32_t pa
       "@done bra wait_or_trap_loop;\n"
       "trap;\n"
       "wait_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// The same wait by polling (mbarrier.test_wait never suspends the thread). The one-launch decode
+// waits this way: with try_wait its forward took ~10 us per chunk each consumer warp waited for,
+// on every shape (notes-cuda.md "v18": a suspended warp seems to sleep long past the phase change
+// there; a hypothesis, not yet timed).
+__device__ __forceinline__ void mbarrier_spin_or_trap(uint64_t* bar, uint32_t parity) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nspin_or_trap_loop:\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@done bra spin_or_trap_done;\n"
+      "add.u32 tries, tries, 1;\n"
+      "setp.lt.u32 done, tries, 134217728;\n"
+      "@done bra spin_or_trap_loop;\n"
+      "trap;\n"
+      "spin_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
       "r"(parity)
       : "memory");
 #endif

@@ -11,7 +11,8 @@
 // items), the gate+up pass (SwiGLU fused in its finishing step) and the down pass, whose finishing
 // step also does the fixed-order combine over the k slots of each token. Passes of one wave are
 // chained with programmatic dependent launch (sm_90), and with <= 64 pairs their blocks derive
-// their work items from the ids themselves, so they start before routing ends. Results are bitwise
+// their work items from the ids themselves, so they start before routing ends. With
+// `fused_decode` a 1-token batch runs routing and ONE kernel instead (src/cuda/fused_decode.cuh). Results are bitwise
 // repeatable whatever `deterministic` says (all float reductions run in a fixed order, the only
 // atomics count integers). Larger batches feed the routing to the tensor-core grouped path
 // (src/cuda/grouped/), which honours `deterministic` (default off: it is faster with atomics).

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "cuda_check.hpp"
 #include "fragment_decode.cuh"
@@ -21,6 +22,10 @@ constexpr int kConsumerThreads = kFusedConsumerWarps * 32;
 
 // Units [begin, end) of `units` that block b of `blocks` takes.
 TMOE_HD constexpr int64_t range_begin(int64_t units, int64_t b, int64_t blocks) { return units * b / blocks; }
+
+// A staged activation row of `quads` quads (floats): B fragments [quads * 64], tile sums
+// [quads * 4] (zero past K), quad sums [quads]; padded to 16 bytes for the next row's vector stores.
+TMOE_HD constexpr int fused_row_floats(int64_t quads) { return static_cast<int>((quads * (kQuadK + kQuadTiles + 1) + 3) / 4 * 4); }
 
 // What one block does: its routed slots, unit ranges and chunk counts (every thread derives the same).
 struct BlockWork {
@@ -52,8 +57,8 @@ struct BlockWork {
     na = (a1 - a0) * 2 * chunks_a;
     nb = pairs > 0 ? (b1 - b0) * pairs * chunks_b : 0;
   }
-  __device__ int a_stride() const { return quads_a * (kQuadK + kQuadTiles); }  // floats: B fragments, then tile sums
-  __device__ int b_stride() const { return quads_b * (kQuadK + kQuadTiles); }
+  __device__ int a_stride() const { return fused_row_floats(quads_a); }
+  __device__ int b_stride() const { return fused_row_floats(quads_b); }
 };
 
 // One chunk of a block's stream: chunk_quads units (or fewer at a strip's end) of one strip.
@@ -103,39 +108,71 @@ __device__ __forceinline__ Chunk describe_chunk(const BlockWork& b, int i) {
 // The chunk's products for this lane's output columns g and g + 8 (lane = 4 g + tq; meaningful in
 // the lanes with tq == 0, the accumulator columns of the hi and lo halves of the one activation
 // row): the sum over its k-tiles of scale * (grid index . x), the affine term added per scale group
-// (projection.cu's flush, with the group's activation sum accumulated along the way so that a chunk
-// may start or end inside a group).
-template <int BITS>
+// (projection.cu's flush), from the group's activation sums accumulated along the way so that a
+// chunk may start or end inside a group. QUAD_GROUPS (groups of whole units, e.g. 128): one group
+// test and one sum per unit; the padded k-tiles of a last partial unit have zero activations and
+// sums, so every unit runs its 4 mma unchecked. Otherwise (groups of 16, 48, ...) a flush test per
+// k-tile, and the last unit stops at the chunk's last real k-tile (its group's scale row is the
+// chunk's last one). (The first version tested both per k-tile everywhere: 197 SASS instructions
+// per unit against the pass kernel's ~80, which bounded the forward at ~2.5x the passes' issue.)
+template <int BITS, bool QUAD_GROUPS>
 __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uint16_t* scales, const float* xs,
-                                                const float* tile_sums, int kt_begin, int kt_end, int tiles_per_group,
-                                                float coefficient) {
+                                                const float* tile_sums, const float* quad_sums, int kt_begin,
+                                                int kt_end, int tiles_per_group, float coefficient) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const uint32_t* b_src = reinterpret_cast<const uint32_t*>(xs) + (tq * 2 + (g & 1)) * 2;
+  const uint32_t* b_src = reinterpret_cast<const uint32_t*>(xs) + (tq * 2 + (g & 1)) * 2 + kt_begin * kTileDim;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float total0 = 0.0f, total1 = 0.0f, tile_sum = 0.0f;
-  int group = 0, left = tiles_per_group - kt_begin % tiles_per_group;
+  float total0 = 0.0f, total1 = 0.0f, sum = 0.0f;
+  int group = 0;
+  auto flush = [&]() {
+    const float affine = coefficient * sum;
+    total0 = fmaf(half_bits_to_float(scales[group * kTileDim + g]), (acc[0] + affine) + acc[1], total0);
+    total1 = fmaf(half_bits_to_float(scales[group * kTileDim + g + 8]), (acc[2] + affine) + acc[3], total1);
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+    sum = 0.0f;
+    ++group;
+  };
   const int quads = (kt_end - kt_begin + kQuadTiles - 1) / kQuadTiles;
-  for (int u = 0; u < quads; ++u) {
-    uint32_t w[BITS];
+  if constexpr (QUAD_GROUPS) {
+    const int quads_per_group = tiles_per_group / kQuadTiles;
+    const int quad0 = kt_begin / kQuadTiles;
+    int left = quads_per_group - quad0 % quads_per_group;
+    for (int u = 0; u < quads; ++u) {
+      uint32_t w[BITS];
 #pragma unroll
-    for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
-    uint32_t pairs[16];
-    decode_unit_pairs<BITS>(w, pairs);
+      for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
+      uint32_t pairs[16];
+      decode_unit_pairs<BITS>(w, pairs);
 #pragma unroll
-    for (int i = 0; i < kQuadTiles; ++i) {
-      const int kt = kt_begin + u * kQuadTiles + i;
-      if (kt >= kt_end) break;
-      const uint2 b = *reinterpret_cast<const uint2*>(b_src + kt * kTileDim);
-      mma_bf16(acc, pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
-      tile_sum += tile_sums[kt];
-      if (--left == 0 || kt + 1 == kt_end) {
-        const float affine = coefficient * tile_sum;
-        total0 = fmaf(half_bits_to_float(scales[group * kTileDim + g]), (acc[0] + affine) + acc[1], total0);
-        total1 = fmaf(half_bits_to_float(scales[group * kTileDim + g + 8]), (acc[2] + affine) + acc[3], total1);
-        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-        tile_sum = 0.0f;
-        ++group;
-        left = tiles_per_group;
+      for (int i = 0; i < kQuadTiles; ++i) {
+        const uint2 b = *reinterpret_cast<const uint2*>(b_src + (u * kQuadTiles + i) * kTileDim);
+        mma_bf16(acc, pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
+      }
+      sum += quad_sums[quad0 + u];
+      if (--left == 0 || u + 1 == quads) {
+        flush();
+        left = quads_per_group;
+      }
+    }
+  } else {
+    int left = tiles_per_group - kt_begin % tiles_per_group;
+    for (int u = 0; u < quads; ++u) {
+      uint32_t w[BITS];
+#pragma unroll
+      for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
+      uint32_t pairs[16];
+      decode_unit_pairs<BITS>(w, pairs);
+#pragma unroll
+      for (int i = 0; i < kQuadTiles; ++i) {
+        const int kt = kt_begin + u * kQuadTiles + i;
+        if (kt >= kt_end) break;
+        const uint2 b = *reinterpret_cast<const uint2*>(b_src + (u * kQuadTiles + i) * kTileDim);
+        mma_bf16(acc, pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
+        sum += tile_sums[kt];
+        if (--left == 0 || kt + 1 == kt_end) {
+          flush();
+          left = tiles_per_group;
+        }
       }
     }
   }
@@ -164,6 +201,29 @@ __device__ __forceinline__ float stage_row(const void* src, int64_t index, DType
     for (int j = 0; j < kTileDim; ++j) v[j] = load_as_float(src, index + j, dtype) * half_bits_to_float(su[j]);
   }
   return store_b_fragments(v, row);
+}
+
+// Stages quad q of a row (its 4 k-tile rows; zeros past the row's tiles_k) into the row layout of
+// fused_row_floats: B fragments, tile sums and the quad's sum. `src` holds the row's values at
+// src_index + 16 kt, su the projection's signs for this row's expert.
+__device__ __forceinline__ void stage_quad(const void* src, int64_t src_index, DType dtype, const uint16_t* su,
+                                           bool from_l2, int q, int tiles_k, int quads, float* row) {
+  float* tile_sums = row + quads * kQuadK;
+  float quad_sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kQuadTiles; ++i) {
+    const int kt = q * kQuadTiles + i;
+    float tile_sum = 0.0f;
+    if (kt < tiles_k) {
+      tile_sum = stage_row(src, src_index + kt * kTileDim, dtype, su + kt * kTileDim, from_l2, row + kt * kTileDim);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kTileDim; j += 4) *reinterpret_cast<float4*>(row + kt * kTileDim + j) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    tile_sums[kt] = tile_sum;
+    quad_sum += tile_sum;
+  }
+  tile_sums[quads * kQuadTiles + q] = quad_sum;
 }
 
 __device__ __forceinline__ int load_acquire(const int32_t* p) {
@@ -290,14 +350,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   if (work.na > 0) {
     const int slots_a = (work.a1 - 1) / work.tn_i - work.pair_a0 + 1;
     const int tk = static_cast<int>(a.proj[0].w.tiles_k());
-    for (int t = threadIdx.x; t < slots_a * 2 * tk; t += kConsumerThreads) {
-      const int row = t / tk, kt = t - row * tk;  // row = 2 * staged slot + projection
+    for (int t = threadIdx.x; t < slots_a * 2 * work.quads_a; t += kConsumerThreads) {
+      const int row = t / work.quads_a, q = t - row * work.quads_a;  // row = 2 * staged slot + projection
       const int p = work.pair_a0 + row / 2;
-      const DeviceProjection& w = a.proj[row % 2].w;
-      float* xs = act + row * work.a_stride();
-      xs[work.quads_a * kQuadK + kt] =
-          stage_row(a.x, static_cast<int64_t>(kt) * kTileDim, a.x_dtype,
-                    w.su + static_cast<int64_t>(slot_expert[p]) * H + kt * kTileDim, false, xs + kt * kTileDim);
+      stage_quad(a.x, 0, a.x_dtype, a.proj[row % 2].w.su + static_cast<int64_t>(slot_expert[p]) * H, false, q, tk,
+                 work.quads_a, act + row * work.a_stride());
     }
     for (int t = threadIdx.x; t < (work.a1 - work.a0) * 2 * kTileDim; t += kConsumerThreads) {
       const int n = t % kTileDim, proj = (t / kTileDim) % 2, unit = work.a0 + t / (2 * kTileDim);
@@ -315,7 +372,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const bool phase_a = c.proj < 2;
     const float* xs = phase_a ? act + ((c.pair - work.pair_a0) * 2 + c.proj) * work.a_stride()
                               : act + c.pair * work.b_stride();
-    const float* tile_sums = xs + (phase_a ? work.quads_a : work.quads_b) * kQuadK;
+    const int quads = phase_a ? work.quads_a : work.quads_b;
+    const float* tile_sums = xs + quads * kQuadK;
+    const float* quad_sums = tile_sums + quads * kQuadTiles;
     const int kt_begin = c.quad0 * kQuadTiles;
     const int kt_end = min(static_cast<int>(w.tiles_k()), (c.quad0 + c.quads) * kQuadTiles);
     const uint8_t* data = smem + static_cast<size_t>(slot) * a.slot_bytes;
@@ -324,11 +383,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const int tpg = w.group_size / kTileDim;
     wg::mbarrier_spin_or_trap(&full[slot], (i / a.ring_slots) & 1);
     float2 t;
-    switch (w.bits) {
-      case 2: t = consume_chunk<2>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<2>); break;
-      case 4: t = consume_chunk<4>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<4>); break;
-      default: t = consume_chunk<3>(words, scales, xs, tile_sums, kt_begin, kt_end, tpg, pp.grid0_over_step - kDecodeBias<3>); break;
-    }
+    auto run = [&](auto bits, auto quad_groups) {
+      constexpr int kBits = decltype(bits)::value;
+      t = consume_chunk<kBits, decltype(quad_groups)::value>(words, scales, xs, tile_sums, quad_sums, kt_begin, kt_end,
+                                                             tpg, pp.grid0_over_step - kDecodeBias<kBits>);
+    };
+    auto run_bits = [&](auto quad_groups) {
+      switch (w.bits) {
+        case 2: run(std::integral_constant<int, 2>{}, quad_groups); break;
+        case 4: run(std::integral_constant<int, 4>{}, quad_groups); break;
+        default: run(std::integral_constant<int, 3>{}, quad_groups); break;
+      }
+    };
+    if (tpg % kQuadTiles == 0) run_bits(std::true_type{});
+    else run_bits(std::false_type{});
     float* mine = partial + (i % a.partial_slots) * kTileDim;
     // Partial rows are written and read with shared-memory atomics: the unit's chunks meet through
     // the unit counter below, not a barrier, which compute-sanitizer's racecheck cannot see.
@@ -385,12 +453,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     return;
   }
   const int tk_b = static_cast<int>(a.proj[2].w.tiles_k());
-  for (int t = threadIdx.x; t < work.pairs * tk_b; t += kConsumerThreads) {
-    const int p = t / tk_b, kt = t - p * tk_b;
-    float* xs = act + p * work.b_stride();
-    xs[work.quads_b * kQuadK + kt] =
-        stage_row(a.h, static_cast<int64_t>(p) * I + kt * kTileDim, DType::f32,
-                  a.proj[2].w.su + static_cast<int64_t>(slot_expert[p]) * I + kt * kTileDim, true, xs + kt * kTileDim);
+  for (int t = threadIdx.x; t < work.pairs * work.quads_b; t += kConsumerThreads) {
+    const int p = t / work.quads_b, q = t - p * work.quads_b;
+    stage_quad(a.h, static_cast<int64_t>(p) * I, DType::f32, a.proj[2].w.su + static_cast<int64_t>(slot_expert[p]) * I,
+               true, q, tk_b, work.quads_b, act + p * work.b_stride());
   }
   for (int t = threadIdx.x; t < (work.b1 - work.b0) * work.pairs * kTileDim; t += kConsumerThreads) {
     const int n = t % kTileDim, p = (t / kTileDim) % work.pairs, j = work.b0 + t / (work.pairs * kTileDim);
@@ -440,7 +506,7 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
     }
   for (int64_t b = 0; b < G; ++b) most_b_units = std::max(most_b_units, range_begin(tn_h, b + 1, G) - range_begin(tn_h, b, G));
   const int64_t most_unit_chunks = std::max(2 * chunks_a, top_k * chunks_b);
-  const int64_t act_floats = std::max(most_a_slots * 2 * quads_a * (kQuadK + kQuadTiles), top_k * quads_b * (kQuadK + kQuadTiles));
+  const int64_t act_floats = std::max<int64_t>(most_a_slots * 2 * fused_row_floats(quads_a), top_k * fused_row_floats(quads_b));
   const int64_t sv_floats = std::max(most_a_units * 2 * kTileDim, most_b_units * top_k * kTileDim);
   const int bits = std::max({gate.w.bits, up.w.bits, down.w.bits});
   const uint32_t weight_bytes = chunk_quads * unit_bytes(bits);

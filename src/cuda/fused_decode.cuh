@@ -35,7 +35,12 @@
 namespace tmoe::cuda {
 
 inline constexpr int kFusedMaxSlots = 16;
-inline constexpr int kFusedConsumerWarps = 16;
+// Consumer warps per block: 16, or -DTMOE_FUSED_CONSUMER_WARPS=24 (72 registers, a few spills;
+// more warps to hide the mma chain and shared-memory latency; for A/B builds, not yet timed).
+#ifndef TMOE_FUSED_CONSUMER_WARPS
+#define TMOE_FUSED_CONSUMER_WARPS 16
+#endif
+inline constexpr int kFusedConsumerWarps = TMOE_FUSED_CONSUMER_WARPS;
 inline constexpr int kFusedThreads = (kFusedConsumerWarps + 1) * 32;  // + the producer warp
 inline constexpr int kFusedChunkQuads = 8;  // units per chunk (512 k): fewer chunks cost less per byte (H100: 4 -> 8 made the forward 20-40% faster)
 inline constexpr int kFusedMaxRingSlots = 64;

@@ -381,7 +381,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const uint32_t* words = reinterpret_cast<const uint32_t*>(data);
     const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.scales_offset_in_slot);
     const int tpg = w.group_size / kTileDim;
-    wg::mbarrier_spin_or_trap(&full[slot], (i / a.ring_slots) & 1);
+    const uint32_t parity = (i / a.ring_slots) & 1;
+    if (a.consumer_wait == 0) wg::mbarrier_spin_or_trap(&full[slot], parity);
+    else if (a.consumer_wait == 1) wg::mbarrier_wait_hinted_or_trap(&full[slot], parity, 100);
+    else wg::mbarrier_wait_or_trap(&full[slot], parity);
     float2 t;
     auto run = [&](auto bits, auto quad_groups) {
       constexpr int kBits = decltype(bits)::value;
@@ -494,6 +497,10 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   // Copies: bulk copies (TMOE_FUSED_COPY=bulk, the default) or cp.async (=cp) for A/B timing.
   const char* copy_knob = std::getenv("TMOE_FUSED_COPY");
   plan.layout.bulk_copies = !(copy_knob != nullptr && std::string(copy_knob) == "cp");
+  // Consumer waits: polling (TMOE_FUSED_WAIT=spin, the default), try_wait with a 100 ns hint (=hint)
+  // or plain try_wait (=sleep), for A/B timing (notes-cuda.md "v18").
+  if (const char* wait_knob = std::getenv("TMOE_FUSED_WAIT"))
+    plan.layout.consumer_wait = std::string(wait_knob) == "hint" ? 1 : std::string(wait_knob) == "sleep" ? 2 : 0;
   const int64_t chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
   const int64_t chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
   // The largest phase A slot span and unit counts of any block, for any number of routed slots.
@@ -568,6 +575,7 @@ void launch_fused_decode(const FusedDecodeArgs& args, const FusedDecodePlan& pla
   a.ring_slots = l.ring_slots;
   a.chunk_quads = l.chunk_quads;
   a.bulk_copies = l.bulk_copies;
+  a.consumer_wait = l.consumer_wait;
   a.slot_bytes = l.slot_bytes;
   a.scales_offset_in_slot = l.scales_offset_in_slot;
   a.bars_offset = l.bars_offset;

@@ -61,6 +61,8 @@ struct FusedDecodeArgs {
   int ring_slots = 0;
   int chunk_quads = kFusedChunkQuads;
   int bulk_copies = 1;  // 1: bulk copies on the slot barrier's transactions; 0: cp.async per lane
+  int consumer_wait = 0;  // how consumers wait for a chunk: 0 poll (test_wait), 1 try_wait with a
+                          // 100 ns suspend hint, 2 plain try_wait (TMOE_FUSED_WAIT=spin|hint|sleep)
   uint32_t slot_bytes = 0, scales_offset_in_slot = 0;
   uint32_t bars_offset = 0, act_offset = 0, partial_offset = 0, sv_offset = 0, counters_offset = 0;
   int partial_slots = 0;  // ring_slots + the most chunks of one unit

@@ -189,6 +189,24 @@ __device__ __forceinline__ void mbarrier_spin_or_trap(uint64_t* bar, uint32_t pa
       : "memory");
 #endif
 }
+// The same wait by try_wait with a suspend-time hint: a suspended thread wakes at the phase change
+// or after about `ns` nanoseconds, whichever is first (a bound on the oversleep without the issue
+// slots a polling loop takes from the warps that have work).
+__device__ __forceinline__ void mbarrier_wait_hinted_or_trap(uint64_t* bar, uint32_t parity, uint32_t ns) {
+#ifdef TMOE_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nhinted_or_trap_loop:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
+      "@done bra hinted_or_trap_done;\n"
+      "add.u32 tries, tries, 1;\n"
+      "setp.lt.u32 done, tries, 67108864;\n"
+      "@done bra hinted_or_trap_loop;\n"
+      "trap;\n"
+      "hinted_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
+      "r"(parity), "r"(ns)
+      : "memory");
+#endif
+}
 // Arrives on `bar` (one of its expected arrivals).
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #ifdef TMOE_WGMMA_DEVICE

@@ -132,17 +132,21 @@ __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uin
     sum = 0.0f;
     ++group;
   };
+  // Unit u's weight pairs (fragment_decode.cuh) from the lane's BITS words in the chunk.
+  auto unit_pairs = [&](int u, uint32_t (&pairs)[16]) {
+    uint32_t w[BITS];
+#pragma unroll
+    for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
+    decode_unit_pairs<BITS>(w, pairs);
+  };
   const int quads = (kt_end - kt_begin + kQuadTiles - 1) / kQuadTiles;
   if constexpr (QUAD_GROUPS) {
     const int quads_per_group = tiles_per_group / kQuadTiles;
     const int quad0 = kt_begin / kQuadTiles;
     int left = quads_per_group - quad0 % quads_per_group;
     for (int u = 0; u < quads; ++u) {
-      uint32_t w[BITS];
-#pragma unroll
-      for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
       uint32_t pairs[16];
-      decode_unit_pairs<BITS>(w, pairs);
+      unit_pairs(u, pairs);
 #pragma unroll
       for (int i = 0; i < kQuadTiles; ++i) {
         const uint2 b = *reinterpret_cast<const uint2*>(b_src + (u * kQuadTiles + i) * kTileDim);
@@ -157,11 +161,8 @@ __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uin
   } else {
     int left = tiles_per_group - kt_begin % tiles_per_group;
     for (int u = 0; u < quads; ++u) {
-      uint32_t w[BITS];
-#pragma unroll
-      for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
       uint32_t pairs[16];
-      decode_unit_pairs<BITS>(w, pairs);
+      unit_pairs(u, pairs);
 #pragma unroll
       for (int i = 0; i < kQuadTiles; ++i) {
         const int kt = kt_begin + u * kQuadTiles + i;

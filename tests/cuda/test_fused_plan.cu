@@ -1,0 +1,116 @@
+// The one-launch decode's plan (plan_fused_decode, src/cuda/fused_decode.cuh), on the host: no GPU
+// needed, so these run in CI too. An H100-like device (132 SMs, 227 KB of shared memory per block,
+// less the kernel's static share) stands in for the one CudaMoe queries.
+//
+// Checked on every plan it accepts: the shared memory layout's regions follow one another without
+// overlap, each aligned as the kernel uses it (ring slots 128 bytes, mbarriers 8, activation rows
+// 16 for their vector stores), all inside the block's shared memory; the ring has the slots the
+// window argument needs (partial rows = ring slots + the most chunks of a unit, unit counters =
+// ring slots + 1); a slot holds a whole chunk at the widest projection's bits plus its scale rows.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "cuda/fused_decode.cuh"
+
+namespace tmoe::testing {
+namespace {
+
+constexpr size_t kH100Shared = 227 * 1024 - 1024;
+
+cuda::PassProjection projection(int64_t K, int64_t N, int bits = 3, int group_size = 128, int hadamard = 0) {
+  cuda::PassProjection p;
+  p.w.K = K;
+  p.w.N = N;
+  p.w.bits = bits;
+  p.w.group_size = group_size;
+  p.w.hadamard = hadamard;
+  p.w.experts = 128;
+  p.w.quads = cuda::quads_of(K);
+  p.affine = 1;
+  return p;
+}
+
+struct Layer {
+  cuda::PassProjection gate, up, down;
+};
+
+Layer layer(int64_t H, int64_t I, int bits = 3, int group_size = 128) {
+  return {projection(H, I, bits, group_size), projection(H, I, bits, group_size), projection(I, H, bits, group_size)};
+}
+
+void check_layout(const cuda::FusedDecodePlan& plan, int top_k, int max_bits) {
+  ASSERT_TRUE(plan.ok) << plan.why;
+  const cuda::FusedDecodeArgs& l = plan.layout;
+  EXPECT_EQ(plan.blocks, 132);
+  EXPECT_GE(l.ring_slots, 8);
+  EXPECT_LE(l.ring_slots, cuda::kFusedMaxRingSlots);
+  EXPECT_EQ(l.slot_bytes % 128, 0u);
+  EXPECT_GE(l.scales_offset_in_slot, static_cast<uint32_t>(l.chunk_quads * cuda::unit_bytes(max_bits)));
+  // Scale rows: one per 16 k of the chunk plus one, 32 bytes each.
+  EXPECT_GE(l.slot_bytes - l.scales_offset_in_slot, static_cast<uint32_t>((l.chunk_quads * 4 + 1) * 32));
+  EXPECT_EQ(l.bars_offset, static_cast<uint32_t>(l.ring_slots) * l.slot_bytes);
+  EXPECT_EQ(l.bars_offset % 8, 0u);
+  EXPECT_EQ(l.act_offset, l.bars_offset + static_cast<uint32_t>(l.ring_slots) * 16);
+  EXPECT_EQ(l.act_offset % 16, 0u);
+  EXPECT_GT(l.partial_offset, l.act_offset);
+  EXPECT_GE(l.sv_offset, l.partial_offset + static_cast<uint32_t>(l.partial_slots) * 16 * 4);
+  EXPECT_GT(l.counters_offset, l.sv_offset);
+  EXPECT_LE(l.counters_offset + static_cast<size_t>(l.unit_slots) * 4, plan.shared);
+  EXPECT_LE(plan.shared, kH100Shared);
+  EXPECT_GT(l.partial_slots, l.ring_slots);
+  EXPECT_EQ(l.unit_slots, l.ring_slots + 1);
+  (void)top_k;
+}
+
+TEST(FusedDecodePlan, ModelShapesFit) {
+  struct Shape {
+    const char* name;
+    int64_t H, I;
+    int k;
+  };
+  for (const Shape& s : {Shape{"qwen3-30b-a3b", 2048, 768, 8}, Shape{"mixtral-8x7b", 4096, 14336, 2},
+                         Shape{"deepseek-v3", 7168, 2048, 8}, Shape{"glm-4.5-air", 4096, 1408, 8}}) {
+    SCOPED_TRACE(s.name);
+    const Layer l = layer(s.H, s.I);
+    for (int k = 1; k <= s.k; ++k) check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, k, 132, kH100Shared), k, 3);
+  }
+}
+
+TEST(FusedDecodePlan, EdgeShapesAndMixedBits) {
+  Layer l = layer(208, 144, 3, 48);
+  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 16, 132, kH100Shared), 16, 3);
+  l.gate.w.bits = 2;
+  l.up.w.bits = 4;
+  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 5, 132, kH100Shared), 5, 4);
+  // Many slots of a wide down projection: the staged activations still leave a ring.
+  const Layer wide = layer(4096, 2048);
+  check_layout(cuda::plan_fused_decode(wide.gate, wide.up, wide.down, 16, 132, kH100Shared), 16, 3);
+}
+
+TEST(FusedDecodePlan, RefusesWhatTheKernelDoesNotTake) {
+  const Layer l = layer(2048, 768);
+  auto refused = [](const Layer& x, int k, size_t shared = kH100Shared) {
+    const cuda::FusedDecodePlan p = cuda::plan_fused_decode(x.gate, x.up, x.down, k, 132, shared);
+    EXPECT_FALSE(p.ok);
+    EXPECT_FALSE(p.why.empty());
+    return p.why;
+  };
+  EXPECT_NE(refused(l, cuda::kFusedMaxSlots + 1).find("top_k"), std::string::npos);
+  EXPECT_NE(refused(l, 0).find("top_k"), std::string::npos);
+  Layer hadamard = l;
+  hadamard.down.w.hadamard = 32;
+  EXPECT_NE(refused(hadamard, 8).find("Hadamard"), std::string::npos);
+  Layer custom = l;
+  custom.up.affine = 0;
+  EXPECT_NE(refused(custom, 8).find("grid"), std::string::npos);
+  Layer mismatched = l;
+  mismatched.down.w.N = 1024;
+  EXPECT_NE(refused(mismatched, 8).find("mismatched"), std::string::npos);
+  // Activations that fill the block's shared memory: 16 slots of a 14336-wide intermediate.
+  const Layer huge = layer(4096, 14336);
+  EXPECT_NE(refused(huge, 16).find("shared memory"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tmoe::testing

@@ -69,6 +69,92 @@ struct FusedDecodeArgs {
   int unit_slots = 0;     // ring_slots + 1
 };
 
+// Units [begin, end) of `units` that block b of `blocks` takes.
+TMOE_HD constexpr int64_t range_begin(int64_t units, int64_t b, int64_t blocks) { return units * b / blocks; }
+
+// A staged activation row of `quads` quads (floats): B fragments [quads * 64], tile sums
+// [quads * 4] (zero past K), quad sums [quads]; padded to 16 bytes for the next row's vector stores.
+TMOE_HD constexpr int fused_row_floats(int64_t quads) { return static_cast<int>((quads * (kQuadK + kQuadTiles + 1) + 3) / 4 * 4); }
+
+// What one block does: its routed slots, unit ranges and chunk counts (every thread derives the same; host
+// tests replay the scheduling with it).
+struct BlockWork {
+  int pairs = 0;               // routed slots (ids in [0, E)), in slot order
+  int tn_i = 0, tn_h = 0;      // n-tiles of I and of H
+  int quads_a = 0, quads_b = 0;  // quads of K = H (gate, up) and of K = I (down)
+  int chunk_quads = 1;         // units per chunk (a strip's last chunk may have fewer)
+  int chunks_a = 0, chunks_b = 0;  // chunks per strip
+  int a0 = 0, a1 = 0, b0 = 0, b1 = 0;  // phase A units (slot, n-tile of I), phase B units (n-tile of H)
+  int pair_a0 = 0;             // the first slot of the phase A range (its activations staged first)
+  int na = 0, nb = 0;          // chunks of each phase
+
+  TMOE_HD BlockWork(const FusedDecodeArgs& a, int routed, int block, int blocks) {
+    pairs = routed;
+    const DeviceProjection &gate = a.proj[0].w, &down = a.proj[2].w;
+    tn_i = static_cast<int>(gate.tiles_n());
+    tn_h = static_cast<int>(down.tiles_n());
+    quads_a = static_cast<int>(gate.quads);
+    quads_b = static_cast<int>(down.quads);
+    chunk_quads = a.chunk_quads;
+    chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
+    chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
+    const int64_t units_a = static_cast<int64_t>(pairs) * tn_i;
+    a0 = static_cast<int>(range_begin(units_a, block, blocks));
+    a1 = static_cast<int>(range_begin(units_a, block + 1, blocks));
+    b0 = static_cast<int>(range_begin(tn_h, block, blocks));
+    b1 = static_cast<int>(range_begin(tn_h, block + 1, blocks));
+    pair_a0 = a0 / tn_i;
+    na = (a1 - a0) * 2 * chunks_a;
+    nb = pairs > 0 ? (b1 - b0) * pairs * chunks_b : 0;
+  }
+  TMOE_HD int a_stride() const { return fused_row_floats(quads_a); }
+  TMOE_HD int b_stride() const { return fused_row_floats(quads_b); }
+};
+
+// One chunk of a block's stream: chunk_quads units (or fewer at a strip's end) of one strip.
+struct Chunk {
+  int proj;         // 0 gate, 1 up, 2 down
+  int pair;         // routed slot (index into the block's slot list)
+  int n_tile;
+  int quad0, quads;
+  int unit;         // the block's unit sequence number (phase A units, then phase B)
+  int phase_unit;   // unit number within its phase, from the block's first
+  int first;        // block chunk index of the unit's first chunk
+  int per_unit;     // chunks of the unit
+};
+
+TMOE_HD Chunk describe_chunk(const BlockWork& b, int i) {
+  Chunk c;
+  int k;
+  if (i < b.na) {
+    c.per_unit = 2 * b.chunks_a;
+    const int ul = i / c.per_unit, r = i - ul * c.per_unit;
+    const int unit = b.a0 + ul;
+    c.pair = unit / b.tn_i;
+    c.n_tile = unit - c.pair * b.tn_i;
+    c.proj = r / b.chunks_a;
+    k = r - c.proj * b.chunks_a;
+    c.quad0 = k * b.chunk_quads;
+    c.quads = b.chunk_quads < b.quads_a - c.quad0 ? b.chunk_quads : b.quads_a - c.quad0;
+    c.unit = c.phase_unit = ul;
+    c.first = i - r;
+  } else {
+    const int j = i - b.na;
+    c.per_unit = b.pairs * b.chunks_b;
+    const int ul = j / c.per_unit, r = j - ul * c.per_unit;
+    c.pair = r / b.chunks_b;
+    k = r - c.pair * b.chunks_b;
+    c.proj = 2;
+    c.n_tile = b.b0 + ul;
+    c.quad0 = k * b.chunk_quads;
+    c.quads = b.chunk_quads < b.quads_b - c.quad0 ? b.chunk_quads : b.quads_b - c.quad0;
+    c.unit = (b.a1 - b.a0) + ul;
+    c.phase_unit = ul;
+    c.first = i - r;
+  }
+  return c;
+}
+
 struct FusedDecodePlan {
   bool ok = false;
   std::string why;  // when not ok: what the shape lacks

@@ -7,9 +7,20 @@
 // 16 for their vector stores), all inside the block's shared memory; the ring has the slots the
 // window argument needs (partial rows = ring slots + the most chunks of a unit, unit counters =
 // ring slots + 1); a slot holds a whole chunk at the widest projection's bits plus its scale rows.
+//
+// The chunk hand-over between warps (partial rows, unit counters: shared memory written and read
+// around an atomic counter, which compute-sanitizer's racecheck cannot follow) is replayed on the
+// host with the kernel's own work split (BlockWork, describe_chunk) under random interleavings of
+// the producer and the consumer warps: no partial row or unit counter is reused before its unit is
+// finished, every unit is finished once, and nothing deadlocks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
+#include <cstdlib>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "cuda/fused_decode.cuh"
 
@@ -110,6 +121,95 @@ TEST(FusedDecodePlan, RefusesWhatTheKernelDoesNotTake) {
   // Activations that fill the block's shared memory: 16 slots of a 14336-wide intermediate.
   const Layer huge = layer(4096, 14336);
   EXPECT_NE(refused(huge, 16).find("shared memory"), std::string::npos);
+}
+
+
+// One block's schedule, replayed: the producer loads chunks in order into ring slots, freeing a
+// slot when its chunk's warp released it; warp w takes chunks w, w + W, ... in order, phase B ones
+// only once every phase A chunk of the block is done (the grid-wide arrival); a chunk writes its
+// partial row, counts on its unit's counter, the warp completing the unit reads the unit's rows and
+// resets the counter, and only then releases the ring slot (the kernel's order).
+void replay_block(const cuda::FusedDecodeArgs& a, int routed, int block, int blocks, uint64_t seed) {
+  const cuda::BlockWork work(a, routed, block, blocks);
+  const int total = work.na + work.nb, W = cuda::kFusedConsumerWarps, R = a.ring_slots;
+  std::vector<int> row_owner(a.partial_slots, -1), counter_unit(a.unit_slots, -1), counter(a.unit_slots, 0);
+  std::vector<char> loaded(total, 0), released(total, 0);
+  std::vector<int> next(W);
+  for (int w = 0; w < W; ++w) next[w] = w;
+  int produced = 0, a_done = 0, finished_units = 0;
+  std::mt19937_64 rng(seed);
+  for (int step = 0;; ++step) {
+    ASSERT_LT(step, 100 * total + 1000) << "no progress";
+    std::vector<int> runnable;  // -1: the producer, w: warp w
+    if (produced < total && (produced < R || released[produced - R])) runnable.push_back(-1);
+    for (int w = 0; w < W; ++w) {
+      const int i = next[w];
+      if (i < total && loaded[i] && (i < work.na || a_done == work.na)) runnable.push_back(w);
+    }
+    if (runnable.empty()) {
+      for (int w = 0; w < W; ++w) ASSERT_GE(next[w], total) << "deadlock: warp " << w << " waits for chunk " << next[w];
+      ASSERT_EQ(produced, total);
+      break;
+    }
+    // Skewed choice: low-numbered actors run far more often, so some warps fall far behind.
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    const int pick = runnable[static_cast<size_t>(runnable.size() * u(rng) * u(rng))];
+    if (pick < 0) {
+      loaded[produced++] = 1;
+      continue;
+    }
+    const int i = next[pick];
+    const cuda::Chunk c = cuda::describe_chunk(work, i);
+    ASSERT_EQ(c.first + (i - c.first), i);
+    ASSERT_LT(i - c.first, c.per_unit);
+    int& owner = row_owner[i % a.partial_slots];
+    if (owner >= 0) {  // the row's previous chunk must belong to a finished unit
+      const cuda::Chunk prev = cuda::describe_chunk(work, owner);
+      ASSERT_NE(counter_unit[prev.unit % a.unit_slots], prev.unit) << "chunk " << i << " overwrites chunk " << owner;
+    }
+    owner = i;
+    const int slot = c.unit % a.unit_slots;
+    if (counter[slot] == 0) counter_unit[slot] = c.unit;
+    ASSERT_EQ(counter_unit[slot], c.unit) << "unit counter " << slot << " shared by two live units";
+    if (++counter[slot] == c.per_unit) {  // this warp finishes the unit: its rows are all there
+      for (int r = 0; r < c.per_unit; ++r) ASSERT_EQ(row_owner[(c.first + r) % a.partial_slots], c.first + r);
+      counter[slot] = 0;
+      counter_unit[slot] = -1;
+      ++finished_units;
+    }
+    released[i] = 1;
+    if (i < work.na) ++a_done;
+    next[pick] += W;
+  }
+  const int units = (work.a1 - work.a0) + (work.nb > 0 ? work.b1 - work.b0 : 0);
+  EXPECT_EQ(finished_units, units);
+}
+
+TEST(FusedDecodePlan, ChunkHandOverReplays) {
+  struct Shape {
+    int64_t H, I;
+    int k, chunk_quads;
+  };
+  uint64_t seed = 1;
+  for (const Shape& s : {Shape{2048, 768, 8, 8}, Shape{4096, 14336, 2, 8}, Shape{208, 144, 16, 1},
+                         Shape{512, 256, 8, 4}, Shape{7168, 2048, 8, 8}}) {
+    SCOPED_TRACE("H=" + std::to_string(s.H) + " I=" + std::to_string(s.I) + " k=" + std::to_string(s.k));
+    const Layer l = layer(s.H, s.I);
+    // The chunk size knob (TMOE_FUSED_CHUNK_QUADS) as the plan reads it: small chunks give units of
+    // more chunks than the ring has slots.
+    setenv("TMOE_FUSED_CHUNK_QUADS", std::to_string(s.chunk_quads).c_str(), 1);
+    const cuda::FusedDecodePlan plan = cuda::plan_fused_decode(l.gate, l.up, l.down, s.k, 132, kH100Shared);
+    unsetenv("TMOE_FUSED_CHUNK_QUADS");
+    ASSERT_TRUE(plan.ok) << plan.why;
+    ASSERT_EQ(plan.layout.chunk_quads, s.chunk_quads);
+    cuda::FusedDecodeArgs a = plan.layout;
+    a.proj[0] = l.gate;
+    a.proj[1] = l.up;
+    a.proj[2] = l.down;
+    for (int routed : {0, 1, s.k})
+      for (int block : {0, 1, 65, 131})
+        for (int round = 0; round < 4; ++round) replay_block(a, routed, block, 132, seed++);
+  }
 }
 
 }  // namespace

@@ -336,7 +336,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
       const int n = lane;
       auto chunk_sum = [&](int r0, int count) {  // the unit's chunks r0 .. r0 + count - 1, in order
         float s = 0.0f;
-        for (int r = r0; r < r0 + count; ++r) s += atomicAdd(&partial[((c.first + r) % a.partial_slots) * kTileDim + n], 0.0f);
+        for (int r = r0; r < r0 + count; ++r)  // an integer atomic read (a float atomicAdd is a CAS loop)
+          s += __int_as_float(atomicOr(reinterpret_cast<int*>(&partial[((c.first + r) % a.partial_slots) * kTileDim + n]), 0));
         return s;
       };
       if (n < kTileDim) {

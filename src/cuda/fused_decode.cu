@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
       wg::mbarrier_init_unfenced(&full[s], a.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
       wg::mbarrier_init_unfenced(&empty[s], 1);
     }
-    wg::fence_mbarrier_init();  // once: a fence per init cost ~0.3 us each (hypothesis, notes-cuda.md)
+    wg::fence_mbarrier_init();  // once, not per barrier (~90 cluster-scope release fences a block before)
   }
   for (int s = threadIdx.x; s < a.unit_slots; s += blockDim.x) unit_done[s] = 0;
   __syncthreads();
@@ -201,11 +201,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   const int total_chunks = work.na + work.nb;
 
   if (warp == kFusedConsumerWarps) {  // --- the producer: every chunk in order, as ring slots free up
-    // Lane l works out where chunk base + l comes from (divisions, 64-bit products: ~1 us of
-    // dependent integer work per chunk when one thread did it for every chunk in turn, which
-    // made the forward 3-8x slower than the passes, notes-cuda.md), then the warp issues the 32
-    // chunks one after another from shuffled descriptors. Copies are cp.async, 16 bytes per lane,
-    // each lane's copies counted on the slot's barrier when they land (its 32 expected arrivals).
+    // Lane l works out where chunk base + l comes from (divisions, 64-bit products), then the warp
+    // issues the 32 chunks one after another from shuffled descriptors. (One thread working out
+    // every chunk in turn took about twice as long per forward on H100, notes-cuda.md "v18".)
+    // Copies: one bulk copy for the chunk's weights and one per scale row, on the slot's
+    // transaction count; or (TMOE_FUSED_COPY=cp) cp.async, 16 bytes per lane, each lane's copies
+    // counted on the slot's barrier when they land (its 32 expected arrivals).
     int slot = 0, round = 0;
     for (int base = 0; base < total_chunks; base += 32) {
       const uint8_t* weights = nullptr;

@@ -281,9 +281,19 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   }
   wg::sync_threads(kConsumerThreads);
 
-  auto consume = [&](int i) {
+  // Where a warp's chunk i sits: its ring slot and round (the slot barrier's phase) and its partial
+  // row, stepped by the warp's stride without divisions.
+  struct Position {
+    int slot, round, row;
+  };
+  auto position_of = [&](int i) { return Position{i % a.ring_slots, i / a.ring_slots, i % a.partial_slots}; };
+  auto step = [&](Position& at) {
+    for (at.slot += kFusedConsumerWarps; at.slot >= a.ring_slots; at.slot -= a.ring_slots) ++at.round;
+    for (at.row += kFusedConsumerWarps; at.row >= a.partial_slots;) at.row -= a.partial_slots;
+  };
+  auto consume = [&](int i, const Position& at) {
     const Chunk c = describe_chunk(work, i);
-    const int slot = i % a.ring_slots;
+    const int slot = at.slot;
     const PassProjection& pp = a.proj[c.proj];
     const DeviceProjection& w = pp.w;
     const bool phase_a = c.proj < 2;
@@ -298,7 +308,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const uint32_t* words = reinterpret_cast<const uint32_t*>(data);
     const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.scales_offset_in_slot);
     const int tpg = w.group_size / kTileDim;
-    const uint32_t parity = (i / a.ring_slots) & 1;
+    const uint32_t parity = at.round & 1;
     if (a.consumer_wait == 0) wg::mbarrier_spin_or_trap(&full[slot], parity);
     else if (a.consumer_wait == 1) wg::mbarrier_wait_hinted_or_trap(&full[slot], parity, 100);
     else wg::mbarrier_wait_or_trap(&full[slot], parity);
@@ -317,7 +327,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     };
     if (tpg % kQuadTiles == 0) run_bits(std::true_type{});
     else run_bits(std::false_type{});
-    float* mine = partial + (i % a.partial_slots) * kTileDim;
+    float* mine = partial + at.row * kTileDim;
     // Partial rows are written and read with shared-memory atomics: the unit's chunks meet through
     // the unit counter below, not a barrier, which compute-sanitizer's racecheck cannot see.
     if ((lane & 3) == 0) {
@@ -335,10 +345,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     if (__shfl_sync(0xffffffffu, last, 0)) {  // this warp completes the unit: finish it
       __threadfence_block();
       const int n = lane;
+      // The unit's rows start at row `first_row` and wrap once at most (a unit has fewer chunks
+      // than partial_slots), so the loop steps without a modulo.
+      int first_row = at.row - (i - c.first);
+      if (first_row < 0) first_row += a.partial_slots;
       auto chunk_sum = [&](int r0, int count) {  // the unit's chunks r0 .. r0 + count - 1, in order
         float s = 0.0f;
-        for (int r = r0; r < r0 + count; ++r)  // an integer atomic read (a float atomicAdd is a CAS loop)
-          s += __int_as_float(atomicOr(reinterpret_cast<int*>(&partial[((c.first + r) % a.partial_slots) * kTileDim + n]), 0));
+        int row = first_row + r0;
+        if (row >= a.partial_slots) row -= a.partial_slots;
+        for (int r = 0; r < count; ++r) {  // an integer atomic read (a float atomicAdd is a CAS loop)
+          s += __int_as_float(atomicOr(reinterpret_cast<int*>(&partial[row * kTileDim + n]), 0));
+          if (++row == a.partial_slots) row = 0;
+        }
         return s;
       };
       if (n < kTileDim) {
@@ -362,7 +380,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     if (lane == 0) wg::mbarrier_arrive(&empty[slot]);  // after the finish: see plan_fused_decode
   };
 
-  for (int i = warp; i < work.na; i += kFusedConsumerWarps) consume(i);
+  Position at = position_of(warp);
+  for (int i = warp; i < work.na; i += kFusedConsumerWarps, step(at)) consume(i, at);
 
   // --- every block's h is written: stage down's activations (h * su of each slot) and sv.
   wg::sync_threads(kConsumerThreads);
@@ -385,7 +404,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   }
   wg::sync_threads(kConsumerThreads);
   const int first_b = work.na + ((warp - work.na % kFusedConsumerWarps) + kFusedConsumerWarps) % kFusedConsumerWarps;
-  for (int i = first_b; i < total_chunks; i += kFusedConsumerWarps) consume(i);
+  at = position_of(first_b);
+  for (int i = first_b; i < total_chunks; i += kFusedConsumerWarps, step(at)) consume(i, at);
 #endif
 }
 

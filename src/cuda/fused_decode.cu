@@ -100,19 +100,7 @@ __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uin
 __device__ __forceinline__ float stage_row(const void* src, int64_t index, DType dtype, const uint16_t* su,
                                            bool from_l2, float* row) {
   float v[kTileDim];
-  if (from_l2) {
-    const float4* s = reinterpret_cast<const float4*>(static_cast<const float*>(src) + index);
-    const uint4* s4 = reinterpret_cast<const uint4*>(su);
-    const uint4 u0 = __ldg(s4), u1 = __ldg(s4 + 1);
-    const uint32_t su_words[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float4 f = __ldcg(s + q);
-      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
-    }
-#pragma unroll
-    for (int j = 0; j < kTileDim; ++j) v[j] *= half_bits_to_float(static_cast<uint16_t>(su_words[j / 2] >> (16 * (j % 2))));
-  } else if (!load_whole_tile_row(src, index, dtype, su, 1.0f, true, v)) {
+  if (!load_whole_tile_row(src, index, dtype, su, 1.0f, true, v, from_l2)) {
 #pragma unroll
     for (int j = 0; j < kTileDim; ++j) v[j] = load_as_float(src, index + j, dtype) * half_bits_to_float(su[j]);
   }
@@ -364,7 +352,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
           const float* unit_sv = sv + c.phase_unit * 2 * kTileDim;
           const float gate = chunk_sum(0, work.chunks_a) * a.proj[0].step * unit_sv[n];
           const float up = chunk_sum(work.chunks_a, work.chunks_a) * a.proj[1].step * unit_sv[kTileDim + n];
-          a.h[static_cast<int64_t>(c.pair) * I + c.n_tile * kTileDim + n] = gate / (1.0f + expf(-gate)) * up;  // SwiGLU
+          a.h[static_cast<int64_t>(c.pair) * I + c.n_tile * kTileDim + n] = swiglu(gate, up);
         } else {
           const float* unit_sv = sv + c.phase_unit * work.pairs * kTileDim;
           float sum = 0.0f;

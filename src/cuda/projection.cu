@@ -206,7 +206,7 @@ __device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& 
     float v = finish[t * fcols + c] * (first_output ? sv0_first : half_bits_to_float(sv0[n]));
     if (a.nproj == 2) {
       const float u = finish[(rows + t) * fcols + c] * (first_output ? sv1_first : half_bits_to_float(sv1[n]));
-      v = v / (1.0f + expf(-v)) * u;  // SwiGLU
+      v = swiglu(v, u);
     }
     a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
   }

@@ -18,11 +18,14 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t h) {
 }
 
 // v[j] = src[index + j] * su[j] * norm for a whole, 16-byte aligned k-tile row: vector loads and
-// one dtype switch for the 16 values (the per-value path below costs ~50 instructions per value:
-// a dtype switch and the portable half conversion each time; sass-loops on v8: an 818-instruction
-// staging loop). False (nothing loaded) for a partial row or misaligned pointers.
+// one dtype switch for the 16 values (the callers' per-value fallback costs ~50 instructions per
+// value: a dtype switch and the portable half conversion each time; sass-loops on v8: an
+// 818-instruction staging loop). False (nothing loaded) for a partial row or misaligned pointers.
+// from_l2: fp32 rows another block of the same kernel wrote load through L2 (ld.cg), not the
+// read-only path.
 __device__ __forceinline__ bool load_whole_tile_row(const void* src, int64_t index, DType dtype, const uint16_t* su,
-                                                    float norm, bool whole, float (&v)[kTileDim]) {
+                                                    float norm, bool whole, float (&v)[kTileDim],
+                                                    bool from_l2 = false) {
   const int size = dtype_size(dtype);
   const char* x = static_cast<const char*>(src) + index * size;
   if (!whole || (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(su)) % 16 != 0) return false;
@@ -36,7 +39,8 @@ __device__ __forceinline__ bool load_whole_tile_row(const void* src, int64_t ind
   if (dtype == DType::f32) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(x) + q);
+      const float4* row = reinterpret_cast<const float4*>(x) + q;
+      const float4 f = from_l2 ? __ldcg(row) : __ldg(row);
       v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
     }
   } else {
@@ -98,5 +102,9 @@ __device__ __forceinline__ float store_b_fragments(const float (&v)[kTileDim], f
     reinterpret_cast<uint4*>(row)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
   return sum;
 }
+
+// SwiGLU of one output: silu(gate) * up, with the IEEE division and expf (the decode kernels' h
+// stays fp32).
+__device__ __forceinline__ float swiglu(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
 
 }  // namespace tmoe::cuda

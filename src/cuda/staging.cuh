@@ -1,6 +1,7 @@
 // Device helpers the decode kernels share (the pass kernels in projection.cu and the one-launch
 // decode in fused_decode.cu): activation k-tile rows loaded with vector loads, turned into the
-// B operand of mma.m16n8k16 as hi + lo bf16 halves, and the mma itself.
+// B operand of mma.m16n8k16 as hi + lo bf16 halves, the mma itself and SwiGLU; and the fp16
+// conversion the grouped kernels use too.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,6 +14,8 @@
 
 namespace tmoe::cuda {
 
+// fp16 bits -> float with the hardware conversion (half_to_float is the portable bit-exact one;
+// both are exact, this one is a single instruction). Every CUDA kernel family uses it.
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) {
   return __half2float(__ushort_as_half(h));
 }

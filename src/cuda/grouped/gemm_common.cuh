@@ -16,6 +16,7 @@
 #include "cuda/fragment_decode.cuh"
 #include "cuda/grouped/grouped_moe.cuh"
 #include "cuda/grouped/weight_decode.cuh"
+#include "cuda/staging.cuh"  // half_bits_to_float
 #include "tmoe/error.hpp"
 #include "tmoe/trellis_decode.hpp"
 
@@ -126,9 +127,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 // put a check and a slow-path call in the gate/up epilogue's loop. For v < -87, exp overflows and
 // the reciprocal of infinity is 0, so silu is -0 as it should be.
 __device__ __forceinline__ float silu(float v) { return v * __fdividef(1.0f, 1.0f + __expf(-v)); }
-// fp16 bits -> float with the hardware conversion (half_to_float is the portable bit-exact one;
-// both are exact, this one is a single instruction).
-__device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
 // The four weight pairs of k-tile KT of one unit for this lane, in scaled_weight_pairs' order
 // (weight_decode.cuh): the m16n8k16 A fragment of the unit's 16 columns (grouped_gemm_wgmma),
@@ -180,10 +178,10 @@ __device__ __forceinline__ OutputColumns output_columns(const GemmParams& p, int
   OutputColumns c{{{1.0f, 1.0f}, {1.0f, 1.0f}, {1.0f, 1.0f}}};
   if (NUM_PROJ == 2 ? p.epilogue != kSwiglu : p.epilogue == kRowsRaw) return c;
   for (int j = 0; j < 2; ++j) {
-    c.f[0][j] = h2f(p.proj[0].sv[base + j]);
+    c.f[0][j] = half_bits_to_float(p.proj[0].sv[base + j]);
     if constexpr (NUM_PROJ == 2) {
-      c.f[1][j] = h2f(p.proj[1].sv[base + j]);
-      if (p.h_su) c.f[2][j] = h2f(p.h_su[base + j]);
+      c.f[1][j] = half_bits_to_float(p.proj[1].sv[base + j]);
+      if (p.h_su) c.f[2][j] = half_bits_to_float(p.h_su[base + j]);
     }
   }
   return c;

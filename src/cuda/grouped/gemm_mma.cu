@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(threads_for(BM), blocks_per_sm_for(BM))
     for (int pass = 0; pass < kEntries / kThreads; ++pass) {
       const int i = tid + pass * kThreads;
       const int q = i / (kKTiles * kProjCols), kt = (i / kProjCols) % kKTiles, col = i % kProjCols;
-      const float scale = h2f(s.scales[buf][q][kt][col]);
+      const float scale = half_bits_to_float(s.scales[buf][q][kt][col]);
       s.coef[cb][q][kt][col] = weight_coef(s.grid[q], scale);
     }
   };

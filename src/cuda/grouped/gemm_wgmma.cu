@@ -284,8 +284,8 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
         for (int sl = 0; sl < kSlabs; ++sl) {
           const int q = slab_q[sl], col = slab_col[sl] + g;
           if (kt == 0 || !coef_per_step) {
-            cl[sl] = weight_coef(slab_coef_mul[sl], h2f(s.ring.scales[slot][q][kt][col]));
-            cr[sl] = weight_coef(slab_coef_mul[sl], h2f(s.ring.scales[slot][q][kt][col + 8]));
+            cl[sl] = weight_coef(slab_coef_mul[sl], half_bits_to_float(s.ring.scales[slot][q][kt][col]));
+            cr[sl] = weight_coef(slab_coef_mul[sl], half_bits_to_float(s.ring.scales[slot][q][kt][col + 8]));
           }
           uint32_t su_low = 0, su_high = 0;
           if constexpr (kFoldSu) {

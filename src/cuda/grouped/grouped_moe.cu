@@ -86,7 +86,7 @@ __global__ void convert_to_bf16(const void* x, DType dtype, int64_t count, __nv_
 __global__ void su_to_bf16(const uint16_t* su, int64_t count, __nv_bfloat16* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16_rn(h2f(su[i]));
+    out[i] = __float2bfloat16_rn(half_bits_to_float(su[i]));
 }
 
 __global__ void convert_from_f32(const float* in, int64_t count, void* out, DType dtype) {

@@ -254,6 +254,7 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
     TMOE_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     // Less the kernel's static shared memory (the slot tables: well under 1 KB).
     const size_t budget = static_cast<size_t>(shared_optin) - 1024;
+    prepare_fused_decode(budget);
     for (int k = 1; k <= kFusedMaxSlots; ++k)
       m.fused[k] = plan_fused_decode(m.gate_pass, m.up_pass, m.down_pass, k, m.occupancy.sms, budget);
   }

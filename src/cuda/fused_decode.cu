@@ -156,12 +156,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   __shared__ int routed;
   extern __shared__ __align__(128) uint8_t smem[];
   allow_dependents();
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + a.bars_offset);
-  uint64_t* empty = full + a.ring_slots;
-  float* act = reinterpret_cast<float*>(smem + a.act_offset);
-  float* partial = reinterpret_cast<float*>(smem + a.partial_offset);
-  float* sv = reinterpret_cast<float*>(smem + a.sv_offset);
-  int* unit_done = reinterpret_cast<int*>(smem + a.counters_offset);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + a.layout.bars_offset);
+  uint64_t* empty = full + a.layout.ring_slots;
+  float* act = reinterpret_cast<float*>(smem + a.layout.act_offset);
+  float* partial = reinterpret_cast<float*>(smem + a.layout.partial_offset);
+  float* sv = reinterpret_cast<float*>(smem + a.layout.sv_offset);
+  int* unit_done = reinterpret_cast<int*>(smem + a.layout.counters_offset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   // The routed slots, in slot order (ids outside [0, E) are skipped; the routing kernel flags them).
@@ -177,13 +177,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     if (lane == 0) routed = __popc(mask);
   }
   if (threadIdx.x == 0) {
-    for (int s = 0; s < a.ring_slots; ++s) {
-      wg::mbarrier_init_unfenced(&full[s], a.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
+    for (int s = 0; s < a.layout.ring_slots; ++s) {
+      wg::mbarrier_init_unfenced(&full[s], a.layout.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
       wg::mbarrier_init_unfenced(&empty[s], 1);
     }
     wg::fence_mbarrier_init();  // once, not per barrier (~90 cluster-scope release fences a block before)
   }
-  for (int s = threadIdx.x; s < a.unit_slots; s += blockDim.x) unit_done[s] = 0;
+  for (int s = threadIdx.x; s < a.layout.unit_slots; s += blockDim.x) unit_done[s] = 0;
   __syncthreads();
   const BlockWork work(a, routed, blockIdx.x, gridDim.x);
   const int total_chunks = work.na + work.nb;
@@ -224,22 +224,22 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
         const int pieces = __shfl_sync(0xffffffffu, weight_pieces, l);
         const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
         const int stride = __shfl_sync(0xffffffffu, row_stride, l);
-        if (base + l >= a.ring_slots) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
-        uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.slot_bytes;
-        if (a.bulk_copies) {  // one bulk copy for the weights, one per scale row
+        if (base + l >= a.layout.ring_slots) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
+        uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.layout.slot_bytes;
+        if (a.layout.bulk_copies) {  // one bulk copy for the weights, one per scale row
           if (lane == 0) wg::mbarrier_arrive_expect_tx(&full[slot], (pieces + row_pieces) * 16);
           __syncwarp();
           if (lane == 0) wg::bulk_copy_to_shared(slot_data, src, pieces * 16, &full[slot]);
           for (int row = lane; row < row_pieces / 2; row += 32)
-            wg::bulk_copy_to_shared(slot_data + a.scales_offset_in_slot + row * 32, rows + row * stride, 32, &full[slot]);
+            wg::bulk_copy_to_shared(slot_data + a.layout.scales_offset_in_slot + row * 32, rows + row * stride, 32, &full[slot]);
         } else {
           const uint32_t dst = wg::smem_address(slot_data);
           for (int piece = lane; piece < pieces; piece += 32) grouped::cp_async16(dst + piece * 16, src + piece * 16, 16);
           for (int piece = lane; piece < row_pieces; piece += 32)
-            grouped::cp_async16(dst + a.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
+            grouped::cp_async16(dst + a.layout.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
           wg::cp_async_mbarrier_arrive(&full[slot]);
         }
-        if (++slot == a.ring_slots) {
+        if (++slot == a.layout.ring_slots) {
           slot = 0;
           ++round;
         }
@@ -274,10 +274,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
   struct Position {
     int slot, round, row;
   };
-  auto position_of = [&](int i) { return Position{i % a.ring_slots, i / a.ring_slots, i % a.partial_slots}; };
+  auto position_of = [&](int i) { return Position{i % a.layout.ring_slots, i / a.layout.ring_slots, i % a.layout.partial_slots}; };
   auto step = [&](Position& at) {
-    for (at.slot += kFusedConsumerWarps; at.slot >= a.ring_slots; at.slot -= a.ring_slots) ++at.round;
-    for (at.row += kFusedConsumerWarps; at.row >= a.partial_slots;) at.row -= a.partial_slots;
+    for (at.slot += kFusedConsumerWarps; at.slot >= a.layout.ring_slots; at.slot -= a.layout.ring_slots) ++at.round;
+    for (at.row += kFusedConsumerWarps; at.row >= a.layout.partial_slots;) at.row -= a.layout.partial_slots;
   };
   auto consume = [&](int i, const Position& at) {
     const Chunk c = describe_chunk(work, i);
@@ -292,13 +292,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const float* quad_sums = tile_sums + quads * kQuadTiles;
     const int kt_begin = c.quad0 * kQuadTiles;
     const int kt_end = min(static_cast<int>(w.tiles_k()), (c.quad0 + c.quads) * kQuadTiles);
-    const uint8_t* data = smem + static_cast<size_t>(slot) * a.slot_bytes;
+    const uint8_t* data = smem + static_cast<size_t>(slot) * a.layout.slot_bytes;
     const uint32_t* words = reinterpret_cast<const uint32_t*>(data);
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.scales_offset_in_slot);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.layout.scales_offset_in_slot);
     const int tpg = w.group_size / kTileDim;
     const uint32_t parity = at.round & 1;
-    if (a.consumer_wait == 0) wg::mbarrier_spin_or_trap(&full[slot], parity);
-    else if (a.consumer_wait == 1) wg::mbarrier_wait_hinted_or_trap(&full[slot], parity, 100);
+    if (a.layout.consumer_wait == 0) wg::mbarrier_spin_or_trap(&full[slot], parity);
+    else if (a.layout.consumer_wait == 1) wg::mbarrier_wait_hinted_or_trap(&full[slot], parity, 100);
     else wg::mbarrier_wait_or_trap(&full[slot], parity);
     float2 t;
     auto run = [&](auto bits, auto quad_groups) {
@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     __syncwarp();
     int last = 0;
     if (lane == 0) {
-      int* done = &unit_done[c.unit % a.unit_slots];
+      int* done = &unit_done[c.unit % a.layout.unit_slots];
       last = atomicAdd(done, 1) == c.per_unit - 1;
       if (last) *done = 0;  // the slot's next unit is a unit_slots later one (see plan_fused_decode)
     }
@@ -336,14 +336,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
       // The unit's rows start at row `first_row` and wrap once at most (a unit has fewer chunks
       // than partial_slots), so the loop steps without a modulo.
       int first_row = at.row - (i - c.first);
-      if (first_row < 0) first_row += a.partial_slots;
+      if (first_row < 0) first_row += a.layout.partial_slots;
       auto chunk_sum = [&](int r0, int count) {  // the unit's chunks r0 .. r0 + count - 1, in order
         float s = 0.0f;
         int row = first_row + r0;
-        if (row >= a.partial_slots) row -= a.partial_slots;
+        if (row >= a.layout.partial_slots) row -= a.layout.partial_slots;
         for (int r = 0; r < count; ++r) {  // an integer atomic read (a float atomicAdd is a CAS loop)
           s += __int_as_float(atomicOr(reinterpret_cast<int*>(&partial[row * kTileDim + n]), 0));
-          if (++row == a.partial_slots) row = 0;
+          if (++row == a.layout.partial_slots) row = 0;
         }
         return s;
       };
@@ -456,7 +456,7 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   const size_t per_slot = slot_bytes + 16 + kTileDim * 4 + 4;
   if (max_shared <= fixed + 8 * per_slot) return no("staged activations leave too little shared memory for a ring");
   const int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot));
-  FusedDecodeArgs& l = plan.layout;
+  FusedLayout& l = plan.layout;
   l.ring_slots = slots;
   l.chunk_quads = chunk_quads;
   l.slot_bytes = slot_bytes;
@@ -494,25 +494,15 @@ bool fused_decode_built() {
   return built;
 }
 
+void prepare_fused_decode(size_t max_shared) {
+  TMOE_CUDA_CHECK(cudaFuncSetAttribute(fused_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(max_shared)));
+}
+
 void launch_fused_decode(const FusedDecodeArgs& args, const FusedDecodePlan& plan, cudaStream_t stream) {
   if (!plan.ok) throw Error(ErrorKind::internal, "launch_fused_decode: the plan does not take this layer: " + plan.why);
   FusedDecodeArgs a = args;
-  const FusedDecodeArgs& l = plan.layout;
-  a.ring_slots = l.ring_slots;
-  a.chunk_quads = l.chunk_quads;
-  a.bulk_copies = l.bulk_copies;
-  a.consumer_wait = l.consumer_wait;
-  a.slot_bytes = l.slot_bytes;
-  a.scales_offset_in_slot = l.scales_offset_in_slot;
-  a.bars_offset = l.bars_offset;
-  a.act_offset = l.act_offset;
-  a.partial_offset = l.partial_offset;
-  a.sv_offset = l.sv_offset;
-  a.counters_offset = l.counters_offset;
-  a.partial_slots = l.partial_slots;
-  a.unit_slots = l.unit_slots;
-  TMOE_CUDA_CHECK(cudaFuncSetAttribute(fused_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(plan.shared)));
+  a.layout = plan.layout;
   // Cooperative: every block resident at once (the phase barrier waits for all of them); programmatic
   // (launch.hpp): it starts while the routing kernel runs.
   cudaLaunchAttribute attributes[2]{};

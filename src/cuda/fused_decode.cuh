@@ -50,6 +50,20 @@ inline constexpr int kFusedThreads = (kFusedConsumerWarps + 1) * 32;  // + the p
 inline constexpr int kFusedChunkQuads = 8;  // units per chunk (512 k): fewer chunks cost less per byte (H100: 4 -> 8 made the forward 20-40% faster)
 inline constexpr int kFusedMaxRingSlots = 64;
 
+// The launch's shape of the block (plan_fused_decode): its ring, copy and wait modes, and its
+// shared-memory layout as byte offsets from the dynamic base.
+struct FusedLayout {
+  int ring_slots = 0;
+  int chunk_quads = kFusedChunkQuads;
+  int bulk_copies = 1;  // 1: bulk copies on the slot barrier's transactions; 0: cp.async per lane
+  int consumer_wait = 0;  // how consumers wait for a chunk: 0 poll (test_wait), 1 try_wait with a
+                          // 100 ns suspend hint, 2 plain try_wait (TMOE_FUSED_WAIT=spin|hint|sleep)
+  uint32_t slot_bytes = 0, scales_offset_in_slot = 0;
+  uint32_t bars_offset = 0, act_offset = 0, partial_offset = 0, sv_offset = 0, counters_offset = 0;
+  int partial_slots = 0;  // ring_slots + the most chunks of one unit
+  int unit_slots = 0;     // ring_slots + 1
+};
+
 struct FusedDecodeArgs {
   PassProjection proj[3];  // gate, up, down
   const void* x = nullptr;
@@ -62,16 +76,7 @@ struct FusedDecodeArgs {
   DType out_dtype = DType::f32;
   float* h = nullptr;           // [top_k][I] workspace
   int32_t* arrivals = nullptr;  // one counter, zeroed by the routing kernel before this kernel uses it
-  // Shared memory layout (plan_fused_decode): byte offsets from the dynamic base.
-  int ring_slots = 0;
-  int chunk_quads = kFusedChunkQuads;
-  int bulk_copies = 1;  // 1: bulk copies on the slot barrier's transactions; 0: cp.async per lane
-  int consumer_wait = 0;  // how consumers wait for a chunk: 0 poll (test_wait), 1 try_wait with a
-                          // 100 ns suspend hint, 2 plain try_wait (TMOE_FUSED_WAIT=spin|hint|sleep)
-  uint32_t slot_bytes = 0, scales_offset_in_slot = 0;
-  uint32_t bars_offset = 0, act_offset = 0, partial_offset = 0, sv_offset = 0, counters_offset = 0;
-  int partial_slots = 0;  // ring_slots + the most chunks of one unit
-  int unit_slots = 0;     // ring_slots + 1
+  FusedLayout layout;
 };
 
 // Units [begin, end) of `units` that block b of `blocks` takes.
@@ -100,7 +105,7 @@ struct BlockWork {
     tn_h = static_cast<int>(down.tiles_n());
     quads_a = static_cast<int>(gate.quads);
     quads_b = static_cast<int>(down.quads);
-    chunk_quads = a.chunk_quads;
+    chunk_quads = a.layout.chunk_quads;
     chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
     chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
     const int64_t units_a = static_cast<int64_t>(pairs) * tn_i;
@@ -165,7 +170,7 @@ struct FusedDecodePlan {
   std::string why;  // when not ok: what the shape lacks
   int blocks = 0;
   size_t shared = 0;
-  FusedDecodeArgs layout;  // the shared memory layout fields set
+  FusedLayout layout;
 };
 
 // Whether the one-launch decode takes this layer at one token with top_k slots on a device of `sms`
@@ -174,6 +179,9 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
                                   int top_k, int sms, size_t max_shared);
 // Whether the kernel has its sm_90a body for the current device.
 bool fused_decode_built();
+// Raises the kernel's dynamic shared memory limit to max_shared (once per process and device,
+// before its first launch; plans use at most that).
+void prepare_fused_decode(size_t max_shared);
 void launch_fused_decode(const FusedDecodeArgs& args, const FusedDecodePlan& plan, cudaStream_t stream);
 
 }  // namespace tmoe::cuda

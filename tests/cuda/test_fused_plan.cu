@@ -50,9 +50,9 @@ Layer layer(int64_t H, int64_t I, int bits = 3, int group_size = 128) {
   return {projection(H, I, bits, group_size), projection(H, I, bits, group_size), projection(I, H, bits, group_size)};
 }
 
-void check_layout(const cuda::FusedDecodePlan& plan, int top_k, int max_bits) {
+void check_layout(const cuda::FusedDecodePlan& plan, int max_bits) {
   ASSERT_TRUE(plan.ok) << plan.why;
-  const cuda::FusedDecodeArgs& l = plan.layout;
+  const cuda::FusedLayout& l = plan.layout;
   EXPECT_EQ(plan.blocks, 132);
   EXPECT_GE(l.ring_slots, 8);
   EXPECT_LE(l.ring_slots, cuda::kFusedMaxRingSlots);
@@ -71,7 +71,6 @@ void check_layout(const cuda::FusedDecodePlan& plan, int top_k, int max_bits) {
   EXPECT_LE(plan.shared, kH100Shared);
   EXPECT_GT(l.partial_slots, l.ring_slots);
   EXPECT_EQ(l.unit_slots, l.ring_slots + 1);
-  (void)top_k;
 }
 
 TEST(FusedDecodePlan, ModelShapesFit) {
@@ -84,19 +83,19 @@ TEST(FusedDecodePlan, ModelShapesFit) {
                          Shape{"deepseek-v3", 7168, 2048, 8}, Shape{"glm-4.5-air", 4096, 1408, 8}}) {
     SCOPED_TRACE(s.name);
     const Layer l = layer(s.H, s.I);
-    for (int k = 1; k <= s.k; ++k) check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, k, 132, kH100Shared), k, 3);
+    for (int k = 1; k <= s.k; ++k) check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, k, 132, kH100Shared), 3);
   }
 }
 
 TEST(FusedDecodePlan, EdgeShapesAndMixedBits) {
   Layer l = layer(208, 144, 3, 48);
-  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 16, 132, kH100Shared), 16, 3);
+  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 16, 132, kH100Shared), 3);
   l.gate.w.bits = 2;
   l.up.w.bits = 4;
-  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 5, 132, kH100Shared), 5, 4);
+  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 5, 132, kH100Shared), 4);
   // Many slots of a wide down projection: the staged activations still leave a ring.
   const Layer wide = layer(4096, 2048);
-  check_layout(cuda::plan_fused_decode(wide.gate, wide.up, wide.down, 16, 132, kH100Shared), 16, 3);
+  check_layout(cuda::plan_fused_decode(wide.gate, wide.up, wide.down, 16, 132, kH100Shared), 3);
 }
 
 TEST(FusedDecodePlan, RefusesWhatTheKernelDoesNotTake) {
@@ -131,8 +130,8 @@ TEST(FusedDecodePlan, RefusesWhatTheKernelDoesNotTake) {
 // resets the counter, and only then releases the ring slot (the kernel's order).
 void replay_block(const cuda::FusedDecodeArgs& a, int routed, int block, int blocks, uint64_t seed) {
   const cuda::BlockWork work(a, routed, block, blocks);
-  const int total = work.na + work.nb, W = cuda::kFusedConsumerWarps, R = a.ring_slots;
-  std::vector<int> row_owner(a.partial_slots, -1), counter_unit(a.unit_slots, -1), counter(a.unit_slots, 0);
+  const int total = work.na + work.nb, W = cuda::kFusedConsumerWarps, R = a.layout.ring_slots;
+  std::vector<int> row_owner(a.layout.partial_slots, -1), counter_unit(a.layout.unit_slots, -1), counter(a.layout.unit_slots, 0);
   std::vector<char> loaded(total, 0), released(total, 0);
   std::vector<int> next(W);
   for (int w = 0; w < W; ++w) next[w] = w;
@@ -162,17 +161,17 @@ void replay_block(const cuda::FusedDecodeArgs& a, int routed, int block, int blo
     const cuda::Chunk c = cuda::describe_chunk(work, i);
     ASSERT_EQ(c.first + (i - c.first), i);
     ASSERT_LT(i - c.first, c.per_unit);
-    int& owner = row_owner[i % a.partial_slots];
+    int& owner = row_owner[i % a.layout.partial_slots];
     if (owner >= 0) {  // the row's previous chunk must belong to a finished unit
       const cuda::Chunk prev = cuda::describe_chunk(work, owner);
-      ASSERT_NE(counter_unit[prev.unit % a.unit_slots], prev.unit) << "chunk " << i << " overwrites chunk " << owner;
+      ASSERT_NE(counter_unit[prev.unit % a.layout.unit_slots], prev.unit) << "chunk " << i << " overwrites chunk " << owner;
     }
     owner = i;
-    const int slot = c.unit % a.unit_slots;
+    const int slot = c.unit % a.layout.unit_slots;
     if (counter[slot] == 0) counter_unit[slot] = c.unit;
     ASSERT_EQ(counter_unit[slot], c.unit) << "unit counter " << slot << " shared by two live units";
     if (++counter[slot] == c.per_unit) {  // this warp finishes the unit: its rows are all there
-      for (int r = 0; r < c.per_unit; ++r) ASSERT_EQ(row_owner[(c.first + r) % a.partial_slots], c.first + r);
+      for (int r = 0; r < c.per_unit; ++r) ASSERT_EQ(row_owner[(c.first + r) % a.layout.partial_slots], c.first + r);
       counter[slot] = 0;
       counter_unit[slot] = -1;
       ++finished_units;
@@ -202,7 +201,8 @@ TEST(FusedDecodePlan, ChunkHandOverReplays) {
     unsetenv("TMOE_FUSED_CHUNK_QUADS");
     ASSERT_TRUE(plan.ok) << plan.why;
     ASSERT_EQ(plan.layout.chunk_quads, s.chunk_quads);
-    cuda::FusedDecodeArgs a = plan.layout;
+    cuda::FusedDecodeArgs a;
+    a.layout = plan.layout;
     a.proj[0] = l.gate;
     a.proj[1] = l.up;
     a.proj[2] = l.down;

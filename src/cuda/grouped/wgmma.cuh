@@ -151,62 +151,52 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 #endif
 }
 
-// Waits until the phase with this parity has completed; traps after 2^22 unsuccessful tries (each may suspend for a
-// while: well over 0.1 s in all), so that a protocol bug fails the test that hit it instead of
-// hanging the whole run. The loop is all PTX: a C++ loop (clock64,
-// __trap) around try_wait made ptxas serialize the wgmma pipeline (CUDA 13.0).
+// The PTX of a barrier wait that retries WAIT (an mbarrier test or try instruction setting the
+// predicate `done`) up to MAX_TRIES times and then traps, so that a protocol bug fails the test that
+// hit it instead of hanging the whole run. The loop is all PTX: a C++ loop (clock64, __trap)
+// around try_wait made ptxas serialize the wgmma pipeline (CUDA 13.0). Its labels are local to
+// the braces, so every inlined copy may reuse them.
+#define TMOE_MBARRIER_WAIT_LOOP(WAIT, MAX_TRIES)                                  \
+  "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nwait_loop:\n" WAIT \
+  "@done bra wait_done;\n"                                                       \
+  "add.u32 tries, tries, 1;\n"                                                   \
+  "setp.lt.u32 done, tries, " MAX_TRIES ";\n"                                    \
+  "@done bra wait_loop;\n"                                                       \
+  "trap;\n"                                                                      \
+  "wait_done:\n}\n"
+
+// Waits until the phase with this parity has completed (try_wait: the thread may suspend until the
+// phase changes); traps after 2^22 unsuccessful tries (each may suspend for a while: well over
+// 0.1 s in all).
 __device__ __forceinline__ void mbarrier_wait_or_trap(uint64_t* bar, uint32_t parity) {
 #ifdef TMOE_WGMMA_DEVICE
-  asm volatile(
-      "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nwait_or_trap_loop:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@done bra wait_or_trap_done;\n"
-      "add.u32 tries, tries, 1;\n"
-      "setp.lt.u32 done, tries, 4194304;\n"
-      "@done bra wait_or_trap_loop;\n"
-      "trap;\n"
-      "wait_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
-      "r"(parity)
-      : "memory");
+  asm volatile(TMOE_MBARRIER_WAIT_LOOP("mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n", "4194304")
+               ::"r"(smem_address(bar)), "r"(parity)
+               : "memory");
 #endif
 }
-// The same wait by polling (mbarrier.test_wait never suspends the thread). The one-launch decode
-// waits this way: with try_wait its forward took ~10 us per chunk each consumer warp waited for,
-// on every shape (notes-cuda.md "v18": a suspended warp seems to sleep long past the phase change
-// there; a hypothesis, not yet timed).
+// The same wait by polling (mbarrier.test_wait never suspends the thread); traps after 2^27 tries.
+// The one-launch decode waits this way: with try_wait its forward took ~10 us per chunk each
+// consumer warp waited for, on every shape (notes-cuda.md "v18": a suspended warp seems to sleep
+// long past the phase change there; a hypothesis, not yet timed).
 __device__ __forceinline__ void mbarrier_spin_or_trap(uint64_t* bar, uint32_t parity) {
 #ifdef TMOE_WGMMA_DEVICE
-  asm volatile(
-      "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nspin_or_trap_loop:\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@done bra spin_or_trap_done;\n"
-      "add.u32 tries, tries, 1;\n"
-      "setp.lt.u32 done, tries, 134217728;\n"
-      "@done bra spin_or_trap_loop;\n"
-      "trap;\n"
-      "spin_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
-      "r"(parity)
-      : "memory");
+  asm volatile(TMOE_MBARRIER_WAIT_LOOP("mbarrier.test_wait.parity.shared::cta.b64 done, [%0], %1;\n", "134217728")
+               ::"r"(smem_address(bar)), "r"(parity)
+               : "memory");
 #endif
 }
 // The same wait by try_wait with a suspend-time hint: a suspended thread wakes at the phase change
 // or after about `ns` nanoseconds, whichever is first (a bound on the oversleep without the issue
-// slots a polling loop takes from the warps that have work).
+// slots a polling loop takes from the warps that have work); traps after 2^26 tries.
 __device__ __forceinline__ void mbarrier_wait_hinted_or_trap(uint64_t* bar, uint32_t parity, uint32_t ns) {
 #ifdef TMOE_WGMMA_DEVICE
-  asm volatile(
-      "{\n.reg .pred done;\n.reg .u32 tries;\nmov.u32 tries, 0;\nhinted_or_trap_loop:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
-      "@done bra hinted_or_trap_done;\n"
-      "add.u32 tries, tries, 1;\n"
-      "setp.lt.u32 done, tries, 67108864;\n"
-      "@done bra hinted_or_trap_loop;\n"
-      "trap;\n"
-      "hinted_or_trap_done:\n}\n" ::"r"(smem_address(bar)),
-      "r"(parity), "r"(ns)
-      : "memory");
+  asm volatile(TMOE_MBARRIER_WAIT_LOOP("mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n", "67108864")
+               ::"r"(smem_address(bar)), "r"(parity), "r"(ns)
+               : "memory");
 #endif
 }
+#undef TMOE_MBARRIER_WAIT_LOOP
 // Arrives on `bar` (one of its expected arrivals).
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #ifdef TMOE_WGMMA_DEVICE

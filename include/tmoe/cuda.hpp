@@ -12,8 +12,8 @@
 // step also does the fixed-order combine over the k slots of each token. Passes of one wave are
 // chained with programmatic dependent launch (sm_90), and with <= 64 pairs their blocks derive
 // their work items from the ids themselves, so they start before routing ends. With
-// `fused_decode` a 1-token batch runs routing and ONE kernel instead (src/cuda/fused_decode.cuh). Results are bitwise
-// repeatable whatever `deterministic` says (all float reductions run in a fixed order, the only
+// `fused_decode` a 1-token batch runs routing and ONE kernel instead (src/cuda/fused_decode.cuh).
+// Results are bitwise repeatable whatever `deterministic` says (all float reductions run in a fixed order, the only
 // atomics count integers). Larger batches feed the routing to the tensor-core grouped path
 // (src/cuda/grouped/), which honours `deterministic` (default off: it is faster with atomics).
 // Weights: the indices are stored once, in the fragment layout (src/cuda/fragment_layout.hpp)

@@ -420,45 +420,45 @@ TEST(CudaMoe, RepeatsBitwiseAndReplaysInAGraph) {
   c.k = 2;
   c.out_dtype = DType::f32;
   for (const int64_t T : {1, 3}) {
-  SCOPED_TRACE(describe(c, T, seed));
-  const MoeWeights w = make_weights(c, seed);
-  std::mt19937_64 rng(seed);
-  const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
-  cuda::CudaMoeOptions options;
-  options.deterministic = true;
-  options.fused_decode = T == 1;  // 1: the one-launch decode; 3: the projection passes
-  cuda::CudaMoe moe(w, options);
-  const std::vector<float> first = run_device(moe, c, b, T);
-  for (int i = 0; i < 3; ++i) {
-    const std::vector<float> again = run_device(moe, c, b, T);
-    EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float))) << "run " << i;
-  }
-  // Graph capture of forward(), replayed twice.
-  cudaStream_t stream;
-  TMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  DeviceArray<float> x(b.x);
-  DeviceArray<int32_t> ids(b.ids);
-  DeviceArray<float> probs(b.probs);
-  DeviceArray<float> out(T * c.H);
-  const size_t ws_bytes = moe.workspace_bytes(T, c.k);
-  DeviceArray<uint8_t> ws(ws_bytes);
-  MoeBatch batch{T, c.k, x.get(), DType::f32, ids.get(), probs.get(), out.get(), DType::f32};
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  moe.forward(batch, ws.get(), ws_bytes, stream);
-  TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int i = 0; i < 2; ++i) {
-    out.poison();
-    TMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    TMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    const std::vector<float> replay = out.download();
-    EXPECT_EQ(0, std::memcmp(first.data(), replay.data(), first.size() * sizeof(float))) << "replay " << i;
-  }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
+    SCOPED_TRACE(describe(c, T, seed));
+    const MoeWeights w = make_weights(c, seed);
+    std::mt19937_64 rng(seed);
+    const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+    cuda::CudaMoeOptions options;
+    options.deterministic = true;
+    options.fused_decode = T == 1;  // 1: the one-launch decode; 3: the projection passes
+    cuda::CudaMoe moe(w, options);
+    const std::vector<float> first = run_device(moe, c, b, T);
+    for (int i = 0; i < 3; ++i) {
+      const std::vector<float> again = run_device(moe, c, b, T);
+      EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float))) << "run " << i;
+    }
+    // Graph capture of forward(), replayed twice.
+    cudaStream_t stream;
+    TMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    DeviceArray<float> x(b.x);
+    DeviceArray<int32_t> ids(b.ids);
+    DeviceArray<float> probs(b.probs);
+    DeviceArray<float> out(T * c.H);
+    const size_t ws_bytes = moe.workspace_bytes(T, c.k);
+    DeviceArray<uint8_t> ws(ws_bytes);
+    MoeBatch batch{T, c.k, x.get(), DType::f32, ids.get(), probs.get(), out.get(), DType::f32};
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    moe.forward(batch, ws.get(), ws_bytes, stream);
+    TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 2; ++i) {
+      out.poison();
+      TMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      TMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<float> replay = out.download();
+      EXPECT_EQ(0, std::memcmp(first.data(), replay.data(), first.size() * sizeof(float))) << "replay " << i;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
   }
 }
 

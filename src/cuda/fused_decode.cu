@@ -149,11 +149,15 @@ __device__ __forceinline__ void arrive_and_wait_all(int32_t* arrivals) {
   __threadfence();
 }
 
-__global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __grid_constant__ FusedDecodeArgs a) {
+__global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const __grid_constant__ FusedDecodeArgs a) {
 #ifdef TMOE_WGMMA_DEVICE
   __shared__ int slot_expert[kFusedMaxSlots];
   __shared__ float slot_prob[kFusedMaxSlots];
   __shared__ int routed;
+  // Per ring slot, the round whose chunk its producer is loading. A consumer of round r waits for
+  // it before the slot's barrier: the barrier's parity names a phase only up to two, and the phase
+  // of round r - 1 (the slot's previous chunk, another warp's) may not have completed yet.
+  __shared__ int slot_round[kFusedMaxRingSlots];
   extern __shared__ __align__(128) uint8_t smem[];
   allow_dependents();
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + a.layout.bars_offset);
@@ -176,32 +180,34 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     }
     if (lane == 0) routed = __popc(mask);
   }
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < a.layout.ring_slots; ++s) {
-      wg::mbarrier_init_unfenced(&full[s], a.layout.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
-      wg::mbarrier_init_unfenced(&empty[s], 1);
-    }
-    wg::fence_mbarrier_init();  // once, not per barrier (~90 cluster-scope release fences a block before)
+  if (threadIdx.x < a.layout.ring_slots) {
+    const int s = threadIdx.x;
+    wg::mbarrier_init_unfenced(&full[s], a.layout.bulk_copies ? 1 : 32);  // the expect_tx arrival, or the producer's lanes
+    wg::mbarrier_init_unfenced(&empty[s], 1);
+    slot_round[s] = -1;
+    wg::fence_mbarrier_init();
   }
   for (int s = threadIdx.x; s < a.layout.unit_slots; s += blockDim.x) unit_done[s] = 0;
   __syncthreads();
   const BlockWork work(a, routed, blockIdx.x, gridDim.x);
   const int total_chunks = work.na + work.nb;
 
-  if (warp == kFusedConsumerWarps) {  // --- the producer: every chunk in order, as ring slots free up
-    // Lane l works out where chunk base + l comes from (divisions, 64-bit products), then the warp
-    // issues the 32 chunks one after another from shuffled descriptors. (One thread working out
-    // every chunk in turn took about twice as long per forward on H100, notes-cuda.md "v18".)
+  if (warp >= kFusedConsumerWarps) {  // --- the producers: chunk i is producer i % P's
+    // Lane l works out where chunk base + P l + p comes from (divisions, 64-bit products), then the
+    // warp issues its 32 chunks one after another from shuffled descriptors, each into its ring
+    // slot once the slot's previous chunk is released. R is a multiple of P, so a slot's chunks
+    // are all one producer's and its waits see the slot's phases in order.
     // Copies: one bulk copy for the chunk's weights and one per scale row, on the slot's
     // transaction count; or (TMOE_FUSED_COPY=cp) cp.async, 16 bytes per lane, each lane's copies
     // counted on the slot's barrier when they land (its 32 expected arrivals).
-    int slot = 0, round = 0;
-    for (int base = 0; base < total_chunks; base += 32) {
+    const int P = a.layout.producer_warps, p = warp - kFusedConsumerWarps;
+    int slot = p, round = 0;
+    for (int base = 0; base < total_chunks; base += 32 * P) {
       const uint8_t* weights = nullptr;
       const uint16_t* scale_rows = nullptr;
       int weight_pieces = 0, scale_pieces = 0, row_stride = 0;
-      if (base + lane < total_chunks) {
-        const Chunk c = describe_chunk(work, base + lane);
+      if (base + lane * P + p < total_chunks) {
+        const Chunk c = describe_chunk(work, base + lane * P + p);
         const DeviceProjection& w = a.proj[c.proj].w;
         const int expert = slot_expert[c.pair];
         const int tiles_per_group = w.group_size / kTileDim;
@@ -215,34 +221,35 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
         scale_pieces = 2 * ((kt_end - 1) / tiles_per_group - group0 + 1);
         row_stride = static_cast<int>(w.N);
       }
-      const int count = min(32, total_chunks - base);
-      for (int l = 0; l < count; ++l) {
-        const uint8_t* src = reinterpret_cast<const uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(weights), l));
-        const uint16_t* rows = reinterpret_cast<const uint16_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_rows), l));
-        const int pieces = __shfl_sync(0xffffffffu, weight_pieces, l);
-        const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
-        const int stride = __shfl_sync(0xffffffffu, row_stride, l);
-        if (base + l >= a.layout.ring_slots) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
-        uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.layout.slot_bytes;
-        if (a.layout.bulk_copies) {  // one bulk copy for the weights, one per scale row
-          if (lane == 0) wg::mbarrier_arrive_expect_tx(&full[slot], (pieces + row_pieces) * 16);
-          __syncwarp();
-          if (lane == 0) wg::bulk_copy_to_shared(slot_data, src, pieces * 16, &full[slot]);
-          for (int row = lane; row < row_pieces / 2; row += 32)
-            wg::bulk_copy_to_shared(slot_data + a.layout.scales_offset_in_slot + row * 32, rows + row * stride, 32, &full[slot]);
-        } else {
-          const uint32_t dst = wg::smem_address(slot_data);
-          for (int piece = lane; piece < pieces; piece += 32) grouped::cp_async16(dst + piece * 16, src + piece * 16, 16);
-          for (int piece = lane; piece < row_pieces; piece += 32)
-            grouped::cp_async16(dst + a.layout.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
-          wg::cp_async_mbarrier_arrive(&full[slot]);
+      for (int l = 0; l < 32; ++l) {
+        if (base + l * P + p < total_chunks) {
+          const uint8_t* src = reinterpret_cast<const uint8_t*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(weights), l));
+          const uint16_t* rows = reinterpret_cast<const uint16_t*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_rows), l));
+          const int pieces = __shfl_sync(0xffffffffu, weight_pieces, l);
+          const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
+          const int stride = __shfl_sync(0xffffffffu, row_stride, l);
+          if (round > 0) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
+          if (lane == 0) reinterpret_cast<volatile int*>(slot_round)[slot] = round;
+          uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.layout.slot_bytes;
+          if (a.layout.bulk_copies) {  // one bulk copy for the weights, one per scale row
+            if (lane == 0) wg::mbarrier_arrive_expect_tx(&full[slot], (pieces + row_pieces) * 16);
+            __syncwarp();
+            if (lane == 0) wg::bulk_copy_to_shared(slot_data, src, pieces * 16, &full[slot]);
+            for (int row = lane; row < row_pieces / 2; row += 32)
+              wg::bulk_copy_to_shared(slot_data + a.layout.scales_offset_in_slot + row * 32, rows + row * stride, 32, &full[slot]);
+          } else {
+            const uint32_t dst = wg::smem_address(slot_data);
+            for (int piece = lane; piece < pieces; piece += 32) grouped::cp_async16(dst + piece * 16, src + piece * 16, 16);
+            for (int piece = lane; piece < row_pieces; piece += 32)
+              grouped::cp_async16(dst + a.layout.scales_offset_in_slot + piece * 16, rows + (piece >> 1) * stride + (piece & 1) * 8, 16);
+            wg::cp_async_mbarrier_arrive(&full[slot]);
+          }
+          for (slot += P; slot >= a.layout.ring_slots; slot -= a.layout.ring_slots) ++round;
         }
-        if (++slot == a.layout.ring_slots) {
-          slot = 0;
-          ++round;
-        }
+        // Lockstep (every producer reaches every barrier: the loops' trip counts are the same).
+        if (l % kFusedProducerStride == kFusedProducerStride - 1) wg::sync_threads_at(2, P * 32);
       }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy outlives its issuing thread
@@ -297,6 +304,9 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_decode_kernel(const __
     const uint16_t* scales = reinterpret_cast<const uint16_t*>(data + a.layout.scales_offset_in_slot);
     const int tpg = w.group_size / kTileDim;
     const uint32_t parity = at.round & 1;
+    // The slot's producer is on this round: the barrier's phases before it are complete.
+    for (uint32_t tries = 0; reinterpret_cast<volatile int*>(slot_round)[slot] != at.round; ++tries)
+      if (tries > (1u << 27)) __trap();
     if (a.layout.consumer_wait == 0) wg::mbarrier_spin_or_trap(&full[slot], parity);
     else if (a.layout.consumer_wait == 1) wg::mbarrier_wait_hinted_or_trap(&full[slot], parity, 100);
     else wg::mbarrier_wait_or_trap(&full[slot], parity);
@@ -427,6 +437,11 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   // or plain try_wait (=sleep), for A/B timing (notes-cuda.md "v18").
   if (const char* wait_knob = std::getenv("TMOE_FUSED_WAIT"))
     plan.layout.consumer_wait = std::string(wait_knob) == "hint" ? 1 : std::string(wait_knob) == "sleep" ? 2 : 0;
+  // Producer warps: kFusedDefaultProducerWarps, or TMOE_FUSED_PRODUCERS (1, 2 or 4: a divisor of
+  // the consumer warps, see the consumers' ring position) for A/B timing.
+  int producers = kFusedDefaultProducerWarps;
+  if (const char* knob = std::getenv("TMOE_FUSED_PRODUCERS")) producers = std::atoi(knob) >= 4 ? 4 : std::atoi(knob) >= 2 ? 2 : 1;
+  const int drift = fused_producer_drift(producers);
   const int64_t chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
   const int64_t chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
   // The largest phase A slot span and unit counts of any block, for any number of routed slots.
@@ -448,21 +463,26 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   const uint32_t chunk_groups = chunk_quads * kQuadTiles + 1;
   const uint32_t slot_bytes = (weight_bytes + chunk_groups * kTileDim * 2 + 127) / 128 * 128;
   // Per ring slot: the slot, its two mbarriers, a partial-sum row and a unit counter. The partial
-  // rows are ring_slots + most_unit_chunks: a chunk's row is reused by chunk i + partial_slots, which
-  // cannot be loaded before every chunk up to i + partial_slots - ring_slots has released its slot;
-  // a chunk releases it after the finish it may run, so the unit's rows outlive its finish. The
-  // same argument with one chunk per unit sizes the unit counters (ring_slots + 1).
-  const size_t fixed = static_cast<size_t>(act_floats + sv_floats + most_unit_chunks * kTileDim) * 4 + 4 + 512;
+  // rows are ring_slots + drift + most_unit_chunks: a chunk's row is reused by chunk i +
+  // partial_slots, which cannot be loaded before every chunk up to i + partial_slots - ring_slots -
+  // drift has released its slot (its producer waited for the slot's previous chunk, and the other
+  // producers are at most `drift` chunks behind it: the lockstep barrier); a chunk releases its slot
+  // after the finish it may run, so the unit's rows outlive its finish. The same argument with one
+  // chunk per unit sizes the unit counters (ring_slots + drift + 1).
+  const size_t fixed = static_cast<size_t>(act_floats + sv_floats + (drift + most_unit_chunks) * kTileDim) * 4 +
+                       (drift + 1) * 4 + 512;
   const size_t per_slot = slot_bytes + 16 + kTileDim * 4 + 4;
   if (max_shared <= fixed + 8 * per_slot) return no("staged activations leave too little shared memory for a ring");
-  const int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot));
+  // A multiple of the producers, so that each ring slot is one producer's.
+  const int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot)) / producers * producers;
   FusedLayout& l = plan.layout;
   l.ring_slots = slots;
+  l.producer_warps = producers;
   l.chunk_quads = chunk_quads;
   l.slot_bytes = slot_bytes;
   l.scales_offset_in_slot = weight_bytes;
-  l.partial_slots = static_cast<int>(slots + most_unit_chunks);
-  l.unit_slots = slots + 1;
+  l.partial_slots = static_cast<int>(slots + drift + most_unit_chunks);
+  l.unit_slots = slots + drift + 1;
   size_t at = static_cast<size_t>(slots) * slot_bytes;
   l.bars_offset = static_cast<uint32_t>(at);
   at += static_cast<size_t>(slots) * 16;
@@ -512,7 +532,7 @@ void launch_fused_decode(const FusedDecodeArgs& args, const FusedDecodePlan& pla
   attributes[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(plan.blocks);
-  config.blockDim = dim3(kFusedThreads);
+  config.blockDim = dim3((kFusedConsumerWarps + plan.layout.producer_warps) * 32);
   config.dynamicSmemBytes = plan.shared;
   config.stream = stream;
   config.attrs = attributes;

@@ -46,22 +46,33 @@ inline constexpr int kFusedMaxSlots = 16;
 #define TMOE_FUSED_CONSUMER_WARPS 16
 #endif
 inline constexpr int kFusedConsumerWarps = TMOE_FUSED_CONSUMER_WARPS;
-inline constexpr int kFusedThreads = (kFusedConsumerWarps + 1) * 32;  // + the producer warp
+// Producer warps: each issues every P-th chunk. One warp issuing every chunk was the bottleneck
+// (ncu on H100, notes-cuda.md "v19": ~140 dependent instructions, ~0.45 us, per chunk while the
+// consumers waited for data at 20% of DRAM bandwidth). TMOE_FUSED_PRODUCERS=1|2|4 for A/B timing.
+inline constexpr int kFusedMaxProducerWarps = 4;
+inline constexpr int kFusedDefaultProducerWarps = 4;
+// Producers advance in lockstep: a named barrier after every kFusedProducerStride of each one's
+// chunks, so that no chunk is issued while a chunk more than (ring slots + drift) earlier is still
+// held (plan_fused_decode sizes the partial rows and unit counters with this drift).
+inline constexpr int kFusedProducerStride = 8;
+TMOE_HD constexpr int fused_producer_drift(int producers) { return kFusedProducerStride * producers; }
+inline constexpr int kFusedMaxThreads = (kFusedConsumerWarps + kFusedMaxProducerWarps) * 32;
 inline constexpr int kFusedChunkQuads = 8;  // units per chunk (512 k): fewer chunks cost less per byte (H100: 4 -> 8 made the forward 20-40% faster)
 inline constexpr int kFusedMaxRingSlots = 64;
 
 // The launch's shape of the block (plan_fused_decode): its ring, copy and wait modes, and its
 // shared-memory layout as byte offsets from the dynamic base.
 struct FusedLayout {
-  int ring_slots = 0;
+  int ring_slots = 0;     // a multiple of producer_warps: each producer has its own slots
+  int producer_warps = kFusedDefaultProducerWarps;
   int chunk_quads = kFusedChunkQuads;
   int bulk_copies = 1;  // 1: bulk copies on the slot barrier's transactions; 0: cp.async per lane
   int consumer_wait = 0;  // how consumers wait for a chunk: 0 poll (test_wait), 1 try_wait with a
                           // 100 ns suspend hint, 2 plain try_wait (TMOE_FUSED_WAIT=spin|hint|sleep)
   uint32_t slot_bytes = 0, scales_offset_in_slot = 0;
   uint32_t bars_offset = 0, act_offset = 0, partial_offset = 0, sv_offset = 0, counters_offset = 0;
-  int partial_slots = 0;  // ring_slots + the most chunks of one unit
-  int unit_slots = 0;     // ring_slots + 1
+  int partial_slots = 0;  // ring_slots + the producers' drift + the most chunks of one unit
+  int unit_slots = 0;     // ring_slots + the producers' drift + 1
 };
 
 struct FusedDecodeArgs {

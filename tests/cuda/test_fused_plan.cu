@@ -70,7 +70,8 @@ void check_layout(const cuda::FusedDecodePlan& plan, int max_bits) {
   EXPECT_LE(l.counters_offset + static_cast<size_t>(l.unit_slots) * 4, plan.shared);
   EXPECT_LE(plan.shared, kH100Shared);
   EXPECT_GT(l.partial_slots, l.ring_slots);
-  EXPECT_EQ(l.unit_slots, l.ring_slots + 1);
+  EXPECT_EQ(l.ring_slots % l.producer_warps, 0);
+  EXPECT_EQ(l.unit_slots, l.ring_slots + cuda::fused_producer_drift(l.producer_warps) + 1);
 }
 
 TEST(FusedDecodePlan, ModelShapesFit) {
@@ -123,38 +124,51 @@ TEST(FusedDecodePlan, RefusesWhatTheKernelDoesNotTake) {
 }
 
 
-// One block's schedule, replayed: the producer loads chunks in order into ring slots, freeing a
-// slot when its chunk's warp released it; warp w takes chunks w, w + W, ... in order, phase B ones
-// only once every phase A chunk of the block is done (the grid-wide arrival); a chunk writes its
-// partial row, counts on its unit's counter, the warp completing the unit reads the unit's rows and
-// resets the counter, and only then releases the ring slot (the kernel's order).
+// One block's schedule, replayed: producer p takes steps l = 0, 1, ... of 32-step rounds; step l of
+// round t is chunk 32 P t + P l + p (none past the last chunk), loaded into its ring slot once the
+// slot's previous chunk was released; after every kFusedProducerStride steps the producers meet
+// (the lockstep barrier). Warp w takes chunks w, w + W, ... in order, each once it has landed,
+// phase B ones only once every phase A chunk of the block is done (the grid-wide arrival); a chunk
+// writes its partial row, counts on its unit's counter, the warp completing the unit reads the
+// unit's rows and resets the counter, and only then releases the ring slot (the kernel's order).
 void replay_block(const cuda::FusedDecodeArgs& a, int routed, int block, int blocks, uint64_t seed) {
   const cuda::BlockWork work(a, routed, block, blocks);
   const int total = work.na + work.nb, W = cuda::kFusedConsumerWarps, R = a.layout.ring_slots;
+  const int P = a.layout.producer_warps, stride = cuda::kFusedProducerStride;
+  ASSERT_EQ(R % P, 0);
+  const int steps = (total + 32 * P - 1) / (32 * P) * 32;  // each producer's, skipped ones included
   std::vector<int> row_owner(a.layout.partial_slots, -1), counter_unit(a.layout.unit_slots, -1), counter(a.layout.unit_slots, 0);
   std::vector<char> loaded(total, 0), released(total, 0);
-  std::vector<int> next(W);
+  std::vector<int> next(W), step_of(P, 0);
   for (int w = 0; w < W; ++w) next[w] = w;
-  int produced = 0, a_done = 0, finished_units = 0;
+  int a_done = 0, finished_units = 0;
   std::mt19937_64 rng(seed);
+  auto chunk_of = [&](int p, int l) { return l / 32 * 32 * P + l % 32 * P + p; };
   for (int step = 0;; ++step) {
-    ASSERT_LT(step, 100 * total + 1000) << "no progress";
-    std::vector<int> runnable;  // -1: the producer, w: warp w
-    if (produced < total && (produced < R || released[produced - R])) runnable.push_back(-1);
+    ASSERT_LT(step, 100 * (total + P * steps) + 1000) << "no progress";
+    std::vector<int> runnable;  // -1 - p: producer p, w: warp w
+    const int slowest = *std::min_element(step_of.begin(), step_of.end());
+    for (int p = 0; p < P; ++p) {
+      const int l = step_of[p];
+      if (l >= steps || slowest < l / stride * stride) continue;  // done, or at the barrier
+      const int i = chunk_of(p, l);
+      if (i >= total || i < R || released[i - R]) runnable.push_back(-1 - p);
+    }
     for (int w = 0; w < W; ++w) {
       const int i = next[w];
       if (i < total && loaded[i] && (i < work.na || a_done == work.na)) runnable.push_back(w);
     }
     if (runnable.empty()) {
       for (int w = 0; w < W; ++w) ASSERT_GE(next[w], total) << "deadlock: warp " << w << " waits for chunk " << next[w];
-      ASSERT_EQ(produced, total);
+      for (int p = 0; p < P; ++p) ASSERT_EQ(step_of[p], steps) << "deadlock: producer " << p;
       break;
     }
     // Skewed choice: low-numbered actors run far more often, so some warps fall far behind.
     std::uniform_real_distribution<double> u(0.0, 1.0);
     const int pick = runnable[static_cast<size_t>(runnable.size() * u(rng) * u(rng))];
     if (pick < 0) {
-      loaded[produced++] = 1;
+      const int p = -1 - pick, i = chunk_of(p, step_of[p]++);
+      if (i < total) loaded[i] = 1;
       continue;
     }
     const int i = next[pick];
@@ -197,18 +211,24 @@ TEST(FusedDecodePlan, ChunkHandOverReplays) {
     // The chunk size knob (TMOE_FUSED_CHUNK_QUADS) as the plan reads it: small chunks give units of
     // more chunks than the ring has slots.
     setenv("TMOE_FUSED_CHUNK_QUADS", std::to_string(s.chunk_quads).c_str(), 1);
-    const cuda::FusedDecodePlan plan = cuda::plan_fused_decode(l.gate, l.up, l.down, s.k, 132, kH100Shared);
+    for (int producers : {1, 2, 4}) {
+      SCOPED_TRACE("producers " + std::to_string(producers));
+      setenv("TMOE_FUSED_PRODUCERS", std::to_string(producers).c_str(), 1);
+      const cuda::FusedDecodePlan plan = cuda::plan_fused_decode(l.gate, l.up, l.down, s.k, 132, kH100Shared);
+      ASSERT_TRUE(plan.ok) << plan.why;
+      ASSERT_EQ(plan.layout.chunk_quads, s.chunk_quads);
+      ASSERT_EQ(plan.layout.producer_warps, producers);
+      cuda::FusedDecodeArgs a;
+      a.layout = plan.layout;
+      a.proj[0] = l.gate;
+      a.proj[1] = l.up;
+      a.proj[2] = l.down;
+      for (int routed : {0, 1, s.k})
+        for (int block : {0, 1, 65, 131})
+          for (int round = 0; round < 3; ++round) replay_block(a, routed, block, 132, seed++);
+    }
+    unsetenv("TMOE_FUSED_PRODUCERS");
     unsetenv("TMOE_FUSED_CHUNK_QUADS");
-    ASSERT_TRUE(plan.ok) << plan.why;
-    ASSERT_EQ(plan.layout.chunk_quads, s.chunk_quads);
-    cuda::FusedDecodeArgs a;
-    a.layout = plan.layout;
-    a.proj[0] = l.gate;
-    a.proj[1] = l.up;
-    a.proj[2] = l.down;
-    for (int routed : {0, 1, s.k})
-      for (int block : {0, 1, 65, 131})
-        for (int round = 0; round < 4; ++round) replay_block(a, routed, block, 132, seed++);
   }
 }
 

@@ -224,10 +224,12 @@ __device__ __forceinline__ void decrease_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
-// Synchronises the first `threads` threads of the block (named barrier 1), not the rest.
-__device__ __forceinline__ void sync_threads(int threads) {
-  asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+// Synchronises `threads` threads (whole warps) at named barrier `id` (1..15; 0 is __syncthreads').
+__device__ __forceinline__ void sync_threads_at(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Synchronises the first `threads` threads of the block (named barrier 1), not the rest.
+__device__ __forceinline__ void sync_threads(int threads) { sync_threads_at(1, threads); }
 
 // Orders this thread's earlier generic-proxy shared-memory writes (st.shared, cp.async after its
 // wait) before later async-proxy reads (wgmma operands).

@@ -458,9 +458,13 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   const int64_t sv_floats = std::max(most_a_units * 2 * kTileDim, most_b_units * top_k * kTileDim);
   const int bits = std::max({gate.w.bits, up.w.bits, down.w.bits});
   const uint32_t weight_bytes = chunk_quads * unit_bytes(bits);
-  // Scale rows of a chunk: its k range over groups of at least 16, plus one for a range that
-  // starts inside a group; 32 bytes each (16 columns of fp16).
-  const uint32_t chunk_groups = chunk_quads * kQuadTiles + 1;
+  // Scale rows of a chunk: the groups its k range (chunk_k values) meets, at most chunk_k / the
+  // smallest group size, rounded up, plus one for a range that starts inside a group; 32 bytes each
+  // (16 columns of fp16). (Sized for groups of 16 everywhere, a slot took 4224 bytes instead of 3328
+  // at 128: a quarter fewer slots.)
+  const int64_t smallest_group = std::min({gate.w.group_size, up.w.group_size, down.w.group_size});
+  const int64_t chunk_k = static_cast<int64_t>(chunk_quads) * kQuadK;
+  const uint32_t chunk_groups = static_cast<uint32_t>((chunk_k + smallest_group - 1) / smallest_group + 1);
   const uint32_t slot_bytes = (weight_bytes + chunk_groups * kTileDim * 2 + 127) / 128 * 128;
   // Per ring slot: the slot, its two mbarriers, a partial-sum row and a unit counter. The partial
   // rows are ring_slots + drift + most_unit_chunks: a chunk's row is reused by chunk i +

@@ -58,7 +58,7 @@ inline constexpr int kFusedProducerStride = 8;
 TMOE_HD constexpr int fused_producer_drift(int producers) { return kFusedProducerStride * producers; }
 inline constexpr int kFusedMaxThreads = (kFusedConsumerWarps + kFusedMaxProducerWarps) * 32;
 inline constexpr int kFusedChunkQuads = 8;  // units per chunk (512 k): fewer chunks cost less per byte (H100: 4 -> 8 made the forward 20-40% faster)
-inline constexpr int kFusedMaxRingSlots = 64;
+inline constexpr int kFusedMaxRingSlots = 128;
 
 // The launch's shape of the block (plan_fused_decode): its ring, copy and wait modes, and its
 // shared-memory layout as byte offsets from the dynamic base.

@@ -50,7 +50,7 @@ Layer layer(int64_t H, int64_t I, int bits = 3, int group_size = 128) {
   return {projection(H, I, bits, group_size), projection(H, I, bits, group_size), projection(I, H, bits, group_size)};
 }
 
-void check_layout(const cuda::FusedDecodePlan& plan, int max_bits) {
+void check_layout(const cuda::FusedDecodePlan& plan, int max_bits, int64_t min_group = 128) {
   ASSERT_TRUE(plan.ok) << plan.why;
   const cuda::FusedLayout& l = plan.layout;
   EXPECT_EQ(plan.blocks, 132);
@@ -58,8 +58,10 @@ void check_layout(const cuda::FusedDecodePlan& plan, int max_bits) {
   EXPECT_LE(l.ring_slots, cuda::kFusedMaxRingSlots);
   EXPECT_EQ(l.slot_bytes % 128, 0u);
   EXPECT_GE(l.scales_offset_in_slot, static_cast<uint32_t>(l.chunk_quads * cuda::unit_bytes(max_bits)));
-  // Scale rows: one per 16 k of the chunk plus one, 32 bytes each.
-  EXPECT_GE(l.slot_bytes - l.scales_offset_in_slot, static_cast<uint32_t>((l.chunk_quads * 4 + 1) * 32));
+  // Scale rows: one per group the chunk's k range meets (at most chunk k / the group size rounded
+  // up, plus one), 32 bytes each.
+  const int64_t chunk_k = l.chunk_quads * 64;
+  EXPECT_GE(l.slot_bytes - l.scales_offset_in_slot, static_cast<uint32_t>(((chunk_k + min_group - 1) / min_group + 1) * 32));
   EXPECT_EQ(l.bars_offset, static_cast<uint32_t>(l.ring_slots) * l.slot_bytes);
   EXPECT_EQ(l.bars_offset % 8, 0u);
   EXPECT_EQ(l.act_offset, l.bars_offset + static_cast<uint32_t>(l.ring_slots) * 16);
@@ -90,10 +92,14 @@ TEST(FusedDecodePlan, ModelShapesFit) {
 
 TEST(FusedDecodePlan, EdgeShapesAndMixedBits) {
   Layer l = layer(208, 144, 3, 48);
-  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 16, 132, kH100Shared), 3);
+  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 16, 132, kH100Shared), 3, 48);
   l.gate.w.bits = 2;
   l.up.w.bits = 4;
-  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 5, 132, kH100Shared), 4);
+  check_layout(cuda::plan_fused_decode(l.gate, l.up, l.down, 5, 132, kH100Shared), 4, 48);
+  // Groups of 128 but down's of 16: the slots hold the smallest group's scale rows.
+  Layer mixed = layer(2048, 768);
+  mixed.down.w.group_size = 16;
+  check_layout(cuda::plan_fused_decode(mixed.gate, mixed.up, mixed.down, 8, 132, kH100Shared), 3, 16);
   // Many slots of a wide down projection: the staged activations still leave a ring.
   const Layer wide = layer(4096, 2048);
   check_layout(cuda::plan_fused_decode(wide.gate, wide.up, wide.down, 16, 132, kH100Shared), 3);

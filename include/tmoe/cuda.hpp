@@ -45,7 +45,7 @@ struct CudaMoeOptions {
   // One-token batches run the one-launch decode (src/cuda/fused_decode.cuh: one kernel streams
   // every weight of the forward, no K splits) where the layer allows it (affine grids, no
   // Hadamard, top_k <= 16) and the device has sm_90. Off by default: on H100 it is still slower
-  // than the two projection passes (docs/notes-cuda.md, "v18"). The environment variable
+  // than the two projection passes (docs/notes-cuda.md, "v18" and "v19"). The environment variable
   // TMOE_FUSED_DECODE=1 or =0 overrides this (A/B timing).
   bool fused_decode = false;
 };

@@ -276,6 +276,7 @@ std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
     const FusedDecodePlan& p = m.fused[top_k];
     return "decode: one launch, " + std::to_string(p.blocks) + " blocks, ring of " +
            std::to_string(p.layout.ring_slots) + " x " + std::to_string(p.layout.slot_bytes) + " bytes, " +
+           std::to_string(p.layout.producer_warps) + " producer warps, " +
            std::to_string((p.shared + 1023) / 1024) + " KB shared";
   }
   std::string s = std::string(path(tokens, top_k)) + ": items of " + std::to_string(f.tokens_per_item) + " rows";

@@ -230,7 +230,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const
           const int pieces = __shfl_sync(0xffffffffu, weight_pieces, l);
           const int row_pieces = __shfl_sync(0xffffffffu, scale_pieces, l);
           const int stride = __shfl_sync(0xffffffffu, row_stride, l);
-          if (round > 0) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
+          if (round > 0) {
+            if (a.layout.producer_wait == 0) wg::mbarrier_spin_or_trap(&empty[slot], (round - 1) & 1);
+            else wg::mbarrier_wait_hinted_or_trap(&empty[slot], (round - 1) & 1, 200);
+          }
           if (lane == 0) reinterpret_cast<volatile int*>(slot_round)[slot] = round;
           uint8_t* slot_data = smem + static_cast<size_t>(slot) * a.layout.slot_bytes;
           if (a.layout.bulk_copies) {  // one bulk copy for the weights, one per scale row
@@ -437,6 +440,10 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   // or plain try_wait (=sleep), for A/B timing (notes-cuda.md "v18").
   if (const char* wait_knob = std::getenv("TMOE_FUSED_WAIT"))
     plan.layout.consumer_wait = std::string(wait_knob) == "hint" ? 1 : std::string(wait_knob) == "sleep" ? 2 : 0;
+  // Producers' waits for a free slot: polling (TMOE_FUSED_PRODUCER_WAIT=spin, the default) or
+  // try_wait with a 200 ns hint (=hint): on H100 the producers' polls were 16% of a mixtral
+  // forward's instructions (notes-cuda.md "v19"). For A/B timing; not yet timed.
+  if (const char* knob = std::getenv("TMOE_FUSED_PRODUCER_WAIT")) plan.layout.producer_wait = std::string(knob) == "hint" ? 1 : 0;
   // Producer warps: kFusedDefaultProducerWarps, or TMOE_FUSED_PRODUCERS (1, 2 or 4: a divisor of
   // the consumer warps, see the consumers' ring position) for A/B timing.
   int producers = kFusedDefaultProducerWarps;

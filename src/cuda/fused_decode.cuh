@@ -5,7 +5,7 @@
 // Why: at one token a pass is mostly fixed cost (docs/notes-cuda.md "v17": a qwen3 forward of 22 us
 // for ~5 us of weight bytes: staging behind the weights, finishing blocks, a hand-over between the
 // passes). Here each block streams ALL of its weights from the start, gate/up and then down, through
-// a shared-memory ring filled by bulk copies (one producer warp; the down weights load while gate
+// a shared-memory ring filled by bulk copies (producer warps; the down weights load while gate
 // and up are computed), so the memory system is busy from the first microsecond to the last; no K
 // splits (a unit is a whole column strip), so no partial sums leave the block; one grid-wide
 // arrival between the phases (every block needs every slot's h).
@@ -23,10 +23,11 @@
 // and shapes whose staged activations leave room for a ring; plan_fused_decode says. Needs sm_90
 // (bulk copies, mbarrier transactions); the sm_90a build has it (fused_decode_built).
 //
-// Status (session 13): correct on H100 (tests/cuda: FusedDecode.*, CudaSmall under the sanitizers;
-// tests/cuda/test_fused_plan.cu on the host), but it measured 1.6-2.9x slower than the passes, so
-// CudaMoeOptions::fused_decode is off by default; the changes since that measurement (polling
-// waits, quad-granular groups: 197 -> 81 instructions per unit) are not yet timed (notes-cuda.md "v18").
+// Status (session 14): correct on H100 (tests/cuda: FusedDecode.*, CudaSmall under the sanitizers;
+// tests/cuda/test_fused_plan.cu on the host). Four producer warps instead of one made it ~2x faster
+// on the large shapes, but it is still 1.45-1.65x slower than the passes (ncu: the consumers' decode
+// loop and both sides' polling share the issue slots; notes-cuda.md "v19"), so
+// CudaMoeOptions::fused_decode is off by default.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -69,6 +70,8 @@ struct FusedLayout {
   int bulk_copies = 1;  // 1: bulk copies on the slot barrier's transactions; 0: cp.async per lane
   int consumer_wait = 0;  // how consumers wait for a chunk: 0 poll (test_wait), 1 try_wait with a
                           // 100 ns suspend hint, 2 plain try_wait (TMOE_FUSED_WAIT=spin|hint|sleep)
+  int producer_wait = 0;  // how producers wait for a free slot: 0 poll (test_wait), 1 try_wait with a
+                          // 200 ns hint, leaving issue slots to the consumers (TMOE_FUSED_PRODUCER_WAIT=spin|hint)
   uint32_t slot_bytes = 0, scales_offset_in_slot = 0;
   uint32_t bars_offset = 0, act_offset = 0, partial_offset = 0, sv_offset = 0, counters_offset = 0;
   int partial_slots = 0;  // ring_slots + the producers' drift + the most chunks of one unit

@@ -492,6 +492,26 @@ TEST(FusedDecode, EdgesMatchReference) {
   check_one_launch({.H = 512, .I = 256, .E = 128, .k = 8, .group = 64, .up_group = 128, .down_group = 32});
 }
 
+// The one-launch decode's run-time variants (plan_fused_decode's knobs), each against the reference
+// on a layer whose blocks have more chunks than ring slots (1-unit chunks: many rounds per slot,
+// so the slot round tags, the producers' lockstep and the partial-row window all take part).
+TEST(FusedDecode, RunTimeVariantsMatchReference) {
+  TMOE_REQUIRE_GPU();
+  struct Variant {
+    const char *producers, *producer_wait, *consumer_wait, *copy, *chunk_quads;
+  };
+  for (const Variant& v : {Variant{"4", "spin", "spin", "bulk", "1"}, Variant{"1", "spin", "spin", "bulk", "1"},
+                           Variant{"2", "hint", "hint", "cp", "1"}, Variant{"4", "hint", "sleep", "bulk", "2"},
+                           Variant{"4", "spin", "spin", "cp", "8"}}) {
+    SCOPED_TRACE(std::string("producers ") + v.producers + ", producer wait " + v.producer_wait + ", consumer wait " +
+                 v.consumer_wait + ", copy " + v.copy + ", chunk quads " + v.chunk_quads);
+    const ScopedEnv e1("TMOE_FUSED_PRODUCERS", v.producers), e2("TMOE_FUSED_PRODUCER_WAIT", v.producer_wait),
+        e3("TMOE_FUSED_WAIT", v.consumer_wait), e4("TMOE_FUSED_COPY", v.copy), e5("TMOE_FUSED_CHUNK_QUADS", v.chunk_quads);
+    check_one_launch({.H = 1024, .I = 1536, .E = 16, .k = 8, .group = 128});
+    check_one_launch({.H = 208, .I = 144, .E = 16, .k = 16, .group = 48, .routing = RoutingKind::some_minus});
+  }
+}
+
 TEST(FusedDecode, AllSlotsSkippedGivesZeros) {
   TMOE_REQUIRE_GPU();
   const MoeCase c{.H = 256, .I = 160, .E = 8, .k = 4};

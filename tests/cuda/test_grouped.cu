@@ -20,9 +20,12 @@
 #include "tmoe/backend.hpp"
 #include "tmoe/moe.hpp"
 #include "tmoe/routing.hpp"
+#include "cuda_test_util.hpp"
 
 namespace tmoe::cuda::grouped {
 namespace {
+
+using tmoe::testing::ScopedEnv;
 
 constexpr double kBound = 1e-2;
 
@@ -472,25 +475,6 @@ TEST(GroupedWgmma, DeterministicIsBitwiseRepeatable) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   expect_bitwise_repeatable(wgmma_case(1000), 2);
 }
-
-// Sets an environment variable for a scope and restores it after.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    setenv(name, value, 1);
-  }
-  ~ScopedEnv() {
-    if (old_) setenv(name_.c_str(), old_->c_str(), 1);
-    else unsetenv(name_.c_str());
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  std::string name_;
-  std::optional<std::string> old_;
-};
 
 // The wgmma kernel's run-time variants (environment variables, each its own instantiation): 256-token
 // tiles, the producer warpgroup, down's X tile by TMA, in every combination, on a partial tile, ragged

@@ -30,7 +30,11 @@ constexpr int kConsumerThreads = kFusedConsumerWarps * 32;
 // k-tile, and the last unit stops at the chunk's last real k-tile (its group's scale row is the
 // chunk's last one). (The first version tested both per k-tile everywhere: 197 SASS instructions
 // per unit against the pass kernel's ~80, which bounded the forward at ~2.5x the passes' issue.)
-template <int BITS, bool QUAD_GROUPS>
+//
+// PAIRED (QUAD_GROUPS only; TMOE_FUSED_PAIRED=1, not yet timed): a group's units two at a time into
+// two accumulator sets, so that one warp has two independent decode + mma chains in flight (ncu on
+// H100: the consumers' loop stalled mostly on fixed-latency dependencies, notes-cuda.md "v19").
+template <int BITS, bool QUAD_GROUPS, bool PAIRED = false>
 __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uint16_t* scales, const float* xs,
                                                 const float* tile_sums, const float* quad_sums, int kt_begin,
                                                 int kt_end, int tiles_per_group, float coefficient) {
@@ -54,19 +58,50 @@ __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uin
     for (int v = 0; v < BITS; ++v) w[v] = words[(u * BITS + v) * 32 + lane];
     decode_unit_pairs<BITS>(w, pairs);
   };
+  // Unit u's 4 mma into `into`.
+  auto unit_products = [&](int u, const uint32_t (&pairs)[16], float (&into)[4]) {
+#pragma unroll
+    for (int i = 0; i < kQuadTiles; ++i) {
+      const uint2 b = *reinterpret_cast<const uint2*>(b_src + (u * kQuadTiles + i) * kTileDim);
+      mma_bf16(into, pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
+    }
+  };
   const int quads = (kt_end - kt_begin + kQuadTiles - 1) / kQuadTiles;
-  if constexpr (QUAD_GROUPS) {
+  if constexpr (QUAD_GROUPS && PAIRED) {
+    const int quads_per_group = tiles_per_group / kQuadTiles;
+    const int quad0 = kt_begin / kQuadTiles;
+    int u = 0, run = min(quads, quads_per_group - quad0 % quads_per_group);  // the chunk's units of this group
+    while (u < quads) {
+      float other[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const int end = u + run;
+      for (; u + 1 < end; u += 2) {
+        uint32_t first[16], second[16];
+        unit_pairs(u, first);
+        unit_pairs(u + 1, second);
+        unit_products(u, first, acc);
+        unit_products(u + 1, second, other);
+        sum += quad_sums[quad0 + u] + quad_sums[quad0 + u + 1];
+      }
+      if (u < end) {
+        uint32_t pairs[16];
+        unit_pairs(u, pairs);
+        unit_products(u, pairs, acc);
+        sum += quad_sums[quad0 + u];
+        ++u;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] += other[j];
+      flush();
+      run = min(quads - u, quads_per_group);
+    }
+  } else if constexpr (QUAD_GROUPS) {
     const int quads_per_group = tiles_per_group / kQuadTiles;
     const int quad0 = kt_begin / kQuadTiles;
     int left = quads_per_group - quad0 % quads_per_group;
     for (int u = 0; u < quads; ++u) {
       uint32_t pairs[16];
       unit_pairs(u, pairs);
-#pragma unroll
-      for (int i = 0; i < kQuadTiles; ++i) {
-        const uint2 b = *reinterpret_cast<const uint2*>(b_src + (u * kQuadTiles + i) * kTileDim);
-        mma_bf16(acc, pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3], b.x, b.y);
-      }
+      unit_products(u, pairs, acc);
       sum += quad_sums[quad0 + u];
       if (--left == 0 || u + 1 == quads) {
         flush();
@@ -314,20 +349,23 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const
     else if (a.layout.consumer_wait == 1) wg::mbarrier_wait_hinted_or_trap(&full[slot], parity, 100);
     else wg::mbarrier_wait_or_trap(&full[slot], parity);
     float2 t;
-    auto run = [&](auto bits, auto quad_groups) {
-      constexpr int kBits = decltype(bits)::value;
-      t = consume_chunk<kBits, decltype(quad_groups)::value>(words, scales, xs, tile_sums, quad_sums, kt_begin, kt_end,
-                                                             tpg, pp.grid0_over_step - kDecodeBias<kBits>);
+    // The loop's variant: 0 a flush test per k-tile, 1 per unit (groups of whole units), 2 the
+    // same with units in pairs (a.layout.paired_units).
+    auto run = [&](auto bits, auto loop) {
+      constexpr int kBits = decltype(bits)::value, kLoop = decltype(loop)::value;
+      t = consume_chunk<kBits, kLoop >= 1, kLoop == 2>(words, scales, xs, tile_sums, quad_sums, kt_begin, kt_end, tpg,
+                                                       pp.grid0_over_step - kDecodeBias<kBits>);
     };
-    auto run_bits = [&](auto quad_groups) {
+    auto run_bits = [&](auto loop) {
       switch (w.bits) {
-        case 2: run(std::integral_constant<int, 2>{}, quad_groups); break;
-        case 4: run(std::integral_constant<int, 4>{}, quad_groups); break;
-        default: run(std::integral_constant<int, 3>{}, quad_groups); break;
+        case 2: run(std::integral_constant<int, 2>{}, loop); break;
+        case 4: run(std::integral_constant<int, 4>{}, loop); break;
+        default: run(std::integral_constant<int, 3>{}, loop); break;
       }
     };
-    if (tpg % kQuadTiles == 0) run_bits(std::true_type{});
-    else run_bits(std::false_type{});
+    if (tpg % kQuadTiles != 0) run_bits(std::integral_constant<int, 0>{});
+    else if (a.layout.paired_units) run_bits(std::integral_constant<int, 2>{});
+    else run_bits(std::integral_constant<int, 1>{});
     float* mine = partial + at.row * kTileDim;
     // Partial rows are written and read with shared-memory atomics: the unit's chunks meet through
     // the unit counter below, not a barrier, which compute-sanitizer's racecheck cannot see.
@@ -444,6 +482,8 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   // try_wait with a 200 ns hint (=hint): on H100 the producers' polls were 16% of a mixtral
   // forward's instructions (notes-cuda.md "v19"). For A/B timing; not yet timed.
   if (const char* knob = std::getenv("TMOE_FUSED_PRODUCER_WAIT")) plan.layout.producer_wait = std::string(knob) == "hint" ? 1 : 0;
+  // The consumers' loop with a group's units in pairs (TMOE_FUSED_PAIRED=1; groups of whole units only).
+  if (const char* knob = std::getenv("TMOE_FUSED_PAIRED")) plan.layout.paired_units = std::string(knob) == "1" ? 1 : 0;
   // Producer warps: kFusedDefaultProducerWarps, or TMOE_FUSED_PRODUCERS (1, 2 or 4: a divisor of
   // the consumer warps, see the consumers' ring position) for A/B timing.
   int producers = kFusedDefaultProducerWarps;

@@ -70,6 +70,7 @@ struct FusedLayout {
   int bulk_copies = 1;  // 1: bulk copies on the slot barrier's transactions; 0: cp.async per lane
   int consumer_wait = 0;  // how consumers wait for a chunk: 0 poll (test_wait), 1 try_wait with a
                           // 100 ns suspend hint, 2 plain try_wait (TMOE_FUSED_WAIT=spin|hint|sleep)
+  int paired_units = 0;   // 1: the consumers decode a scale group's units two at a time (TMOE_FUSED_PAIRED=1)
   int producer_wait = 0;  // how producers wait for a free slot: 0 poll (test_wait), 1 try_wait with a
                           // 200 ns hint, leaving issue slots to the consumers (TMOE_FUSED_PRODUCER_WAIT=spin|hint)
   uint32_t slot_bytes = 0, scales_offset_in_slot = 0;

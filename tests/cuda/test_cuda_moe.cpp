@@ -494,21 +494,27 @@ TEST(FusedDecode, EdgesMatchReference) {
 
 // The one-launch decode's run-time variants (plan_fused_decode's knobs), each against the reference
 // on a layer whose blocks have more chunks than ring slots (1-unit chunks: many rounds per slot,
-// so the slot round tags, the producers' lockstep and the partial-row window all take part).
+// so the slot round tags, the producers' lockstep and the partial-row window all take part), and
+// the paired-unit loop on groups of 2, 3 and 4 units with chunks of 1, 3 and 8 units (chunks that
+// start and end inside a group).
 TEST(FusedDecode, RunTimeVariantsMatchReference) {
   TMOE_REQUIRE_GPU();
   struct Variant {
-    const char *producers, *producer_wait, *consumer_wait, *copy, *chunk_quads;
+    const char *producers, *producer_wait, *consumer_wait, *copy, *chunk_quads, *paired;
   };
-  for (const Variant& v : {Variant{"4", "spin", "spin", "bulk", "1"}, Variant{"1", "spin", "spin", "bulk", "1"},
-                           Variant{"2", "hint", "hint", "cp", "1"}, Variant{"4", "hint", "sleep", "bulk", "2"},
-                           Variant{"4", "spin", "spin", "cp", "8"}}) {
+  for (const Variant& v :
+       {Variant{"4", "spin", "spin", "bulk", "1", "0"}, Variant{"1", "spin", "spin", "bulk", "1", "1"},
+        Variant{"2", "hint", "hint", "cp", "1", "0"}, Variant{"4", "hint", "sleep", "bulk", "2", "0"},
+        Variant{"4", "spin", "spin", "cp", "8", "1"}, Variant{"4", "spin", "spin", "bulk", "3", "1"}}) {
     SCOPED_TRACE(std::string("producers ") + v.producers + ", producer wait " + v.producer_wait + ", consumer wait " +
-                 v.consumer_wait + ", copy " + v.copy + ", chunk quads " + v.chunk_quads);
+                 v.consumer_wait + ", copy " + v.copy + ", chunk quads " + v.chunk_quads + ", paired " + v.paired);
     const ScopedEnv e1("TMOE_FUSED_PRODUCERS", v.producers), e2("TMOE_FUSED_PRODUCER_WAIT", v.producer_wait),
-        e3("TMOE_FUSED_WAIT", v.consumer_wait), e4("TMOE_FUSED_COPY", v.copy), e5("TMOE_FUSED_CHUNK_QUADS", v.chunk_quads);
+        e3("TMOE_FUSED_WAIT", v.consumer_wait), e4("TMOE_FUSED_COPY", v.copy), e5("TMOE_FUSED_CHUNK_QUADS", v.chunk_quads),
+        e6("TMOE_FUSED_PAIRED", v.paired);
     check_one_launch({.H = 1024, .I = 1536, .E = 16, .k = 8, .group = 128});
     check_one_launch({.H = 208, .I = 144, .E = 16, .k = 16, .group = 48, .routing = RoutingKind::some_minus});
+    // Groups of 3 units (a pair and one), 4 units and partial last groups (K = 1088, 704).
+    check_one_launch({.H = 1088, .I = 704, .E = 8, .k = 4, .group = 192, .down_group = 256});
   }
 }
 

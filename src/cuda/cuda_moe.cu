@@ -97,6 +97,7 @@ struct CudaMoe::Impl {
   int64_t bytes = 0;
   // The one-launch decode's plan per top_k (index top_k; 0 unused), made at upload.
   FusedDecodePlan fused[kFusedMaxSlots + 1];
+  PassTraceSink trace;  // where its blocks record in -DTMOE_PASS_TRACE=1 builds (pass_trace.hpp)
 
   ~Impl() {
     for (void* p : owned) cudaFree(p);
@@ -255,6 +256,7 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
     // Less the kernel's static shared memory (the slot tables: well under 1 KB).
     const size_t budget = static_cast<size_t>(shared_optin) - 1024;
     prepare_fused_decode(budget);
+    m.trace = pass_trace_sink();
     for (int k = 1; k <= kFusedMaxSlots; ++k)
       m.fused[k] = plan_fused_decode(m.gate_pass, m.up_pass, m.down_pass, k, m.occupancy.sms, budget);
   }
@@ -364,6 +366,7 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
     a.out_dtype = b.out_dtype;
     a.h = at_f(f.h);
     a.arrivals = r.counters;
+    a.trace = m.trace;
     launch_fused_decode(a, m.fused[b.top_k], stream);
     return;
   }

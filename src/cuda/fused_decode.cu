@@ -10,6 +10,7 @@
 #include "grouped/gemm_common.cuh"
 #include "grouped/wgmma.cuh"
 #include "launch.hpp"
+#include "pass_trace.cuh"
 #include "staging.cuh"
 #include "tmoe/error.hpp"
 
@@ -194,6 +195,8 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const
   // of round r - 1 (the slot's previous chunk, another warp's) may not have completed yet.
   __shared__ int slot_round[kFusedMaxRingSlots];
   extern __shared__ __align__(128) uint8_t smem[];
+  BlockTrace phase_a_trace, phase_b_trace;  // thread 0's (a consumer's) view; -DTMOE_PASS_TRACE=1 only
+  phase_a_trace.mark(0);
   allow_dependents();
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + a.layout.bars_offset);
   uint64_t* empty = full + a.layout.ring_slots;
@@ -313,6 +316,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const
     }
   }
   wg::sync_threads(kConsumerThreads);
+  phase_a_trace.mark(1);
 
   // Where a warp's chunk i sits: its ring slot and round (the slot barrier's phase) and its partial
   // row, stepped by the warp's stride without divisions.
@@ -424,11 +428,15 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const
 
   // --- every block's h is written: stage down's activations (h * su of each slot) and sv.
   wg::sync_threads(kConsumerThreads);
+  phase_a_trace.mark(2);
   if (threadIdx.x == 0) arrive_and_wait_all(a.arrivals);
   wg::sync_threads(kConsumerThreads);
+  phase_a_trace.write(2, a.trace);
+  phase_b_trace.mark(0);
   if (work.pairs == 0) {  // no routed slot: the output is zero
     for (int n = work.b0 * kTileDim + threadIdx.x; n < work.b1 * kTileDim; n += kConsumerThreads)
       store_from_float(a.out, n, a.out_dtype, 0.0f);
+    phase_b_trace.write(3, a.trace);
     return;
   }
   const int tk_b = static_cast<int>(a.proj[2].w.tiles_k());
@@ -442,9 +450,15 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1) fused_decode_kernel(const
     sv[t] = half_bits_to_float(a.proj[2].w.sv[static_cast<int64_t>(slot_expert[p]) * H + j * kTileDim + n]);
   }
   wg::sync_threads(kConsumerThreads);
+  phase_b_trace.mark(1);
   const int first_b = work.na + ((warp - work.na % kFusedConsumerWarps) + kFusedConsumerWarps) % kFusedConsumerWarps;
   at = position_of(first_b);
   for (int i = first_b; i < total_chunks; i += kFusedConsumerWarps, step(at)) consume(i, at);
+  if constexpr (kPassTrace) {  // the block's end: every consumer's last chunk
+    phase_b_trace.mark(2);
+    wg::sync_threads(kConsumerThreads);
+    phase_b_trace.write(3, a.trace);
+  }
 #endif
 }
 

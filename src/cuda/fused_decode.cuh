@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <string>
 
+#include "pass_trace.hpp"
 #include "projection.cuh"
 
 namespace tmoe::cuda {
@@ -91,6 +92,7 @@ struct FusedDecodeArgs {
   DType out_dtype = DType::f32;
   float* h = nullptr;           // [top_k][I] workspace
   int32_t* arrivals = nullptr;  // one counter, zeroed by the routing kernel before this kernel uses it
+  PassTraceSink trace;          // -DTMOE_PASS_TRACE=1 builds: the blocks' timelines (passes 2 and 3)
   FusedLayout layout;
 };
 

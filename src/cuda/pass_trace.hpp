@@ -1,5 +1,6 @@
 // A timeline of the tensor-core decode passes, for latency work (issue #4: qwen3's 1-token forward
-// against 12 us): in a build with -DTMOE_PASS_TRACE=1 every block of mma_projection_kernel records
+// against 12 us): in a build with -DTMOE_PASS_TRACE=1 every block of mma_projection_kernel (and of
+// the one-launch decode, fused_decode.cuh: passes 2 and 3 below) records
 // when it started, finished staging, finished its main loops and ended (%globaltimer, ns, thread
 // 0's view), on which SM, and which pass, block and grid it was. ncu times kernels one at a time;
 // this shows a graph replay as it runs: waves, tails, and how the passes overlap through
@@ -24,10 +25,19 @@ inline constexpr uint32_t kPassTraceCapacity = 1u << 18;
 struct PassTraceRecord {
   uint64_t begin = 0, staged = 0, looped = 0, end = 0;  // ns; staged = looped = begin for empty blocks
   uint32_t sm = 0;
-  uint32_t pass = 0;    // 0: gate+up, 1: down
+  uint32_t pass = 0;    // 0: gate+up, 1: down; the one-launch decode: 2 its phase A (begin, x staged,
+                        // gate/up chunks done, grid-wide arrival passed), 3 its phase B (arrival
+                        // passed, h staged, thread 0's down chunks done, the block's end)
   uint32_t block = 0;   // linear block index in its grid (x fastest)
   uint32_t blocks = 0;  // blocks in its grid
 };
+
+// Where kernels write their records (device pointers; null when the build does not record).
+struct PassTraceSink {
+  PassTraceRecord* records = nullptr;
+  unsigned long long* count = nullptr;
+};
+PassTraceSink pass_trace_sink();
 
 // Whether this build records (-DTMOE_PASS_TRACE=1).
 bool pass_trace_built();

@@ -7,7 +7,7 @@
 
 #include "cuda_check.hpp"
 #include "fragment_decode.cuh"
-#include "pass_trace.hpp"
+#include "pass_trace.cuh"
 #include "projection.cuh"
 #include "staging.cuh"
 #include "tmoe/error.hpp"
@@ -563,37 +563,9 @@ void raise_shared_limit() {
 // The pass trace (pass_trace.hpp): nothing unless -DTMOE_PASS_TRACE=1.
 __device__ PassTraceRecord g_pass_trace[kPassTrace ? kPassTraceCapacity : 1];
 __device__ unsigned long long g_pass_trace_count;
-
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Thread 0's marks of one block: 0 begin, 1 staged, 2 main loops done; write() adds the end.
-struct BlockTrace {
-  uint64_t t[3] = {0, 0, 0};
-  __device__ __forceinline__ void mark(int i) {
-    if constexpr (kPassTrace)
-      if (threadIdx.x == 0) t[i] = global_ns();
-  }
-  __device__ __forceinline__ void write(int pass) const {
-    if constexpr (kPassTrace) {
-      if (threadIdx.x != 0) return;
-      PassTraceRecord r;
-      r.end = global_ns();
-      r.begin = t[0];
-      r.staged = t[1] ? t[1] : r.begin;
-      r.looped = t[2] ? t[2] : r.staged;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(r.sm));
-      r.pass = static_cast<uint32_t>(pass);
-      r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-      r.blocks = gridDim.x * gridDim.y * gridDim.z;
-      const unsigned long long i = atomicAdd(&g_pass_trace_count, 1ull);
-      if (i < kPassTraceCapacity) g_pass_trace[i] = r;
-    }
-  }
-};
+// The projection kernels' sink: the symbols themselves (the one-launch decode, another translation
+// unit, gets their addresses from pass_trace_sink()).
+__device__ __forceinline__ PassTraceSink projection_trace_sink() { return {g_pass_trace, &g_pass_trace_count}; }
 
 // ---------------------------------------------------------------------------------------------
 // The tensor-core kernel (affine grids; see projection.cuh).
@@ -888,7 +860,7 @@ mma_projection_kernel(const __grid_constant__ PassArgs a) {
   const int pass = a.nproj == 2 ? 0 : 1;
   __shared__ PassItem item;
   if (!begin_pass_block(a, item)) {
-    trace.write(pass);
+    trace.write(pass, projection_trace_sink());
     return;
   }
   const int item_index = blockIdx.x;
@@ -902,7 +874,7 @@ mma_projection_kernel(const __grid_constant__ PassArgs a) {
       default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
     }
   }
-  trace.write(pass);
+  trace.write(pass, projection_trace_sink());
 }
 
 template <int CB, bool QUAD_GROUPS, int BITS>
@@ -957,6 +929,15 @@ void prepare_projection_kernels() {
 }
 
 bool pass_trace_built() { return kPassTrace; }
+
+PassTraceSink pass_trace_sink() {
+  PassTraceSink sink;
+  if constexpr (kPassTrace) {
+    TMOE_CUDA_CHECK(cudaGetSymbolAddress(reinterpret_cast<void**>(&sink.records), g_pass_trace));
+    TMOE_CUDA_CHECK(cudaGetSymbolAddress(reinterpret_cast<void**>(&sink.count), g_pass_trace_count));
+  }
+  return sink;
+}
 
 void pass_trace_begin() {
   if constexpr (kPassTrace) {

@@ -482,9 +482,12 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   const int64_t G = sms;
   const int64_t tn_i = I / kTileDim, tn_h = H / kTileDim;
   const int64_t quads_a = gate.w.quads, quads_b = down.w.quads;
-  // Units per chunk: kFusedChunkQuads, or TMOE_FUSED_CHUNK_QUADS (1..16) for A/B timing.
+  // Units per chunk: kFusedChunkQuads, or TMOE_FUSED_CHUNK_QUADS (1..16) for A/B timing. (16 died
+  // with "unspecified launch failure" on mixtral in session 13, probably the round race fixed in
+  // session 14: its ring of ~12 slots, fewer than the consumer warps, made a consumer's wait on
+  // the parity of a slot whose previous chunk had not even been issued routine.)
   int chunk_quads = kFusedChunkQuads;
-  if (const char* knob = std::getenv("TMOE_FUSED_CHUNK_QUADS")) chunk_quads = std::clamp(std::atoi(knob), 1, 8);
+  if (const char* knob = std::getenv("TMOE_FUSED_CHUNK_QUADS")) chunk_quads = std::clamp(std::atoi(knob), 1, 16);
   // Copies: bulk copies (TMOE_FUSED_COPY=bulk, the default) or cp.async (=cp) for A/B timing.
   const char* copy_knob = std::getenv("TMOE_FUSED_COPY");
   plan.layout.bulk_copies = !(copy_knob != nullptr && std::string(copy_knob) == "cp");
@@ -539,7 +542,10 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   const size_t per_slot = slot_bytes + 16 + kTileDim * 4 + 4;
   if (max_shared <= fixed + 8 * per_slot) return no("staged activations leave too little shared memory for a ring");
   // A multiple of the producers, so that each ring slot is one producer's.
-  const int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot)) / producers * producers;
+  int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot));
+  // TMOE_FUSED_RING_SLOTS=N: at most N slots (tests: rings smaller than the consumer warps).
+  if (const char* knob = std::getenv("TMOE_FUSED_RING_SLOTS")) slots = std::clamp(std::atoi(knob), producers, slots);
+  slots = slots / producers * producers;
   FusedLayout& l = plan.layout;
   l.ring_slots = slots;
   l.producer_warps = producers;

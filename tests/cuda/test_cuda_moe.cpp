@@ -500,17 +500,21 @@ TEST(FusedDecode, EdgesMatchReference) {
 TEST(FusedDecode, RunTimeVariantsMatchReference) {
   TMOE_REQUIRE_GPU();
   struct Variant {
-    const char *producers, *producer_wait, *consumer_wait, *copy, *chunk_quads, *paired;
+    const char *producers, *producer_wait, *consumer_wait, *copy, *chunk_quads, *paired, *ring;
   };
   for (const Variant& v :
-       {Variant{"4", "spin", "spin", "bulk", "1", "0"}, Variant{"1", "spin", "spin", "bulk", "1", "1"},
-        Variant{"2", "hint", "hint", "cp", "1", "0"}, Variant{"4", "hint", "sleep", "bulk", "2", "0"},
-        Variant{"4", "spin", "spin", "cp", "8", "1"}, Variant{"4", "spin", "spin", "bulk", "3", "1"}}) {
+       {Variant{"4", "spin", "spin", "bulk", "1", "0", "128"}, Variant{"1", "spin", "spin", "bulk", "1", "1", "128"},
+        Variant{"2", "hint", "hint", "cp", "1", "0", "128"}, Variant{"4", "hint", "sleep", "bulk", "2", "0", "128"},
+        Variant{"4", "spin", "spin", "cp", "8", "1", "128"}, Variant{"4", "spin", "spin", "bulk", "3", "1", "128"},
+        // Rings smaller than the consumer warps (a warp's slot's previous chunk often not yet issued).
+        Variant{"4", "spin", "spin", "bulk", "16", "1", "8"}, Variant{"2", "hint", "spin", "cp", "1", "0", "4"},
+        Variant{"1", "spin", "spin", "bulk", "4", "0", "8"}}) {
     SCOPED_TRACE(std::string("producers ") + v.producers + ", producer wait " + v.producer_wait + ", consumer wait " +
-                 v.consumer_wait + ", copy " + v.copy + ", chunk quads " + v.chunk_quads + ", paired " + v.paired);
+                 v.consumer_wait + ", copy " + v.copy + ", chunk quads " + v.chunk_quads + ", paired " + v.paired +
+                 ", ring at most " + v.ring);
     const ScopedEnv e1("TMOE_FUSED_PRODUCERS", v.producers), e2("TMOE_FUSED_PRODUCER_WAIT", v.producer_wait),
         e3("TMOE_FUSED_WAIT", v.consumer_wait), e4("TMOE_FUSED_COPY", v.copy), e5("TMOE_FUSED_CHUNK_QUADS", v.chunk_quads),
-        e6("TMOE_FUSED_PAIRED", v.paired);
+        e6("TMOE_FUSED_PAIRED", v.paired), e7("TMOE_FUSED_RING_SLOTS", v.ring);
     check_one_launch({.H = 1024, .I = 1536, .E = 16, .k = 8, .group = 128});
     check_one_launch({.H = 208, .I = 144, .E = 16, .k = 16, .group = 48, .routing = RoutingKind::some_minus});
     // Groups of 3 units (a pair and one), 4 units and partial last groups (K = 1088, 704).

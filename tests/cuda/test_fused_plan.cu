@@ -11,8 +11,9 @@
 // The chunk hand-over between warps (partial rows, unit counters: shared memory written and read
 // around an atomic counter, which compute-sanitizer's racecheck cannot follow) is replayed on the
 // host with the kernel's own work split (BlockWork, describe_chunk) under random interleavings of
-// the producer and the consumer warps: no partial row or unit counter is reused before its unit is
-// finished, every unit is finished once, and nothing deadlocks.
+// the producer warps (in lockstep) and the consumer warps, rings smaller than the consumers too:
+// no partial row or unit counter is reused before its unit is finished, every unit is finished
+// once, and nothing deadlocks.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -211,28 +212,33 @@ TEST(FusedDecodePlan, ChunkHandOverReplays) {
   };
   uint64_t seed = 1;
   for (const Shape& s : {Shape{2048, 768, 8, 8}, Shape{4096, 14336, 2, 8}, Shape{208, 144, 16, 1},
-                         Shape{512, 256, 8, 4}, Shape{7168, 2048, 8, 8}}) {
+                         Shape{512, 256, 8, 4}, Shape{7168, 2048, 8, 8}, Shape{4096, 14336, 2, 16}}) {
     SCOPED_TRACE("H=" + std::to_string(s.H) + " I=" + std::to_string(s.I) + " k=" + std::to_string(s.k));
     const Layer l = layer(s.H, s.I);
     // The chunk size knob (TMOE_FUSED_CHUNK_QUADS) as the plan reads it: small chunks give units of
     // more chunks than the ring has slots.
     setenv("TMOE_FUSED_CHUNK_QUADS", std::to_string(s.chunk_quads).c_str(), 1);
-    for (int producers : {1, 2, 4}) {
-      SCOPED_TRACE("producers " + std::to_string(producers));
-      setenv("TMOE_FUSED_PRODUCERS", std::to_string(producers).c_str(), 1);
-      const cuda::FusedDecodePlan plan = cuda::plan_fused_decode(l.gate, l.up, l.down, s.k, 132, kH100Shared);
-      ASSERT_TRUE(plan.ok) << plan.why;
-      ASSERT_EQ(plan.layout.chunk_quads, s.chunk_quads);
-      ASSERT_EQ(plan.layout.producer_warps, producers);
-      cuda::FusedDecodeArgs a;
-      a.layout = plan.layout;
-      a.proj[0] = l.gate;
-      a.proj[1] = l.up;
-      a.proj[2] = l.down;
-      for (int routed : {0, 1, s.k})
-        for (int block : {0, 1, 65, 131})
-          for (int round = 0; round < 3; ++round) replay_block(a, routed, block, 132, seed++);
-    }
+    // Rings of every size the plan gives, and (TMOE_FUSED_RING_SLOTS) smaller than the consumer warps.
+    for (int producers : {1, 2, 4})
+      for (int ring_cap : {0, 4, 12}) {
+        SCOPED_TRACE("producers " + std::to_string(producers) + ", ring cap " + std::to_string(ring_cap));
+        setenv("TMOE_FUSED_PRODUCERS", std::to_string(producers).c_str(), 1);
+        if (ring_cap > 0) setenv("TMOE_FUSED_RING_SLOTS", std::to_string(ring_cap).c_str(), 1);
+        const cuda::FusedDecodePlan plan = cuda::plan_fused_decode(l.gate, l.up, l.down, s.k, 132, kH100Shared);
+        unsetenv("TMOE_FUSED_RING_SLOTS");
+        ASSERT_TRUE(plan.ok) << plan.why;
+        ASSERT_EQ(plan.layout.chunk_quads, s.chunk_quads);
+        ASSERT_EQ(plan.layout.producer_warps, producers);
+        if (ring_cap > 0) ASSERT_EQ(plan.layout.ring_slots, ring_cap / producers * producers);
+        cuda::FusedDecodeArgs a;
+        a.layout = plan.layout;
+        a.proj[0] = l.gate;
+        a.proj[1] = l.up;
+        a.proj[2] = l.down;
+        for (int routed : {0, 1, s.k})
+          for (int block : {0, 1, 65, 131})
+            for (int round = 0; round < 2; ++round) replay_block(a, routed, block, 132, seed++);
+      }
     unsetenv("TMOE_FUSED_PRODUCERS");
     unsetenv("TMOE_FUSED_CHUNK_QUADS");
   }

@@ -68,46 +68,36 @@ __device__ __forceinline__ float2 consume_chunk(const uint32_t* words, const uin
     }
   };
   const int quads = (kt_end - kt_begin + kQuadTiles - 1) / kQuadTiles;
-  if constexpr (QUAD_GROUPS && PAIRED) {
+  if constexpr (QUAD_GROUPS) {
+    // Group by group: the chunk's `run` units of the group, then its flush.
     const int quads_per_group = tiles_per_group / kQuadTiles;
     const int quad0 = kt_begin / kQuadTiles;
-    int u = 0, run = min(quads, quads_per_group - quad0 % quads_per_group);  // the chunk's units of this group
+    int u = 0, run = min(quads, quads_per_group - quad0 % quads_per_group);
     while (u < quads) {
-      float other[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const int end = u + run;
-      for (; u + 1 < end; u += 2) {
-        uint32_t first[16], second[16];
-        unit_pairs(u, first);
-        unit_pairs(u + 1, second);
-        unit_products(u, first, acc);
-        unit_products(u + 1, second, other);
-        sum += quad_sums[quad0 + u] + quad_sums[quad0 + u + 1];
+      float other[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // PAIRED: the second unit's products
+      if constexpr (PAIRED) {
+        for (; u + 1 < end; u += 2) {
+          uint32_t first[16], second[16];
+          unit_pairs(u, first);
+          unit_pairs(u + 1, second);
+          unit_products(u, first, acc);
+          unit_products(u + 1, second, other);
+          sum += quad_sums[quad0 + u] + quad_sums[quad0 + u + 1];
+        }
       }
-      if (u < end) {
+      for (; u < end; ++u) {  // PAIRED: the group's odd unit, if any
         uint32_t pairs[16];
         unit_pairs(u, pairs);
         unit_products(u, pairs, acc);
         sum += quad_sums[quad0 + u];
-        ++u;
       }
+      if constexpr (PAIRED) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] += other[j];
+        for (int j = 0; j < 4; ++j) acc[j] += other[j];
+      }
       flush();
       run = min(quads - u, quads_per_group);
-    }
-  } else if constexpr (QUAD_GROUPS) {
-    const int quads_per_group = tiles_per_group / kQuadTiles;
-    const int quad0 = kt_begin / kQuadTiles;
-    int left = quads_per_group - quad0 % quads_per_group;
-    for (int u = 0; u < quads; ++u) {
-      uint32_t pairs[16];
-      unit_pairs(u, pairs);
-      unit_products(u, pairs, acc);
-      sum += quad_sums[quad0 + u];
-      if (--left == 0 || u + 1 == quads) {
-        flush();
-        left = quads_per_group;
-      }
     }
   } else {
     int left = tiles_per_group - kt_begin % tiles_per_group;

@@ -9,6 +9,7 @@
 #include "fused_decode.cuh"
 #include "grouped/gemm_common.cuh"
 #include "grouped/wgmma.cuh"
+#include "knobs.hpp"
 #include "launch.hpp"
 #include "pass_trace.cuh"
 #include "staging.cuh"
@@ -476,25 +477,22 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
   // with "unspecified launch failure" on mixtral in session 13, probably the round race fixed in
   // session 14: its ring of ~12 slots, fewer than the consumer warps, made a consumer's wait on
   // the parity of a slot whose previous chunk had not even been issued routine.)
-  int chunk_quads = kFusedChunkQuads;
-  if (const char* knob = std::getenv("TMOE_FUSED_CHUNK_QUADS")) chunk_quads = std::clamp(std::atoi(knob), 1, 16);
+  const int chunk_quads = static_cast<int>(std::clamp<int64_t>(env_knob("TMOE_FUSED_CHUNK_QUADS", kFusedChunkQuads), 1, 16));
   // Copies: bulk copies (TMOE_FUSED_COPY=bulk, the default) or cp.async (=cp) for A/B timing.
-  const char* copy_knob = std::getenv("TMOE_FUSED_COPY");
-  plan.layout.bulk_copies = !(copy_knob != nullptr && std::string(copy_knob) == "cp");
+  plan.layout.bulk_copies = env_choice("TMOE_FUSED_COPY", {"bulk", "cp"}, 0) == 0;
   // Consumer waits: polling (TMOE_FUSED_WAIT=spin, the default), try_wait with a 100 ns hint (=hint)
   // or plain try_wait (=sleep), for A/B timing (notes-cuda.md "v18").
-  if (const char* wait_knob = std::getenv("TMOE_FUSED_WAIT"))
-    plan.layout.consumer_wait = std::string(wait_knob) == "hint" ? 1 : std::string(wait_knob) == "sleep" ? 2 : 0;
+  plan.layout.consumer_wait = env_choice("TMOE_FUSED_WAIT", {"spin", "hint", "sleep"}, 0);
   // Producers' waits for a free slot: polling (TMOE_FUSED_PRODUCER_WAIT=spin, the default) or
   // try_wait with a 200 ns hint (=hint): on H100 the producers' polls were 16% of a mixtral
   // forward's instructions (notes-cuda.md "v19"). For A/B timing; not yet timed.
-  if (const char* knob = std::getenv("TMOE_FUSED_PRODUCER_WAIT")) plan.layout.producer_wait = std::string(knob) == "hint" ? 1 : 0;
+  plan.layout.producer_wait = env_choice("TMOE_FUSED_PRODUCER_WAIT", {"spin", "hint"}, 0);
   // The consumers' loop with a group's units in pairs (TMOE_FUSED_PAIRED=1; groups of whole units only).
-  if (const char* knob = std::getenv("TMOE_FUSED_PAIRED")) plan.layout.paired_units = std::string(knob) == "1" ? 1 : 0;
+  plan.layout.paired_units = env_choice("TMOE_FUSED_PAIRED", {"0", "1"}, 0);
   // Producer warps: kFusedDefaultProducerWarps, or TMOE_FUSED_PRODUCERS (1, 2 or 4: a divisor of
   // the consumer warps, see the consumers' ring position) for A/B timing.
-  int producers = kFusedDefaultProducerWarps;
-  if (const char* knob = std::getenv("TMOE_FUSED_PRODUCERS")) producers = std::atoi(knob) >= 4 ? 4 : std::atoi(knob) >= 2 ? 2 : 1;
+  const int64_t producers_knob = env_knob("TMOE_FUSED_PRODUCERS", kFusedDefaultProducerWarps);
+  const int producers = producers_knob >= 4 ? 4 : producers_knob >= 2 ? 2 : 1;
   const int drift = fused_producer_drift(producers);
   const int64_t chunks_a = (quads_a + chunk_quads - 1) / chunk_quads;
   const int64_t chunks_b = (quads_b + chunk_quads - 1) / chunk_quads;
@@ -531,10 +529,10 @@ FusedDecodePlan plan_fused_decode(const PassProjection& gate, const PassProjecti
                        (drift + 1) * 4 + 512;
   const size_t per_slot = slot_bytes + 16 + kTileDim * 4 + 4;
   if (max_shared <= fixed + 8 * per_slot) return no("staged activations leave too little shared memory for a ring");
-  // A multiple of the producers, so that each ring slot is one producer's.
   int slots = static_cast<int>(std::min<size_t>(kFusedMaxRingSlots, (max_shared - fixed) / per_slot));
   // TMOE_FUSED_RING_SLOTS=N: at most N slots (tests: rings smaller than the consumer warps).
-  if (const char* knob = std::getenv("TMOE_FUSED_RING_SLOTS")) slots = std::clamp(std::atoi(knob), producers, slots);
+  slots = static_cast<int>(std::clamp<int64_t>(env_knob("TMOE_FUSED_RING_SLOTS", slots), producers, slots));
+  // A multiple of the producers, so that each ring slot is one producer's.
   slots = slots / producers * producers;
   FusedLayout& l = plan.layout;
   l.ring_slots = slots;

@@ -10,6 +10,7 @@
 
 #include "cuda/grouped/gemm_common.cuh"
 #include "cuda/grouped/wgmma.cuh"
+#include "cuda/knobs.hpp"
 
 namespace tmoe::cuda::grouped {
 namespace {
@@ -348,13 +349,6 @@ __global__ void __launch_bounds__(wg_threads(PRODUCER), 1)
 #endif
 }
 
-// A wgmma kernel knob: the build's value (-Dname=N), overridden by the environment variable of the
-// same name, so that one build tests and times every setting.
-int64_t wgmma_knob(const char* name, int64_t build_value) {
-  if (const char* env = std::getenv(name)) return std::atoll(env);
-  return build_value;
-}
-
 // f(std::true_type{}) or f(std::false_type{}): a run-time flag as a compile-time one.
 template <typename F>
 void with_bool(bool flag, F&& f) {
@@ -432,12 +426,12 @@ bool wgmma_kernel_built() {
 // Token tile of the wgmma kernel: 256 from TMOE_WGMMA_TILE256_MIN_ROWS average rows per expert
 // (0: never), else 128.
 int wgmma_tokens(const GroupedMoeArgs& a) {
-  const int64_t min_rows = wgmma_knob("TMOE_WGMMA_TILE256_MIN_ROWS", kWgTile256MinRows);
+  const int64_t min_rows = env_knob("TMOE_WGMMA_TILE256_MIN_ROWS", kWgTile256MinRows);
   return min_rows > 0 && a.tokens * a.top_k >= min_rows * a.gate.experts ? 256 : 128;
 }
 // Whether the wgmma kernel runs with a producer warpgroup (PRODUCER) / loads X by TMA (TMA_X).
-bool wgmma_producer() { return wgmma_knob("TMOE_WGMMA_PRODUCER", kWgProducerDefault) != 0; }
-bool wgmma_tma_x() { return wgmma_knob("TMOE_WGMMA_TMA_X", kWgTmaXDefault) != 0; }
+bool wgmma_producer() { return env_knob("TMOE_WGMMA_PRODUCER", kWgProducerDefault) != 0; }
+bool wgmma_tma_x() { return env_knob("TMOE_WGMMA_TMA_X", kWgTmaXDefault) != 0; }
 
 void launch_gemm_wgmma(const GemmParams& p, int num_proj, int tokens, int64_t max_items, int64_t a_rows,
                        cudaStream_t stream) {

@@ -25,6 +25,7 @@
 
 #include "cuda/grouped/gemm_common.cuh"
 #include "cuda/grouped/grouped_moe.cuh"
+#include "cuda/knobs.hpp"
 #include "tmoe/error.hpp"
 #include "tmoe/trellis_decode.hpp"
 
@@ -244,9 +245,10 @@ bool use_wgmma(const GroupedMoeArgs& a) {
   if (any_hadamard(a)) return false;
   GroupedKernel choice = a.kernel;
   if (choice == GroupedKernel::automatic) {
-    if (const char* env = std::getenv("TMOE_GROUPED_KERNEL")) {
-      if (std::string(env) == "mma") choice = GroupedKernel::mma_sync;
-      if (std::string(env) == "wgmma") choice = GroupedKernel::wgmma;
+    switch (env_choice("TMOE_GROUPED_KERNEL", {"mma", "wgmma"}, -1)) {
+      case 0: choice = GroupedKernel::mma_sync; break;
+      case 1: choice = GroupedKernel::wgmma; break;
+      default: break;
     }
   }
   if (choice == GroupedKernel::mma_sync || !wgmma_kernel_built()) return false;

@@ -26,8 +26,8 @@ constexpr int kConsumerThreads = kFusedConsumerWarps * 32;
 // the lanes with tq == 0, the accumulator columns of the hi and lo halves of the one activation
 // row): the sum over its k-tiles of scale * (grid index . x), the affine term added per scale group
 // (projection.cu's flush), from the group's activation sums accumulated along the way so that a
-// chunk may start or end inside a group. QUAD_GROUPS (groups of whole units, e.g. 128): one group
-// test and one sum per unit; the padded k-tiles of a last partial unit have zero activations and
+// chunk may start or end inside a group. QUAD_GROUPS (groups of whole units, e.g. 128): the chunk's
+// units of each group with no test between them, one sum per unit; the padded k-tiles of a last partial unit have zero activations and
 // sums, so every unit runs its 4 mma unchecked. Otherwise (groups of 16, 48, ...) a flush test per
 // k-tile, and the last unit stops at the chunk's last real k-tile (its group's scale row is the
 // chunk's last one). (The first version tested both per k-tile everywhere: 197 SASS instructions

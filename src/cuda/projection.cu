@@ -150,9 +150,28 @@ inline constexpr int kSplitLoadBatch = TMOE_SPLIT_LOAD_BATCH;
 #endif
 inline constexpr bool kPrefetchSv = TMOE_FINISH_SV_PREFETCH != 0;
 
-// The finishing block's work for finish group fg (see finish_if_last).
+// A down pass of one K split whose finish group is one block's columns needs no partial sums in
+// global memory and no counter: the block holds every sum of its outputs, so it writes them into
+// its finish rows and finishes at once (mma_projection_block). That takes the partial stores, a
+// fence, the counter's atomic and the partial loads (three dependent L2 round trips) off every
+// block's end; qwen3 4-64 tokens, deepseek, glm 2-64 tokens plan such passes (pass_plan.cu).
+// -DTMOE_SINGLE_SPLIT_FINISH=0 sends them through the counter, for A/B runs.
+#ifndef TMOE_SINGLE_SPLIT_FINISH
+#define TMOE_SINGLE_SPLIT_FINISH 1
+#endif
+inline constexpr bool kSingleSplitFinish = TMOE_SINGLE_SPLIT_FINISH != 0;
+
+// One split and one block per finish group (kSingleSplitFinish): the sums stay in the block. (Read
+// from the kernel parameters where it is needed: a flag kept over the main loop costs registers.)
+__device__ __forceinline__ bool finishes_in_block(const PassArgs& a) {
+  return kSingleSplitFinish && a.nproj == 1 && a.k_splits == 1 && a.finish_groups_cols == kMmaColsPerBlock;
+}
+
+// The finishing block's work for finish group fg (see finish_if_last). sums_in_finish: the block
+// already wrote the group's sums (times the Hadamard norm) into `finish`, so there are no splits
+// to load.
 __device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& item, int rows, int fg,
-                                             float* finish) {
+                                             float* finish, bool sums_in_finish = false) {
   const int expert = item.expert, first = item.first, count = item.count;
   const int64_t N = a.proj[0].w.N;
   const int64_t col0 = static_cast<int64_t>(fg) * a.finish_groups_cols;
@@ -174,7 +193,7 @@ __device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& 
   // and the outputs below take the first count rows.
   const int quads_per_row = cols / 4;
   const int64_t split_stride = a.pairs * N / 4;  // float4s between one split's partial sums and the next's
-  for (int i = threadIdx.x; i < a.nproj * count * quads_per_row; i += blockDim.x) {
+  for (int i = threadIdx.x; !sums_in_finish && i < a.nproj * count * quads_per_row; i += blockDim.x) {
     const int pr = i / (count * quads_per_row), rest = i - pr * count * quads_per_row;
     const int t = rest / quads_per_row, q = rest - t * quads_per_row;
     const float4* src = reinterpret_cast<const float4*>(
@@ -219,24 +238,28 @@ __device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& 
 // in order, applies the output Hadamard and sv, and SwiGLU for gate+up; on the down pass it also
 // combines the tokens it completes (pass_routing.cuh). `finish` holds
 // [2][rows][finish_groups_cols] floats (it may alias the block's other shared data: the first
-// barrier here orders it after their last use).
+// barrier here orders it after their last use). in_block (finishes_in_block): the block wrote its
+// sums into `finish` instead, and finishes without the counter.
 __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index, const PassItem& item, int rows,
-                                               int col_group, int cols_per_block, float* finish, int* flag) {
+                                               int col_group, int cols_per_block, float* finish, int* flag,
+                                               bool in_block = false) {
   const int groups_per_finish = a.finish_groups_cols / cols_per_block;
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
   wait_for_predecessor();  // the routing kernel zeroed the counters
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int arrivals = a.nproj * a.k_splits * fg_groups;
-    const int done = atomicAdd(&a.counters[static_cast<int64_t>(item_index) * a.num_finish_groups + fg], 1);
-    *flag = done == arrivals - 1;
+  if (!in_block) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int arrivals = a.nproj * a.k_splits * fg_groups;
+      const int done = atomicAdd(&a.counters[static_cast<int64_t>(item_index) * a.num_finish_groups + fg], 1);
+      *flag = done == arrivals - 1;
+    }
+    __syncthreads();
+    if (!*flag) return;
+    __threadfence();
   }
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-  finish_group(a, item, rows, fg, finish);
+  finish_group(a, item, rows, fg, finish, in_block);  // its first barrier publishes in-block sums
 }
 
 // The prologue of both pass kernels. Launched as dependents (launch.hpp), they let the next kernel
@@ -837,7 +860,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     for (; q0 < main_quads; q0 += kUnitsInFlight) ring_iteration(std::true_type{}, q0);
     // Partial sums of this split: rows tq + 4 c, columns n0 and n0 + 8.
 #pragma unroll
-    for (int c = 0; c < CB; ++c) {
+    for (int c = 0; !finishes_in_block(a) && c < CB; ++c) {
       const int t = c * kMmaRowsPerBlock + tq;
       if (t < count) {
         float* dst = a.partial + ((static_cast<int64_t>(p) * a.k_splits + split) * a.pairs + first + t) * N + n_tile * kTileDim + g;
@@ -847,7 +870,23 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     }
   }
   trace.mark(2);
-  finish_if_last(a, item_index, item, used_rows, col_group, kMmaColsPerBlock, finish, flag);
+  const bool in_block = finishes_in_block(a);
+  if (in_block) {
+    // Straight into the finish rows, as finish_group's split loop would have left them. They alias
+    // the staged activations and scales: every warp must be past its main loop first.
+    __syncthreads();
+    const float norm = w.hadamard ? rsqrtf(static_cast<float>(w.hadamard)) : 1.0f;
+#pragma unroll
+    for (int c = 0; c < CB; ++c) {
+      const int t = c * kMmaRowsPerBlock + tq;
+      if (active && t < count) {
+        float* dst = finish + t * a.finish_groups_cols + warp * kTileDim + g;
+        dst[0] = total[c][0] * pp.step * norm;
+        dst[8] = total[c][1] * pp.step * norm;
+      }
+    }
+  }
+  finish_if_last(a, item_index, item, used_rows, col_group, kMmaColsPerBlock, finish, flag, in_block);
 }
 
 // BITS: the bit width of every projection of the pass (one copy of the block in the kernel), or 0

@@ -135,6 +135,31 @@ TEST(PassPlan, WorkItems) {
       }
 }
 
+// Down passes that finish inside their blocks (one split, one block per finish group): the planner
+// prefers them over a split plan of the same waves, but not when their blocks would fill less than
+// half a wave (qwen3's down pass: K = 768, N = 2048). Gate+up passes always pass the counter, so
+// the rule never changes their plans.
+TEST(PassPlan, InBlockFinish) {
+  PassCase down;
+  down.w = projection(768, 2048);
+  down.w.experts = 128;
+  down.nproj = 1;
+  down.tokens_per_item = 2;  // 2 tokens: 16 items x 16 column groups, 256 blocks, 0.65 waves
+  down.busy = 16;
+  EXPECT_EQ(plan(down).k_splits, 1);
+  check_rules(down, plan(down));
+  down.tokens_per_item = 1;  // 1 token: 8 items, 128 blocks (3 per SM): 0.32 waves, so 3 splits
+  down.busy = 8;
+  EXPECT_EQ(plan(down).k_splits, 3);
+  check_rules(down, plan(down));
+  PassCase gate_up = down;  // qwen3's gate+up at 2 tokens keeps the plan it had: 2 splits
+  gate_up.w = projection(2048, 768);
+  gate_up.nproj = 2;
+  gate_up.tokens_per_item = 2;
+  gate_up.busy = 16;
+  EXPECT_EQ(plan(gate_up).k_splits, 2);
+}
+
 // The expected busy items (the planner's -DTMOE_PLANNER_EXPECTED_BUSY=1): top_k at one token, the
 // expected experts hit by uniform routing (qwen3 at 16 tokens: 128 (1 - (120/128)^16) = 82.4), at
 // least the full items' count, never more than the items or pairs; a Monte Carlo count of the experts

@@ -174,11 +174,18 @@ __device__ inline void combine_completed_tokens(const PassCombine& c, const Pass
   if (t < item.count) {
     token = item.pair[t] / top_k;
     routed = routed_slots(c, token, top_k);
-    if (cached)
-      for (int u = 0; u < top_k; ++u) {
-        slot_pos[t * kSlotLoadBatch + u] = c.inverse[token * top_k + u];
-        slot_prob[t * kSlotLoadBatch + u] = c.probs[token * top_k + u];
+    if (cached) {  // all loads out before the first store waits for one
+      int32_t pos[kSlotLoadBatch];
+      float prob[kSlotLoadBatch];
+#pragma unroll
+      for (int u = 0; u < kSlotLoadBatch; ++u) {
+        pos[u] = u < top_k ? c.inverse[token * top_k + u] : -1;
+        prob[u] = u < top_k ? c.probs[token * top_k + u] : 0.0f;
       }
+#pragma unroll
+      for (int u = 0; u < kSlotLoadBatch; ++u)
+        slot_pos[t * kSlotLoadBatch + u] = pos[u], slot_prob[t * kSlotLoadBatch + u] = prob[u];
+    }
   }
   __threadfence();  // this block's y is visible before its counts are
   __syncthreads();

@@ -153,53 +153,26 @@ __device__ inline void zero_unrouted_rows(const PassCombine& c, int top_k, int64
 // Called by every thread of a down-pass finishing block after it wrote y[first + t][col0 .. col0 +
 // cols) for its item's pairs: counts them per token and finish group, and the block completing a
 // token writes out[token][col0 .. col0 + cols) = sum over its slots j in order of probs * y[inverse].
-// The tokens it completes are combined together, one (token, column) per thread. With top_k <=
-// kSlotLoadBatch, each pair's lane copies its token's slot positions and router weights into
-// `slots` and counts its routed slots before the fence (they come from the routing kernel, long
-// done), so after the counter only the y loads are left: two dependent L2 round trips fewer on the
-// pass's last block. slots: 2 x item.count x kSlotLoadBatch words of shared memory that no other
-// thread uses from here on.
+// The tokens it completes are combined together, one (token, column) per thread.
 __device__ inline void combine_completed_tokens(const PassCombine& c, const PassItem& item, int top_k,
                                                 const float* y, int64_t H, int finish_group,
-                                                int num_finish_groups, int64_t col0, int cols, float* slots) {
+                                                int num_finish_groups, int64_t col0, int cols) {
   static_assert(kMaxPassItemPairs <= 32, "one lane per pair");
   __shared__ int complete[kMaxPassItemPairs];  // tokens this block completes, packed
-  __shared__ int complete_pair[kMaxPassItemPairs];  // the pair (t) whose slots `slots` holds
   __shared__ int num_complete;
-  int32_t* slot_pos = reinterpret_cast<int32_t*>(slots);  // [t][u]: pair t's token's slot u
-  float* slot_prob = slots + item.count * kSlotLoadBatch;
-  const bool cached = top_k <= kSlotLoadBatch;
-  const int t = threadIdx.x;
-  int token = -1, routed = 0;
-  if (t < item.count) {
-    token = item.pair[t] / top_k;
-    routed = routed_slots(c, token, top_k);
-    if (cached) {  // all loads out before the first store waits for one
-      int32_t pos[kSlotLoadBatch];
-      float prob[kSlotLoadBatch];
-#pragma unroll
-      for (int u = 0; u < kSlotLoadBatch; ++u) {
-        pos[u] = u < top_k ? c.inverse[token * top_k + u] : -1;
-        prob[u] = u < top_k ? c.probs[token * top_k + u] : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < kSlotLoadBatch; ++u)
-        slot_pos[t * kSlotLoadBatch + u] = pos[u], slot_prob[t * kSlotLoadBatch + u] = prob[u];
-    }
-  }
   __threadfence();  // this block's y is visible before its counts are
   __syncthreads();
-  if (t < 32) {  // one lane per pair: the atomics go out together
+  if (threadIdx.x < 32) {  // one lane per pair: the atomics go out together
+    const int t = threadIdx.x;
+    int token = -1;
     if (t < item.count) {
-      const int done = atomicAdd(&c.counters[static_cast<int64_t>(token) * num_finish_groups + finish_group], 1);
-      if (done != routed - 1) token = -1;
+      token = item.pair[t] / top_k;
+      const int done =
+          atomicAdd(&c.counters[static_cast<int64_t>(token) * num_finish_groups + finish_group], 1);
+      if (done != routed_slots(c, token, top_k) - 1) token = -1;
     }
     const unsigned completing = __ballot_sync(0xffffffffu, token >= 0);
-    if (token >= 0) {
-      const int j = __popc(completing & ((1u << t) - 1u));
-      complete[j] = token;
-      complete_pair[j] = t;
-    }
+    if (token >= 0) complete[__popc(completing & ((1u << t) - 1u))] = token;
     if (t == 0) num_complete = __popc(completing);
   }
   __syncthreads();
@@ -207,19 +180,17 @@ __device__ inline void combine_completed_tokens(const PassCombine& c, const Pass
   if (n == 0) return;
   __threadfence();  // the other blocks' y, published before their counts
   for (int i = threadIdx.x; i < n * cols; i += blockDim.x) {
-    const int j = i / cols, col = i % cols;
-    const int64_t completed = complete[j];
-    const int64_t slot0 = completed * top_k;
-    const int cache0 = complete_pair[j] * kSlotLoadBatch;
+    const int64_t token = complete[i / cols];
+    const int col = i % cols;
+    const int64_t slot0 = token * top_k;
     float sum = 0.0f;
     for (int j0 = 0; j0 < top_k; j0 += kSlotLoadBatch) {
       int32_t pos[kSlotLoadBatch];
       float prob[kSlotLoadBatch], value[kSlotLoadBatch];
 #pragma unroll
       for (int u = 0; u < kSlotLoadBatch; ++u) {
-        const bool slot = j0 + u < top_k;
-        pos[u] = !slot ? -1 : cached ? slot_pos[cache0 + u] : c.inverse[slot0 + j0 + u];
-        prob[u] = !slot ? 0.0f : cached ? slot_prob[cache0 + u] : c.probs[slot0 + j0 + u];
+        pos[u] = j0 + u < top_k ? c.inverse[slot0 + j0 + u] : -1;
+        prob[u] = j0 + u < top_k ? c.probs[slot0 + j0 + u] : 0.0f;
       }
 #pragma unroll
       for (int u = 0; u < kSlotLoadBatch; ++u) value[u] = pos[u] >= 0 ? __ldcg(&y[pos[u] * H + col0 + col]) : 0.0f;
@@ -227,7 +198,7 @@ __device__ inline void combine_completed_tokens(const PassCombine& c, const Pass
       for (int u = 0; u < kSlotLoadBatch; ++u)
         if (pos[u] >= 0) sum = fmaf(prob[u], value[u], sum);
     }
-    store_from_float(c.out, completed * H + col0 + col, c.out_dtype, sum);
+    store_from_float(c.out, token * H + col0 + col, c.out_dtype, sum);
   }
 }
 

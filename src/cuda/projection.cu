@@ -230,8 +230,7 @@ __device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& 
     a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
   }
   if (a.combine.out != nullptr)
-    combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols,
-                             finish + rows * fcols);  // the second projection's finish rows: down has none
+    combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
 }
 
 // Called by every thread of a block once its partial sums are written: the last block of this

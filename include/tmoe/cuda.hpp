@@ -8,8 +8,10 @@
 //
 // For few pairs per expert (the dispatcher's rule, src/cuda/dispatch.hpp; path() says which path a
 // batch takes), forward() runs three kernels: device routing (counts, offsets, stable order, work
-// items), the gate+up pass (SwiGLU fused in its finishing step) and the down pass, whose finishing
-// step also does the fixed-order combine over the k slots of each token. Passes of one wave are
+// items), the gate+up pass (SwiGLU fused in its finishing step, or, when the pass is one wave of
+// blocks and gate and up have no Hadamard, in the down pass's staging of its input: no finishing
+// blocks at the end of gate+up) and the down pass, whose finishing step also does the fixed-order
+// combine over the k slots of each token. Passes of one wave are
 // chained with programmatic dependent launch (sm_90), and with <= 64 pairs their blocks derive
 // their work items from the ids themselves, so they start before routing ends. With
 // `fused_decode` a 1-token batch runs routing and ONE kernel instead (src/cuda/fused_decode.cuh).

@@ -15,6 +15,7 @@
 #include "fragment_layout.hpp"
 #include "fused_decode.cuh"
 #include "grouped/grouped_moe.cuh"
+#include "knobs.hpp"
 #include "pass_plan.hpp"
 #include "projection.cuh"
 #include "routing.hpp"
@@ -70,6 +71,12 @@ size_t align_up(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
 // on H100 (docs/notes-cuda.md, "Latency"): chaining every pass saved 5 us at qwen3 1-2 tokens (one
 // wave) but made many-wave passes slower (mixtral 8 tokens, ~50 waves: 871 -> 1015 us).
 constexpr int64_t kChainMaxWaves = 1;
+// The gate+up pass defers its finish to the down pass's staging (projection.cuh, GateUpSums) when
+// its grid is at most this many waves: there its finishing blocks are the pass's tail; in a pass of
+// many waves they overlap other blocks' work, while every down block would still load 2 x splits
+// sums per h value instead of one (mixtral at 16 tokens: ~6x the staging's ~60 MB of L2 reads). The
+// environment variable TMOE_DEFER_FINISH_WAVES=N overrides it (0: never), for A/B runs and tests.
+constexpr int64_t kDeferFinishMaxWaves = 1;
 
 // Launch geometry and workspace layout of one forward call; a function of (T, k) and the shape
 // only, so a captured graph replays the same launches.
@@ -79,6 +86,8 @@ struct ForwardPlan {
   int tokens_per_item = 1;
   int64_t pairs = 0, max_items = 0;
   PassPlan gate_up, down;
+  bool chain_gate_up = false, chain_down = false;  // launched as programmatic dependents (kChainMaxWaves)
+  bool defer_gate_up_finish = false;                // the down pass forms h (kDeferFinishMaxWaves)
   size_t counts = 0, offsets = 0, order = 0, inverse = 0, items = 0, num_items = 0, counters = 0,
          h = 0, y = 0, partial_gate_up = 0, partial_down = 0, grouped_workspace = 0, total = 0;
   int64_t num_counters = 0;
@@ -98,6 +107,7 @@ struct CudaMoe::Impl {
   // The one-launch decode's plan per top_k (index top_k; 0 unused), made at upload.
   FusedDecodePlan fused[kFusedMaxSlots + 1];
   PassTraceSink trace;  // where its blocks record in -DTMOE_PASS_TRACE=1 builds (pass_trace.hpp)
+  int64_t defer_finish_waves = kDeferFinishMaxWaves;  // TMOE_DEFER_FINISH_WAVES, read at upload
 
   ~Impl() {
     for (void* p : owned) cudaFree(p);
@@ -169,6 +179,20 @@ struct CudaMoe::Impl {
                           f.tokens_per_item, occupancy);
     f.down = plan_pass(down, 1, down.group_size, down.hadamard, ring_stage_bytes(down.bits), down_pass.affine != 0, down_tensor_core,
                        busy, f.tokens_per_item, occupancy);
+    // Whether a pass's grid fits `waves` waves of resident blocks.
+    auto within_waves = [&](const PassPlan& p, int nproj, bool tensor_core, bool affine, int64_t waves) {
+      const int64_t blocks = f.max_items * p.col_groups * nproj * p.k_splits;
+      const int64_t at_once =
+          static_cast<int64_t>(occupancy.blocks_per_sm(tensor_core, f.tokens_per_item, affine, p.shared, p.dense)) *
+          occupancy.sms;
+      return blocks <= waves * at_once;
+    };
+    const bool down_affine = down_pass.affine != 0;
+    f.chain_gate_up = within_waves(f.gate_up, 2, gu_tensor_core, gu_affine, kChainMaxWaves);
+    f.chain_down = within_waves(f.down, 1, down_tensor_core, down_affine, kChainMaxWaves);
+    f.defer_gate_up_finish = can_defer_gate_up_finish(gate.hadamard, up.hadamard) &&
+                             deferred_staging_built(down_tensor_core, f.tokens_per_item) &&
+                             within_waves(f.gate_up, 2, gu_tensor_core, gu_affine, defer_finish_waves);
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
     // Finish counters per (item, finish group) of each pass, then the fused combine's per (token,
     // finish group of the down pass).
@@ -247,6 +271,7 @@ CudaMoe::CudaMoe(const MoeWeights& weights, const CudaMoeOptions& options) : imp
   m.up_pass.w = m.up = m.upload_projection(weights.up, !gate_up_affine);
   m.down_pass.w = m.down = m.upload_projection(weights.down, !m.down_pass.affine);
   m.error = upload(std::vector<int32_t>{0, INT_MAX, 0}, m.owned);
+  m.defer_finish_waves = std::max<int64_t>(0, env_knob("TMOE_DEFER_FINISH_WAVES", kDeferFinishMaxWaves));
   // TMOE_FUSED_DECODE=1 / =0 in the environment overrides the option (A/B timing: scripts/gpu-env-ab).
   const char* fused_knob = std::getenv("TMOE_FUSED_DECODE");
   const bool fused_allowed = fused_knob != nullptr && *fused_knob != '\0' ? std::string(fused_knob) != "0" : options.fused_decode;
@@ -288,6 +313,7 @@ std::string CudaMoe::plan_summary(int64_t tokens, int top_k) const {
          " splits x " + std::to_string(p.k_tiles_per_block) + " k-tiles, " + std::to_string(p.col_groups) +
          " column groups, " + std::to_string(m.occupancy.blocks_per_sm(tc, f.tokens_per_item, tc, p.shared, p.dense)) +
          " blocks/SM, " + std::to_string((p.shared + 1023) / 1024) + " KB shared";
+    if (nproj == 2 && f.defer_gate_up_finish) s += ", SwiGLU in the down pass's staging";
   };
   const PassProjection gu[2] = {m.gate_pass, m.up_pass};
   pass("gate+up", f.gate_up, gu, 2);
@@ -395,18 +421,14 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   gu.dst = at_f(f.h);
   gu.routing.experts = static_cast<int>(m.shape.experts);
   gu.routing.tokens_per_item = f.tokens_per_item;
+  gu.defer_finish = f.defer_gate_up_finish;
   // One-wave passes start while the kernel before drains; with few pairs their blocks derive their
   // work items from the ids, so they need the routing kernel's plan only for the finish counters.
-  auto chain = [&](PassArgs& a, const PassPlan& p, bool affine) {
-    const int64_t blocks = f.max_items * p.col_groups * a.nproj * p.k_splits;
-    const bool tensor_core = tensor_core_pass(a.proj, a.nproj);
-    const int64_t at_once =
-        static_cast<int64_t>(m.occupancy.blocks_per_sm(tensor_core, f.tokens_per_item, affine, p.shared, p.dense)) *
-        m.occupancy.sms;
-    a.routing.programmatic = blocks <= kChainMaxWaves * at_once;
-    a.routing.expert_ids = a.routing.programmatic && f.pairs <= kLocalPlanMaxPairs ? b.expert_ids : nullptr;
+  auto chain = [&](PassArgs& a, bool chained) {
+    a.routing.programmatic = chained;
+    a.routing.expert_ids = chained && f.pairs <= kLocalPlanMaxPairs ? b.expert_ids : nullptr;
   };
-  chain(gu, f.gate_up, m.gate_pass.affine && m.up_pass.affine);
+  chain(gu, f.chain_gate_up);
   launch_projection_pass(gu, f.tokens_per_item, f.max_items, f.gate_up.shared, stream);
 
   PassArgs dn = gu;
@@ -423,6 +445,13 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   dn.finish_groups_cols = f.down.finish_cols;
   dn.num_finish_groups = f.down.num_finish_groups;
   dn.stage_bytes = ring_stage_bytes(m.down.bits);
+  dn.defer_finish = 0;
+  if (f.defer_gate_up_finish) {
+    dn.gate_up_sums.partial = gu.partial;
+    dn.gate_up_sums.k_splits = gu.k_splits;
+    dn.gate_up_sums.sv[0] = m.gate.sv;
+    dn.gate_up_sums.sv[1] = m.up.sv;
+  }
   dn.partial = at_f(f.partial_down);
   dn.counters = r.counters + f.max_items * f.gate_up.num_finish_groups;
   dn.dst = at_f(f.y);
@@ -430,11 +459,10 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
   dn.combine.out_dtype = b.out_dtype;
   dn.combine.probs = b.expert_probs;
   dn.combine.expert_ids = b.expert_ids;
-  dn.combine.inverse = r.inverse;
   dn.combine.counters = dn.counters + f.max_items * f.down.num_finish_groups;
   dn.combine.tokens = b.tokens;
   dn.combine.experts = static_cast<int>(m.shape.experts);
-  chain(dn, f.down, m.down_pass.affine != 0);
+  chain(dn, f.chain_down);
   launch_projection_pass(dn, f.tokens_per_item, f.max_items, f.down.shared, stream);
 }
 

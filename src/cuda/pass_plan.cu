@@ -51,14 +51,15 @@ inline constexpr double kDense8RowBlockCost = TMOE_DENSE_8ROW_COST;
 #endif
 inline constexpr bool kPlannerExpectedBusy = TMOE_PLANNER_EXPECTED_BUSY != 0;
 
-// A down pass of one split finishes inside each block (projection.cu, finishes_in_block); the
+// A down pass of one split finishes inside each block (projection.cuh, finishes_in_block); the
 // blocks of every other down pass write partial sums, pass a counter, and the last one reloads
 // them: a few dependent L2 round trips more, weighed as this many k-tile rows of each block's
 // length. Unless its blocks fill less than half a wave: then the SMs' few warps leave memory
 // bandwidth unused and the split plan wins anyway. Measured (H100, us, 0 -> 32, notes-cuda.md
 // "v20"): qwen3 2 tokens 29.1 -> 26.4 and glm 1 token 39.1 -> 37.9 (both 0.65 waves of one split),
 // qwen3 1 token 22.3 -> 23.0 (0.32 waves: the half-wave rule keeps its 3 splits). Gate+up blocks
-// always pass the counter (gate and up are separate blocks), so their plans never change.
+// (gate and up are separate blocks) pass the counter or leave their finish to the down pass
+// (cuda_moe.cu, kDeferFinishMaxWaves); their plans do not weigh it.
 // -DTMOE_SPLIT_FINISH_ROWS=N: another weight, for A/B runs (0: the plans before the in-block finish).
 #ifndef TMOE_SPLIT_FINISH_ROWS
 #define TMOE_SPLIT_FINISH_ROWS 32
@@ -144,7 +145,8 @@ PassPlan plan_pass(const DeviceProjection& w, int nproj, int min_group_size, int
       const double block_cost =
           dense ? (mma_item_rows(tokens_per_item) == 4 ? kDenseBlockCost : kDense8RowBlockCost) : 1.0;
       const int64_t blocks = per_split * splits;
-      const bool in_block_finish = splits == 1 && p.finish_cols == cols_per_block && 2 * blocks >= at_once;
+      const bool in_block_finish =
+          tensor_core && finishes_in_block(nproj, static_cast<int>(splits), p.finish_cols) && 2 * blocks >= at_once;
       const int finish_rows = tensor_core && nproj == 1 && !in_block_finish ? kSplitFinishRows : 0;
       const double cost =
           static_cast<double>(ceil_div(blocks, at_once)) * (kr + fixed_rows + finish_rows) * block_cost;

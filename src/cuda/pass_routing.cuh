@@ -44,7 +44,6 @@ struct PassCombine {
   DType out_dtype = DType::f32;
   const float* probs = nullptr;         // [tokens][top_k]
   const int32_t* expert_ids = nullptr;  // [tokens][top_k]: which slots are routed
-  const int32_t* inverse = nullptr;     // [tokens][top_k]: position of the slot's pair, -1 skipped
   int32_t* counters = nullptr;          // [tokens][finish groups], zeroed by the routing kernel
   int64_t tokens = 0;
   int experts = 0;
@@ -150,10 +149,12 @@ __device__ inline void zero_unrouted_rows(const PassCombine& c, int top_k, int64
   }
 }
 
-// Called by every thread of a down-pass finishing block after it wrote y[first + t][col0 .. col0 +
-// cols) for its item's pairs: counts them per token and finish group, and the block completing a
-// token writes out[token][col0 .. col0 + cols) = sum over its slots j in order of probs * y[inverse].
-// The tokens it completes are combined together, one (token, column) per thread.
+// Called by every thread of a down-pass finishing block after it wrote y[pair[t]][col0 .. col0 +
+// cols) for its item's pairs (y rows by slot, token * top_k + j): counts them per token and finish
+// group, and the block completing a token writes out[token][col0 .. col0 + cols) = sum over its
+// routed slots j in order of probs * y. The tokens it completes are combined together, one (token,
+// column) per thread; a slot's id, router weight and y load together (rows by position would need
+// the slot's position first: one more dependent L2 round trip in the forward's last step).
 __device__ inline void combine_completed_tokens(const PassCombine& c, const PassItem& item, int top_k,
                                                 const float* y, int64_t H, int finish_group,
                                                 int num_finish_groups, int64_t col0, int cols) {
@@ -185,18 +186,19 @@ __device__ inline void combine_completed_tokens(const PassCombine& c, const Pass
     const int64_t slot0 = token * top_k;
     float sum = 0.0f;
     for (int j0 = 0; j0 < top_k; j0 += kSlotLoadBatch) {
-      int32_t pos[kSlotLoadBatch];
+      int32_t id[kSlotLoadBatch];
       float prob[kSlotLoadBatch], value[kSlotLoadBatch];
 #pragma unroll
       for (int u = 0; u < kSlotLoadBatch; ++u) {
-        pos[u] = j0 + u < top_k ? c.inverse[slot0 + j0 + u] : -1;
-        prob[u] = j0 + u < top_k ? c.probs[slot0 + j0 + u] : 0.0f;
+        const int64_t slot = slot0 + j0 + u;
+        const bool in_token = j0 + u < top_k;
+        id[u] = in_token ? c.expert_ids[slot] : -1;
+        prob[u] = in_token ? c.probs[slot] : 0.0f;
+        value[u] = in_token ? __ldcg(&y[slot * H + col0 + col]) : 0.0f;  // unused unless routed
       }
 #pragma unroll
-      for (int u = 0; u < kSlotLoadBatch; ++u) value[u] = pos[u] >= 0 ? __ldcg(&y[pos[u] * H + col0 + col]) : 0.0f;
-#pragma unroll
       for (int u = 0; u < kSlotLoadBatch; ++u)
-        if (pos[u] >= 0) sum = fmaf(prob[u], value[u], sum);
+        if (id[u] >= 0 && id[u] < c.experts) sum = fmaf(prob[u], value[u], sum);
     }
     store_from_float(c.out, token * H + col0 + col, c.out_dtype, sum);
   }

@@ -71,25 +71,96 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Stores a staged k-tile row as fp32 at xs[t * xs_stride + 16 kt ..] (the CUDA-core kernel's
-// layout, and the tensor-core kernel's before its B-fragment conversion).
-struct Fp32RowStore {
+// Where staged k-tile row (t, kt) lives: xs[t * xs_stride + 16 kt ..], 16 floats (or, in the
+// tensor-core kernel, their 16 B-fragment words in the same place).
+struct StagedRows {
   float* xs;
   int xs_stride;
+  __device__ __forceinline__ float* slot(int t, int kt) const { return xs + t * xs_stride + kt * kTileDim; }
+};
+
+// Stores a staged k-tile row as fp32 (the CUDA-core kernel's layout, and the tensor-core kernel's
+// before its B-fragment conversion).
+struct Fp32RowStore : StagedRows {
   __device__ __forceinline__ void operator()(int t, int kt, const float (&v)[kTileDim]) const {
-    float4* dst = reinterpret_cast<float4*>(xs + t * xs_stride + kt * kTileDim);
+    float4* dst = reinterpret_cast<float4*>(slot(t, kt));
 #pragma unroll
     for (int q = 0; q < 4; ++q) dst[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
   }
 };
+
+// Stores a staged k-tile row as the tensor-core kernel's B fragments (store_b_fragments), in place
+// of its 16 floats, and the row's sum into tile_sums[t][kt] (kr per row).
+struct FragmentRowStore : StagedRows {
+  float* tile_sums;
+  int kr;
+  __device__ __forceinline__ void operator()(int t, int kt, const float (&v)[kTileDim]) const {
+    tile_sums[t * kr + kt] = store_b_fragments(v, slot(t, kt));
+  }
+};
+
+// Splits of gate+up's partial sums a staging thread loads at once when it forms h (GateUpSums):
+// 2 x this many float4 loads in flight. 4 (32 registers of loads) made ptxas spill inside the main
+// loop of the 3-bit dense 1-row kernel (sass-loops: 24 local loads/stores per iteration); at 2 the
+// 3-bit kernels' main loops hold none, as before. -DTMOE_DEFERRED_SPLIT_BATCH=N: another value, for
+// A/B runs.
+#ifndef TMOE_DEFERRED_SPLIT_BATCH
+#define TMOE_DEFERRED_SPLIT_BATCH 2
+#endif
+inline constexpr int kDeferredSplitBatch = TMOE_DEFERRED_SPLIT_BATCH;
+
+// h[pos][k .. k + 3] of a deferred gate+up finish (GateUpSums), times su[k ..] * norm as
+// load_whole_tile_row scales its values: the finishing block's operations in its order (the
+// splits added in order from zero, then sv, then SwiGLU), so h is bitwise the h it would have
+// written. I is a multiple of 16 and k of 4: every load is aligned.
+__device__ __forceinline__ float4 deferred_h_quad(const GateUpSums& s, int64_t pairs, int64_t I, int expert,
+                                                  int64_t pos, int64_t k, const uint16_t* su_k, float norm) {
+  const int64_t split_stride = pairs * I / 4;  // float4s between one split's sums and the next's
+  float sum[2][4] = {};
+  for (int sp0 = 0; sp0 < s.k_splits; sp0 += kDeferredSplitBatch) {
+    float4 part[2][kDeferredSplitBatch];
+#pragma unroll
+    for (int pr = 0; pr < 2; ++pr)
+#pragma unroll
+      for (int u = 0; u < kDeferredSplitBatch; ++u)
+        if (sp0 + u < s.k_splits)
+          part[pr][u] = __ldcg(reinterpret_cast<const float4*>(
+                                   s.partial + ((static_cast<int64_t>(pr) * s.k_splits + sp0) * pairs + pos) * I + k) +
+                               u * split_stride);
+#pragma unroll
+    for (int pr = 0; pr < 2; ++pr)
+#pragma unroll
+      for (int u = 0; u < kDeferredSplitBatch; ++u)
+        if (sp0 + u < s.k_splits)
+          sum[pr][0] += part[pr][u].x, sum[pr][1] += part[pr][u].y, sum[pr][2] += part[pr][u].z, sum[pr][3] += part[pr][u].w;
+  }
+  const int64_t sv_at = static_cast<int64_t>(expert) * I + k;
+  const uint2 sv_gate = __ldg(reinterpret_cast<const uint2*>(s.sv[0] + sv_at));
+  const uint2 sv_up = __ldg(reinterpret_cast<const uint2*>(s.sv[1] + sv_at));
+  const uint2 su = __ldg(reinterpret_cast<const uint2*>(su_k));
+  const uint32_t gate_words[2] = {sv_gate.x, sv_gate.y}, up_words[2] = {sv_up.x, sv_up.y}, su_words[2] = {su.x, su.y};
+  float h[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int shift = 16 * (j % 2);
+    const float gate = sum[0][j] * half_bits_to_float(static_cast<uint16_t>(gate_words[j / 2] >> shift));
+    const float up = sum[1][j] * half_bits_to_float(static_cast<uint16_t>(up_words[j / 2] >> shift));
+    h[j] = swiglu(gate, up) * (half_bits_to_float(static_cast<uint16_t>(su_words[j / 2] >> shift)) * norm);
+  }
+  return make_float4(h[0], h[1], h[2], h[3]);
+}
 
 // Stages the item's activations for the block's K range (k-tiles k_tile0 .. k_tile0 + k_tiles - 1):
 // store(t, kt, v) gets v = T(a . su)[16 (k_tile0 + kt) + 0..15] for rows t < count and kt < k_tiles,
 // zeros for the other rows t < rows and k-tiles kt < kt_alloc. One k-tile row (16 values) per thread
 // at a time: a[k] * su[k] / sqrt(block), the Hadamard passes inside the 16 values in registers, then
 // (Fp32RowStore only: they run on xs) the wider passes in shared memory (v5: one value per thread
-// and step, with divisions). Every thread calls it; it ends with a barrier.
-template <typename RowStore>
+// and step, with divisions). With a deferred gate+up finish (a.gate_up_sums) a first phase forms
+// a . su / sqrt(block) from gate+up's partial sums, 4 values per thread (a row's 16 would keep too
+// many loads in one thread), into the rows' slots, where the per-row phase reads them back (only in
+// kernels built with DEFERRABLE: deferred_staging_built). Every thread calls it; it ends with a
+// barrier.
+template <bool DEFERRABLE, typename RowStore>
 __device__ __forceinline__ void stage_activations(const PassArgs& a, const DeviceProjection& w, const PassItem& item,
                                                   int rows, int k_tile0, int k_tiles, int kt_alloc,
                                                   const RowStore& store) {
@@ -100,7 +171,18 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
   const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
   const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
   const uint16_t* su = w.su + static_cast<int64_t>(item.expert) * K;
-  if (!a.src_by_token) wait_for_predecessor();  // rows by position: h, written by the gate+up pass
+  if (!a.src_by_token) wait_for_predecessor();  // rows by position: h or its sums, from the gate+up pass
+  const bool deferred = DEFERRABLE && a.gate_up_sums.partial != nullptr;
+  if (deferred) {
+    const int quads = min(count, rows) * k_tiles * 4;
+    for (int i = threadIdx.x; i < quads; i += blockDim.x) {
+      const int t = i / (k_tiles * 4), rest = i - t * k_tiles * 4, kt = rest / 4, q = rest % 4;
+      const int64_t k = k0 + static_cast<int64_t>(kt) * kTileDim + 4 * q;
+      reinterpret_cast<float4*>(store.slot(t, kt))[q] =
+          deferred_h_quad(a.gate_up_sums, a.pairs, K, item.expert, first + t, k, su + k, norm);
+    }
+    __syncthreads();
+  }
   for (int i = threadIdx.x; i < rows * kt_alloc; i += blockDim.x) {
     const int t = i / kt_alloc, kt = i - t * kt_alloc;
     float v[kTileDim];
@@ -110,7 +192,15 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
       const int64_t pos = first + t;
       const int64_t row = a.src_by_token ? item.pair[t] / a.top_k : pos;
       const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
-      if (!load_whole_tile_row(a.src, row * K + k_first, a.src_dtype, su + k_first, norm, k_first + kTileDim <= K, v)) {
+      if (deferred) {
+        const float4* formed = reinterpret_cast<const float4*>(store.slot(t, kt));
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 f = formed[q];
+          v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+        }
+      } else if (!load_whole_tile_row(a.src, row * K + k_first, a.src_dtype, su + k_first, norm,
+                                      k_first + kTileDim <= K, v)) {
 #pragma unroll
         for (int j = 0; j < kTileDim; ++j)
           if (k_first + j < K)
@@ -149,23 +239,6 @@ inline constexpr int kSplitLoadBatch = TMOE_SPLIT_LOAD_BATCH;
 #define TMOE_FINISH_SV_PREFETCH 1
 #endif
 inline constexpr bool kPrefetchSv = TMOE_FINISH_SV_PREFETCH != 0;
-
-// A down pass of one K split whose finish group is one block's columns needs no partial sums in
-// global memory and no counter: the block holds every sum of its outputs, so it writes them into
-// its finish rows and finishes at once (mma_projection_block). That takes the partial stores, a
-// fence, the counter's atomic and the partial loads (three dependent L2 round trips) off every
-// block's end; qwen3 4-64 tokens, deepseek, glm 2-64 tokens plan such passes (pass_plan.cu).
-// -DTMOE_SINGLE_SPLIT_FINISH=0 sends them through the counter, for A/B runs.
-#ifndef TMOE_SINGLE_SPLIT_FINISH
-#define TMOE_SINGLE_SPLIT_FINISH 1
-#endif
-inline constexpr bool kSingleSplitFinish = TMOE_SINGLE_SPLIT_FINISH != 0;
-
-// One split and one block per finish group (kSingleSplitFinish): the sums stay in the block. (Read
-// from the kernel parameters where it is needed: a flag kept over the main loop costs registers.)
-__device__ __forceinline__ bool finishes_in_block(const PassArgs& a) {
-  return kSingleSplitFinish && a.nproj == 1 && a.k_splits == 1 && a.finish_groups_cols == kMmaColsPerBlock;
-}
 
 // The finishing block's work for finish group fg (see finish_if_last). sums_in_finish: the block
 // already wrote the group's sums (times the Hadamard norm) into `finish`, so there are no splits
@@ -227,7 +300,10 @@ __device__ __forceinline__ void finish_group(const PassArgs& a, const PassItem& 
       const float u = finish[(rows + t) * fcols + c] * (first_output ? sv1_first : half_bits_to_float(sv1[n]));
       v = swiglu(v, u);
     }
-    a.dst[(static_cast<int64_t>(first) + t) * N + n] = v;
+    // h rows by position (the down pass stages an item's rows together), y rows by slot (the
+    // combine reads a token's slots: combine_completed_tokens).
+    const int64_t row = a.combine.out != nullptr ? item.pair[t] : static_cast<int64_t>(first) + t;
+    a.dst[row * N + n] = v;
   }
   if (a.combine.out != nullptr)
     combine_completed_tokens(a.combine, item, a.top_k, a.dst, N, fg, a.num_finish_groups, col0, cols);
@@ -247,6 +323,7 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
   wait_for_predecessor();  // the routing kernel zeroed the counters
+  if (a.defer_finish) return;  // the down pass finishes these sums (GateUpSums)
   if (!in_block) {
     __threadfence();
     __syncthreads();
@@ -510,7 +587,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   }
 
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
-  stage_activations(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{xs, xs_stride});
+  stage_activations<deferred_staging_built(false, TC)>(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{{xs, xs_stride}});
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -720,13 +797,13 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // its registers; otherwise it writes fp32 rows (the wider Hadamard passes run on them) and a
   // second phase converts them in place (one barrier and a shared-memory round trip more).
   const int staged_rows = kMmaStageCountRows ? count : used_rows;
-  auto fragment_store = [xs, xs_stride, tile_sums, kr](int t, int kt, const float (&v)[kTileDim]) {
-    tile_sums[t * kr + kt] = store_b_fragments(v, xs + t * xs_stride + kt * kTileDim);
-  };
+  constexpr bool kDeferrable = deferred_staging_built(true, CB * kMmaRowsPerBlock);
+  const FragmentRowStore fragment_store{{xs, xs_stride}, tile_sums, kr};
   if (kMmaFusedStaging && w.hadamard <= kTileDim) {
-    stage_activations(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
+    stage_activations<kDeferrable>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
   } else {
-    stage_activations(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, Fp32RowStore{xs, xs_stride});
+    stage_activations<kDeferrable>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles,
+                                   Fp32RowStore{{xs, xs_stride}});
     const int kt_staged = quads * kQuadTiles;
     for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
       const int t = i / kt_staged, kt = i - t * kt_staged;
@@ -860,7 +937,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     for (; q0 < main_quads; q0 += kUnitsInFlight) ring_iteration(std::true_type{}, q0);
     // Partial sums of this split: rows tq + 4 c, columns n0 and n0 + 8.
 #pragma unroll
-    for (int c = 0; !finishes_in_block(a) && c < CB; ++c) {
+    for (int c = 0; !finishes_in_block(a.nproj, a.k_splits, a.finish_groups_cols) && c < CB; ++c) {
       const int t = c * kMmaRowsPerBlock + tq;
       if (t < count) {
         float* dst = a.partial + ((static_cast<int64_t>(p) * a.k_splits + split) * a.pairs + first + t) * N + n_tile * kTileDim + g;
@@ -870,7 +947,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     }
   }
   trace.mark(2);
-  const bool in_block = finishes_in_block(a);
+  // (The rule is read from the kernel parameters here and above: a flag kept over the main loop
+  // costs registers.)
+  const bool in_block = finishes_in_block(a.nproj, a.k_splits, a.finish_groups_cols);
   if (in_block) {
     // Straight into the finish rows, as finish_group's split loop would have left them. They alias
     // the staged activations and scales: every warp must be past its main loop first.

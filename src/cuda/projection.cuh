@@ -79,6 +79,42 @@ inline bool tensor_core_pass(const PassProjection* proj, int nproj) {
   return true;
 }
 
+// A down pass of one K split whose finish group is one tensor-core block's columns finishes inside
+// each block (projection.cu, mma_projection_block): the block holds every sum of its outputs, so it
+// skips the partial stores, a fence, the counter's atomic and the partial loads. The planner
+// (pass_plan.cu) weighs it, the kernel takes it: one rule for both. -DTMOE_SINGLE_SPLIT_FINISH=0
+// sends such passes through the counter, for A/B runs.
+#ifndef TMOE_SINGLE_SPLIT_FINISH
+#define TMOE_SINGLE_SPLIT_FINISH 1
+#endif
+TMOE_HD constexpr bool finishes_in_block(int nproj, int k_splits, int finish_cols) {
+  return TMOE_SINGLE_SPLIT_FINISH != 0 && nproj == 1 && k_splits == 1 && finish_cols == kMmaColsPerBlock;
+}
+
+// Deferred gate+up finish (PassArgs::defer_finish): the gate+up blocks only write their partial
+// sums, with no counter and no finishing block, and the down pass forms h while it stages its
+// activations: per value the splits' sums in split order, sv and SwiGLU, exactly the finishing
+// block's operations (so the output is bitwise the same either way). It takes the finishing
+// blocks' tail off a one-wave gate+up pass (~3 us at one token, notes-cuda.md "v17"); the down
+// blocks pay 2 x splits loads per h value instead of one. Only without an output Hadamard on
+// gate and up (a transform across columns would need whole blocks of columns per staging thread).
+TMOE_HD constexpr bool can_defer_gate_up_finish(int gate_hadamard, int up_hadamard) {
+  return gate_hadamard == 0 && up_hadamard == 0;
+}
+// The down-pass kernels that can form h so: the CUDA-core kernel and the tensor-core kernel for
+// items of up to 4 rows (a one-wave gate+up pass has few pairs). It is compiled out of the 8- and
+// 16-row tensor-core kernels, whose register allocation it disturbed (mixtral 16 tokens, which
+// never defers, ran ~2% slower with it in: notes-cuda.md "v21").
+TMOE_HD constexpr bool deferred_staging_built(bool tensor_core, int tokens_per_item) {
+  return !tensor_core || tokens_per_item <= kMmaRowsPerBlock;
+}
+// What the down pass reads to form h when gate+up deferred its finish.
+struct GateUpSums {
+  const float* partial = nullptr;       // gate+up's partial sums [2][k_splits][P][I]; null: h is src
+  int k_splits = 1;
+  const uint16_t* sv[2] = {nullptr, nullptr};  // gate's and up's sv, [E][I]
+};
+
 struct PassArgs {
   PassProjection proj[2];
   int nproj = 1;           // 2: gate and up (SwiGLU in the finish), 1: down
@@ -99,8 +135,10 @@ struct PassArgs {
   int num_finish_groups = 1;
   float* partial = nullptr;     // [nproj][k_splits][P][N]
   int32_t* counters = nullptr;  // [max items][num_finish_groups]
-  float* dst = nullptr;         // [P][N]: h for gate+up, the pair outputs for down
+  float* dst = nullptr;         // [P][N]: h for gate+up (rows by position), the pair outputs for down (by slot)
   int mma_dense = 0;            // 4- and 8-row tensor-core items: the variant with more blocks per SM
+  int defer_finish = 0;         // gate+up: write the partial sums and end (GateUpSums)
+  GateUpSums gate_up_sums;      // down: form h from these while staging (partial null: read src)
   PassRouting routing;          // where blocks find their work item (pass_routing.cuh)
   PassCombine combine;          // down pass: the combine over each token's slots, fused
 };

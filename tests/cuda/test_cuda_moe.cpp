@@ -226,6 +226,47 @@ TEST(CudaMoe, ManySlotsAndSplits) {
   }
 }
 
+// The gate+up finish deferred to the down pass's staging (projection.cuh, GateUpSums) against the
+// counted finish, on the same weights and batch: both against the reference, and bitwise equal to
+// each other (the staging does the finishing block's operations in its order). Cases: a gate+up
+// pass of many K splits at one token (a full and a partial batch of split loads: checked through
+// the plan), partial scale groups, mixed bits, half precision, skipped slots, the CUDA-core kernel
+// (custom grids), items of 1 to 16 rows. TMOE_DEFER_FINISH_WAVES picks the path (0: never; a large
+// number: whenever the layer and the down kernel allow it) and the plan must say which one ran.
+TEST(CudaMoe, DeferredGateUpFinishMatchesCounted) {
+  TMOE_REQUIRE_GPU();
+  const MoeCase cases[] = {
+      {.H = 2048, .I = 256, .E = 16, .k = 4, .group = 128},
+      {.H = 1024, .I = 640, .E = 8, .k = 2, .gate_bits = 2, .up_bits = 4, .down_bits = 3, .group = 96,
+       .x_dtype = DType::bf16, .out_dtype = DType::f16, .routing = RoutingKind::some_minus},
+      {.H = 256, .I = 160, .E = 16, .k = 4, .group = 32, .custom_grid = true},
+  };
+  for (const MoeCase& c : cases)
+    for (const int64_t T : {1, 3, 5, 16, 40}) {
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(describe(c, T, seed));
+      const MoeWeights w = make_weights(c, seed);
+      std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+      const RandomBatch b = random_batch(T, c.H, c.E, c.k, c.x_dtype, c.routing, rng);
+      const std::vector<double> ref = reference_forward(w, T, b.x, b.ids, b.probs);
+      std::vector<float> out[2];
+      for (int deferred = 0; deferred < 2; ++deferred) {
+        const ScopedEnv env("TMOE_DEFER_FINISH_WAVES", deferred ? "1000000" : "0");
+        const cuda::CudaMoe moe(w, decode_kernels_only());
+        const std::string plan = moe.plan_summary(T, c.k);
+        // The 8- and 16-row tensor-core kernels never defer (cuda::deferred_staging_built).
+        const bool deferrable = c.custom_grid || plan_number(plan, R"(items of (\d+) rows)") <= 4;
+        EXPECT_EQ(plan.find("SwiGLU in the down pass") != std::string::npos, deferred == 1 && deferrable) << plan;
+        if (&c == &cases[0] && T == 1)
+          EXPECT_GE(plan_number(plan, R"(gate\+up \(tensor cores\): (\d+) splits)"), 5) << plan;
+        out[deferred] = run_device(moe, c, b, T);
+        moe.check_errors();
+        EXPECT_LE(relative_error(out[deferred], ref), unit_roundoff(c.out_dtype) + 1e-4) << "deferred " << deferred;
+      }
+      EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)));
+    }
+}
+
 // Activations with a large common part (x = 16 + N(0, 1)) over long K ranges: sums of x then grow
 // linearly along K, so an accumulator that carries them loses the groups' small parts to fp32
 // rounding (the tensor-core kernel's flush, projection.cu). A float32 model of that flush over this

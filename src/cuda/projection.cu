@@ -77,6 +77,15 @@ struct StagedRows {
   float* xs;
   int xs_stride;
   __device__ __forceinline__ float* slot(int t, int kt) const { return xs + t * xs_stride + kt * kTileDim; }
+  // The row's 16 fp32 values, as a staging phase before left them there.
+  __device__ __forceinline__ void load(int t, int kt, float (&v)[kTileDim]) const {
+    const float4* row = reinterpret_cast<const float4*>(slot(t, kt));
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 f = row[q];
+      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
+    }
+  }
 };
 
 // Stores a staged k-tile row as fp32 (the CUDA-core kernel's layout, and the tensor-core kernel's
@@ -193,12 +202,7 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
       const int64_t row = a.src_by_token ? item.pair[t] / a.top_k : pos;
       const int64_t k_first = k0 + static_cast<int64_t>(kt) * kTileDim;
       if (deferred) {
-        const float4* formed = reinterpret_cast<const float4*>(store.slot(t, kt));
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 f = formed[q];
-          v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
-        }
+        store.load(t, kt, v);  // phase 1's values
       } else if (!load_whole_tile_row(a.src, row * K + k_first, a.src_dtype, su + k_first, norm,
                                       k_first + kTileDim <= K, v)) {
 #pragma unroll
@@ -807,13 +811,8 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     const int kt_staged = quads * kQuadTiles;
     for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
       const int t = i / kt_staged, kt = i - t * kt_staged;
-      const float4* row = reinterpret_cast<const float4*>(xs + t * xs_stride + kt * kTileDim);
       float v[kTileDim];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float4 f = row[q];
-        v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
-      }
+      fragment_store.load(t, kt, v);
       fragment_store(t, kt, v);
     }
     __syncthreads();

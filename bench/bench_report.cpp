@@ -49,14 +49,14 @@ void print_table(const std::vector<BenchRow>& rows, const DeviceReport& device) 
 
   const std::vector<std::string> titles = {"backend", "shape",  "tokens",  "bits",
                                            "path",    "time_us", "GB/s",   "bw%",
-                                           "TFLOP/s", "gemm%",  "baseline_us", "speedup"};
+                                           "TFLOP/s", "gemm%",  "baseline_us", "speedup", "floor_us"};
   std::vector<std::vector<std::string>> table;
   table.reserve(rows.size());
   for (const BenchRow& r : rows) {
     table.push_back({r.backend, r.shape, std::to_string(r.tokens), std::to_string(r.bits),
                      r.path.empty() ? "-" : r.path, time_cell(r.time_us), cell(r.gbps, 1),
                      percent(r.bw_fraction), cell(r.tflops, 3), percent(r.gemm_fraction),
-                     time_cell(r.baseline_time_us), cell(r.speedup, 2)});
+                     time_cell(r.baseline_time_us), cell(r.speedup, 2), time_cell(r.floor_us)});
   }
   std::vector<size_t> width(titles.size());
   for (size_t c = 0; c < titles.size(); ++c) {
@@ -94,7 +94,9 @@ void write_json(const std::string& path, const std::vector<BenchRow>& rows, cons
                    {"tflops", r.tflops},
                    {"gemm_fraction", r.gemm_fraction},
                    {"baseline_time_us", r.baseline_time_us},
-                   {"speedup", r.speedup}});
+                   {"speedup", r.speedup},
+                   {"floor_us", r.floor_us},
+                   {"stream_us", r.stream_us}});
   }
   out.push_back({{"kind", "device"},
                  {"backend", device.backend},

@@ -37,6 +37,12 @@ struct BenchRow {
   double gemm_fraction = 0;     // of the dense GEMM rate measured in the same run
   double baseline_time_us = 0;  // the baseline a user would otherwise run (0: none)
   double speedup = 0;           // baseline_time_us / time_us
+  // CUDA (0 elsewhere): the stream floor, a forward with no decode and no arithmetic, timed the same
+  // way: one kernel reads the distinct selected experts' gate and up bytes, a dependent launch reads
+  // their down bytes first and then waits for it (the passes' order). What reading the bytes in the
+  // order the math allows costs on this device: the time the kernels' own work is measured against.
+  double floor_us = 0;
+  double stream_us = 0;  // the same bytes read by one kernel, no dependency (0: not measured)
 };
 
 struct DeviceReport {

@@ -24,6 +24,7 @@
 
 #include "bench_report.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/launch.hpp"
 #include "cuda/pass_trace.hpp"
 #include "tmoe/cuda.hpp"
 #include "tmoe/error.hpp"
@@ -100,6 +101,36 @@ __global__ void combine_rows(const __nv_bfloat16* y, const int32_t* pair_row, co
     }
 }
 
+// The stream floor (BenchRow::floor_us, stream_us): kernels that only read a case's bytes, no decode,
+// no arithmetic. One block of kStreamThreads per SM per phase, so a dependent phase's blocks fit
+// beside the phase before it (<= 64 registers a thread) and start reading while it still runs.
+constexpr int kStreamThreads = 512, kStreamLoads = 8;  // 16-byte loads in flight per thread
+
+// Reads n16 16-byte words (kStreamLoads in flight per thread, streaming: not kept in L1) and folds
+// them into a word stored only if it equals a constant, so no load can be dropped. kAfterPhase: the
+// down pass's order: read first, then wait for the phase before it (programmatic dependent launch)
+// and fold in what it wrote.
+template <bool kAfterPhase>
+__global__ void __launch_bounds__(kStreamThreads) stream_phase(const uint4* __restrict__ src, int64_t n16,
+                                                               uint32_t* sink) {
+  cuda::allow_dependents();
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  uint32_t fold = 0;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n16; i += kStreamLoads * stride) {
+    uint4 v[kStreamLoads];
+#pragma unroll
+    for (int u = 0; u < kStreamLoads; ++u)
+      v[u] = i + u * stride < n16 ? __ldcs(src + i + u * stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < kStreamLoads; ++u) fold ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if constexpr (kAfterPhase) {
+    cuda::wait_for_predecessor();
+    fold ^= *static_cast<volatile uint32_t*>(sink);
+  }
+  if (fold == 0x9e3779b9u) sink[kAfterPhase ? 1 : 0] = fold;
+}
+
 template <typename T>
 T* device_alloc(size_t n, std::vector<void*>& owned) {
   void* p = nullptr;
@@ -140,21 +171,72 @@ double time_graph(cudaGraphExec_t exec, cudaStream_t stream, double min_seconds)
   return median(samples);
 }
 
+// Captures what `record` launches on `stream` into a CUDA graph and times its replays (time_graph).
+// `after` runs on the instantiated graph before it is destroyed (the pass trace replays it once more).
+template <typename Record, typename After>
+double time_captured(cudaStream_t stream, double min_seconds, Record&& record, After&& after) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  record();
+  TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double us = time_graph(exec, stream, min_seconds);
+  after(exec);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return us;
+}
+
+template <typename Record>
+double time_captured(cudaStream_t stream, double min_seconds, Record&& record) {
+  return time_captured(stream, min_seconds, std::forward<Record>(record), [](cudaGraphExec_t) {});
+}
+
+struct StreamFloor {
+  double floor_us = 0;   // gate+up bytes, then the down bytes in a dependent launch (the passes' order)
+  double stream_us = 0;  // all the bytes in one kernel: no dependency at all
+};
+
+// The stream floor of one case (see BenchRow::floor_us), timed like the forwards it is compared with:
+// a graph of R skeleton forwards, each on its own slot of a pool so that no forward finds its bytes
+// in L2 (at least 256 MB of other slots between two reads of one slot).
+StreamFloor time_stream_floor(cudaStream_t stream, double min_seconds, int sms, int R, double gate_up_bytes,
+                              double down_bytes) {
+  const int64_t gate_up16 = std::max<int64_t>(1, std::llround(gate_up_bytes / 16));
+  const int64_t down16 = std::max<int64_t>(1, std::llround(down_bytes / 16));
+  const int64_t slot16 = gate_up16 + down16;
+  const int64_t slots = std::clamp<int64_t>(ceil_div(int64_t{256} << 20, slot16 * 16) + 1, 2, R);
+  Owned o;
+  auto* pool = device_alloc<uint4>(size_t(slots * slot16), o.ptrs);
+  auto* sink = device_alloc<uint32_t>(2, o.ptrs);
+  TMOE_CUDA_CHECK(cudaMemsetAsync(pool, 0, size_t(slots * slot16) * 16, stream));
+  const dim3 grid(sms), block(kStreamThreads);
+  StreamFloor f;
+  f.floor_us = time_captured(stream, min_seconds, [&] {
+    for (int r = 0; r < R; ++r) {
+      const uint4* slot = pool + (r % slots) * slot16;
+      stream_phase<false><<<grid, block, 0, stream>>>(slot, gate_up16, sink);
+      cuda::launch_dependent(stream_phase<true>, grid, block, 0, stream, true, slot + gate_up16, down16, sink);
+    }
+  }) / R;
+  f.stream_us = time_captured(stream, min_seconds, [&] {
+    for (int r = 0; r < R; ++r)
+      stream_phase<false><<<grid, block, 0, stream>>>(pool + (r % slots) * slot16, slot16, sink);
+  }) / R;
+  TMOE_CUDA_CHECK(cudaGetLastError());
+  return f;
+}
+
 double copy_bandwidth_gbps(cudaStream_t stream) {
   const size_t bytes = size_t{1} << 30;
   Owned o;
   char* a = device_alloc<char>(bytes, o.ptrs);
   char* b = device_alloc<char>(bytes, o.ptrs);
   TMOE_CUDA_CHECK(cudaMemsetAsync(a, 1, bytes, stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  TMOE_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
-  TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  const double us = time_graph(exec, stream, 0.3);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  const double us = time_captured(stream, 0.3, [&] {
+    TMOE_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
+  });
   return 2.0 * bytes / (us * 1e3);  // read + written
 }
 
@@ -167,16 +249,10 @@ double gemm_tflops(cublasHandle_t handle, cudaStream_t stream) {
   fill_bf16<<<1024, 256, 0, stream>>>(a, int64_t(n) * n, 1.0f, 1);
   fill_bf16<<<1024, 256, 0, stream>>>(b, int64_t(n) * n, 1.0f, 2);
   const float alpha = 1, beta = 0;
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b,
-                            CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  const double us = time_graph(exec, stream, 0.3);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  const double us = time_captured(stream, 0.3, [&] {
+    CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b,
+                              CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  });
   return 2.0 * n * n * double(n) / (us * 1e-6) / 1e12;
 }
 
@@ -278,13 +354,15 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
     cuda::CudaMoeOptions moe_options;
     moe_options.deterministic = config.deterministic;
     moe_options.grouped_min_tokens = config.grouped_min_tokens;
-    int64_t expert_bytes = 0, layer_bytes = 0;
+    int64_t expert_bytes = 0, layer_bytes = 0, gate_up_expert_bytes = 0, down_expert_bytes = 0;
     {
       MoeWeights w;
       w.gate = random_tensor(E, H, I, config.bits, config.group_size, config.seed * 3 + 1);
       w.up = random_tensor(E, H, I, config.bits, config.group_size, config.seed * 3 + 2);
       w.down = random_tensor(E, I, H, config.bits, config.group_size, config.seed * 3 + 3);
       expert_bytes = w.expert_bytes();
+      gate_up_expert_bytes = w.gate.expert_bytes() + w.up.expert_bytes();
+      down_expert_bytes = w.down.expert_bytes();
       layer_bytes = expert_bytes * E;
       const int n = static_cast<int>(std::clamp<int64_t>(ceil_div(int64_t{1} << 30, layer_bytes), 1, 8));
       for (int i = 0; i < n; ++i) copies.push_back(std::make_unique<cuda::CudaMoe>(w, moe_options));
@@ -318,19 +396,16 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       void* ws = device_alloc<char>(ws_bytes, c.ptrs);
 
       // Ours: R forwards, forward r on copy r % copies with routing r.
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int r = 0; r < R; ++r) {
-        MoeBatch b{T, k, x, DType::bf16, ids + r * P, probs + r * P, out, DType::bf16};
-        copies[r % copies.size()]->forward(b, ws, ws_bytes, stream);
-      }
-      TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-      TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      const double ours_us = time_graph(exec, stream, config.min_seconds) / R;
-      if (trace) write_trace(trace.get(), exec, stream, shape.name, T);
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
+      const auto forwards = [&] {
+        for (int r = 0; r < R; ++r) {
+          MoeBatch b{T, k, x, DType::bf16, ids + r * P, probs + r * P, out, DType::bf16};
+          copies[r % copies.size()]->forward(b, ws, ws_bytes, stream);
+        }
+      };
+      const auto trace_once = [&](cudaGraphExec_t exec) {
+        if (trace) write_trace(trace.get(), exec, stream, shape.name, T);
+      };
+      const double ours_us = time_captured(stream, config.min_seconds, forwards, trace_once) / R;
       copies[0]->check_errors();
 
       // Baseline: the same R routings through bf16 cuBLAS.
@@ -339,31 +414,30 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       auto* hs = device_alloc<__nv_bfloat16>(P * I, c.ptrs);
       auto* ys = device_alloc<__nv_bfloat16>(P * H, c.ptrs);
       const float alpha = 1, beta = 0;
-      TMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int r = 0; r < R; ++r) {
-        gather_rows<<<std::min<int64_t>(P, 1024), 256, 0, stream>>>(x, row_token + r * P, P, H, xs);
-        int64_t row = 0;
-        for (auto [e, n] : routing.segments[r]) {
-          CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2 * I, n, H, &alpha,
-                                    w_gu + size_t(e) * H * 2 * I, CUDA_R_16BF, 2 * I, xs + row * H, CUDA_R_16BF, H,
-                                    &beta, gu + row * 2 * I, CUDA_R_16BF, 2 * I, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-          row += n;
+      const double base_us = time_captured(stream, config.min_seconds, [&] {
+        for (int r = 0; r < R; ++r) {
+          gather_rows<<<std::min<int64_t>(P, 1024), 256, 0, stream>>>(x, row_token + r * P, P, H, xs);
+          int64_t row = 0;
+          for (auto [e, n] : routing.segments[r]) {
+            CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2 * I, n, H, &alpha,
+                                      w_gu + size_t(e) * H * 2 * I, CUDA_R_16BF, 2 * I, xs + row * H, CUDA_R_16BF, H,
+                                      &beta, gu + row * 2 * I, CUDA_R_16BF, 2 * I, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            row += n;
+          }
+          swiglu_rows<<<std::min<int64_t>(P, 1024), 256, 0, stream>>>(gu, P, I, hs);
+          row = 0;
+          for (auto [e, n] : routing.segments[r]) {
+            CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, H, n, I, &alpha,
+                                      w_dn + size_t(e) * I * H, CUDA_R_16BF, H, hs + row * I, CUDA_R_16BF, I,
+                                      &beta, ys + row * H, CUDA_R_16BF, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            row += n;
+          }
+          combine_rows<<<std::min<int64_t>(T, 1024), 256, 0, stream>>>(ys, pair_row + r * P, probs + r * P, T, k, H, out);
         }
-        swiglu_rows<<<std::min<int64_t>(P, 1024), 256, 0, stream>>>(gu, P, I, hs);
-        row = 0;
-        for (auto [e, n] : routing.segments[r]) {
-          CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, H, n, I, &alpha,
-                                    w_dn + size_t(e) * I * H, CUDA_R_16BF, H, hs + row * I, CUDA_R_16BF, I,
-                                    &beta, ys + row * H, CUDA_R_16BF, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-          row += n;
-        }
-        combine_rows<<<std::min<int64_t>(T, 1024), 256, 0, stream>>>(ys, pair_row + r * P, probs + r * P, T, k, H, out);
-      }
-      TMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-      TMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      const double base_us = time_graph(exec, stream, config.min_seconds) / R;
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
+      }) / R;
+      const StreamFloor floor = time_stream_floor(stream, config.min_seconds / 2, prop.multiProcessorCount, R,
+                                                  routing.mean_distinct * gate_up_expert_bytes,
+                                                  routing.mean_distinct * down_expert_bytes);
 
       BenchRow row;
       row.backend = "cuda";
@@ -379,10 +453,15 @@ std::vector<BenchRow> run_cuda_bench(const BenchConfig& config, DeviceReport& de
       row.gemm_fraction = row.tflops / device.gemm_tflops;
       row.baseline_time_us = base_us;
       row.speedup = base_us / ours_us;
+      row.floor_us = floor.floor_us;
+      row.stream_us = floor.stream_us;
       rows.push_back(row);
       std::fprintf(stderr, "cuda bench: %-14s T=%-3lld %9.2f us  %7.1f GB/s (%.0f%% of copy)  bf16 %9.2f us  x%.2f\n",
                    shape.name.c_str(), static_cast<long long>(T), ours_us, row.gbps, 100 * row.bw_fraction, base_us,
                    row.speedup);
+      std::fprintf(stderr, "cuda bench:   stream floor %.2f us (%.0f%% of copy; one kernel %.2f us), ours %.2fx it\n",
+                   floor.floor_us, 100 * row.weight_bytes / (floor.floor_us * 1e3) / device.bandwidth_gbps,
+                   floor.stream_us, ours_us / floor.floor_us);
       std::fprintf(stderr, "cuda bench:   plan: %s\n", copies[0]->plan_summary(T, k).c_str());
     }
   }

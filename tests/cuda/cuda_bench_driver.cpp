@@ -4,9 +4,7 @@
 // TMOE_BENCH_JSON (file for the rows).
 #include <gtest/gtest.h>
 
-#include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <sstream>
 #include <string>
 
@@ -38,26 +36,9 @@ TEST(CudaBenchDriver, DISABLED_Run) {
   config.min_seconds = std::stod(env("TMOE_BENCH_SECONDS", "0.3"));
   bench::DeviceReport device;
   const auto rows = bench::run_cuda_bench(config, device);
-  std::printf("device: %s, %d SMs, copy %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", device.name.c_str(),
-              device.threads, device.bandwidth_gbps, device.gemm_tflops);
-  std::printf("%-14s %4s %10s %8s %6s %11s %8s\n", "shape", "T", "time_us", "GB/s", "%copy", "bf16_us", "speedup");
-  for (const auto& r : rows)
-    std::printf("%-14s %4lld %10.2f %8.1f %5.0f%% %11.2f %7.2fx\n", r.shape.c_str(),
-                static_cast<long long>(r.tokens), r.time_us, r.gbps, 100 * r.bw_fraction, r.baseline_time_us,
-                r.speedup);
+  bench::print_table(rows, device);
   const std::string json = env("TMOE_BENCH_JSON", "");
-  if (!json.empty()) {
-    std::ofstream f(json);
-    f << "[\n  {\"kind\": \"device\", \"backend\": \"cuda\", \"name\": \"" << device.name << "\", \"sms\": " << device.threads
-      << ", \"bandwidth_gbps\": " << device.bandwidth_gbps << ", \"gemm_tflops\": " << device.gemm_tflops << "}";
-    for (const auto& r : rows)
-      f << ",\n  {\"backend\": \"" << r.backend << "\", \"shape\": \"" << r.shape << "\", \"path\": \"" << r.path
-        << "\", \"tokens\": " << r.tokens << ", \"bits\": " << r.bits << ", \"time_us\": " << r.time_us
-        << ", \"weight_bytes\": " << r.weight_bytes << ", \"gbps\": " << r.gbps << ", \"bw_fraction\": " << r.bw_fraction
-        << ", \"tflops\": " << r.tflops << ", \"gemm_fraction\": " << r.gemm_fraction
-        << ", \"baseline_time_us\": " << r.baseline_time_us << ", \"speedup\": " << r.speedup << "}";
-    f << "\n]\n";
-  }
+  if (!json.empty()) bench::write_json(json, rows, device);
 }
 
 }  // namespace

@@ -191,7 +191,7 @@ struct CudaMoe::Impl {
     f.chain_gate_up = within_waves(f.gate_up, 2, gu_tensor_core, gu_affine, kChainMaxWaves);
     f.chain_down = within_waves(f.down, 1, down_tensor_core, down_affine, kChainMaxWaves);
     f.defer_gate_up_finish = can_defer_gate_up_finish(gate.hadamard, up.hadamard) &&
-                             deferred_staging_built(down_tensor_core, f.tokens_per_item) &&
+                             deferred_staging_built(down_tensor_core, f.tokens_per_item, down.bits) &&
                              within_waves(f.gate_up, 2, gu_tensor_core, gu_affine, defer_finish_waves);
     const int64_t E = shape.experts, P = f.pairs, H = shape.hidden, I = shape.intermediate;
     // Finish counters per (item, finish group) of each pass, then the fused combine's per (token,

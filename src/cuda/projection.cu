@@ -591,7 +591,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   }
 
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
-  stage_activations<deferred_staging_built(false, TC)>(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{{xs, xs_stride}});
+  stage_activations<deferred_staging_built(false, TC, 0)>(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{{xs, xs_stride}});
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -730,8 +730,9 @@ TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }
 
 // One block of the tensor-core kernel for a projection of BITS bits; CB 8-column mma blocks
 // (items of up to 4 CB rows). QUAD_GROUPS: the scale group is a multiple of 64 (whole units), so
-// the group-boundary test runs once per unit instead of once per k-tile.
-template <int BITS, int CB, bool QUAD_GROUPS>
+// the group-boundary test runs once per unit instead of once per k-tile. DEFERRABLE: the kernel
+// holds the deferred staging of h (deferred_staging_built of the kernel's bits, not the block's).
+template <int BITS, int CB, bool QUAD_GROUPS, bool DEFERRABLE>
 __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, const PassItem& item, int p,
                                                      int split, int col_group, BlockTrace& trace) {
   const int expert = item.expert, first = item.first, count = item.count;
@@ -801,12 +802,11 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   // its registers; otherwise it writes fp32 rows (the wider Hadamard passes run on them) and a
   // second phase converts them in place (one barrier and a shared-memory round trip more).
   const int staged_rows = kMmaStageCountRows ? count : used_rows;
-  constexpr bool kDeferrable = deferred_staging_built(true, CB * kMmaRowsPerBlock);
   const FragmentRowStore fragment_store{{xs, xs_stride}, tile_sums, kr};
   if (kMmaFusedStaging && w.hadamard <= kTileDim) {
-    stage_activations<kDeferrable>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
+    stage_activations<DEFERRABLE>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
   } else {
-    stage_activations<kDeferrable>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles,
+    stage_activations<DEFERRABLE>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles,
                                    Fp32RowStore{{xs, xs_stride}});
     const int kt_staged = quads * kQuadTiles;
     for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
@@ -982,13 +982,14 @@ mma_projection_kernel(const __grid_constant__ PassArgs a) {
   }
   const int item_index = blockIdx.x;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
+  constexpr bool kDeferrable = deferred_staging_built(true, CB * kMmaRowsPerBlock, BITS);
   if constexpr (BITS != 0) {
-    mma_projection_block<BITS, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace);
+    mma_projection_block<BITS, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace);
   } else {
     switch (a.proj[p == 0 ? 0 : 1].w.bits) {
-      case 2: mma_projection_block<2, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
-      case 4: mma_projection_block<4, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
-      default: mma_projection_block<3, CB, QUAD_GROUPS>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      case 2: mma_projection_block<2, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      case 4: mma_projection_block<4, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      default: mma_projection_block<3, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace); break;
     }
   }
   trace.write(pass, projection_trace_sink());

@@ -101,12 +101,14 @@ TMOE_HD constexpr bool finishes_in_block(int nproj, int k_splits, int finish_col
 TMOE_HD constexpr bool can_defer_gate_up_finish(int gate_hadamard, int up_hadamard) {
   return gate_hadamard == 0 && up_hadamard == 0;
 }
-// The down-pass kernels that can form h so: the CUDA-core kernel and the tensor-core kernel for
-// items of up to 4 rows (a one-wave gate+up pass has few pairs). It is compiled out of the 8- and
+// The down-pass kernels that can form h so: the CUDA-core kernel and the 2- and 3-bit tensor-core
+// kernels for items of up to 4 rows (a one-wave gate+up pass has few pairs). `bits` is the kernel's
+// (0: the mixed-bit kernel, which only gate+up passes launch). It is compiled out of the 8- and
 // 16-row tensor-core kernels, whose register allocation it disturbed (mixtral 16 tokens, which
-// never defers, ran ~2% slower with it in: notes-cuda.md "v21").
-TMOE_HD constexpr bool deferred_staging_built(bool tensor_core, int tokens_per_item) {
-  return !tensor_core || tokens_per_item <= kMmaRowsPerBlock;
+// never defers, ran ~2% slower with it in: notes-cuda.md "v21"), and out of the 4-bit and
+// mixed-bit ones, where ptxas then spilled inside the main loop.
+TMOE_HD constexpr bool deferred_staging_built(bool tensor_core, int tokens_per_item, int bits) {
+  return !tensor_core || (tokens_per_item <= kMmaRowsPerBlock && (bits == 2 || bits == 3));
 }
 // What the down pass reads to form h when gate+up deferred its finish.
 struct GateUpSums {

@@ -231,7 +231,7 @@ TEST(CudaMoe, ManySlotsAndSplits) {
 // each other (the staging does the finishing block's operations in its order). Cases: a gate+up
 // pass of many K splits at one token (a full and a partial batch of split loads: checked through
 // the plan), partial scale groups, mixed bits, half precision, skipped slots, the CUDA-core kernel
-// (custom grids), items of 1 to 16 rows. TMOE_DEFER_FINISH_WAVES picks the path (0: never; a large
+// (custom grids), items of 1 to 16 rows, a 4-bit layer (never deferred). TMOE_DEFER_FINISH_WAVES picks the path (0: never; a large
 // number: whenever the layer and the down kernel allow it) and the plan must say which one ran.
 TEST(CudaMoe, DeferredGateUpFinishMatchesCounted) {
   TMOE_REQUIRE_GPU();
@@ -240,6 +240,7 @@ TEST(CudaMoe, DeferredGateUpFinishMatchesCounted) {
       {.H = 1024, .I = 640, .E = 8, .k = 2, .gate_bits = 2, .up_bits = 4, .down_bits = 3, .group = 96,
        .x_dtype = DType::bf16, .out_dtype = DType::f16, .routing = RoutingKind::some_minus},
       {.H = 256, .I = 160, .E = 16, .k = 4, .group = 32, .custom_grid = true},
+      {.H = 512, .I = 256, .E = 8, .k = 2, .gate_bits = 4, .up_bits = 4, .down_bits = 4, .group = 128},
   };
   for (const MoeCase& c : cases)
     for (const int64_t T : {1, 3, 5, 16, 40}) {
@@ -254,8 +255,9 @@ TEST(CudaMoe, DeferredGateUpFinishMatchesCounted) {
         const ScopedEnv env("TMOE_DEFER_FINISH_WAVES", deferred ? "1000000" : "0");
         const cuda::CudaMoe moe(w, decode_kernels_only());
         const std::string plan = moe.plan_summary(T, c.k);
-        // The 8- and 16-row tensor-core kernels never defer (cuda::deferred_staging_built).
-        const bool deferrable = c.custom_grid || plan_number(plan, R"(items of (\d+) rows)") <= 4;
+        // The 8- and 16-row and the 4-bit tensor-core kernels never defer (cuda::deferred_staging_built).
+        const bool deferrable =
+            c.custom_grid || (plan_number(plan, R"(items of (\d+) rows)") <= 4 && c.down_bits != 4);
         EXPECT_EQ(plan.find("SwiGLU in the down pass") != std::string::npos, deferred == 1 && deferrable) << plan;
         if (&c == &cases[0] && T == 1)
           EXPECT_GE(plan_number(plan, R"(gate\+up \(tensor cores\): (\d+) splits)"), 5) << plan;

@@ -451,9 +451,6 @@ void CudaMoe::forward(const MoeBatch& b, void* workspace, size_t bytes, cudaStre
     dn.gate_up_sums.k_splits = gu.k_splits;
     dn.gate_up_sums.sv[0] = m.gate.sv;
     dn.gate_up_sums.sv[1] = m.up.sv;
-    dn.gate_up_sums.ready = gu.counters;
-    dn.gate_up_sums.ready_stride = gu.num_finish_groups;
-    dn.gate_up_sums.arrivals = 2 * gu.k_splits * gu.col_groups;
   }
   dn.partial = at_f(f.partial_down);
   dn.counters = r.counters + f.max_items * f.gate_up.num_finish_groups;

@@ -118,33 +118,6 @@ struct FragmentRowStore : StagedRows {
 #endif
 inline constexpr int kDeferredSplitBatch = TMOE_DEFERRED_SPLIT_BATCH;
 
-// The down pass of a deferred gate+up finish waits per item (GateUpSums::ready) instead of for the
-// whole gate+up grid (griddepcontrol.wait: ~1.7 us after its last block, notes-cuda.md "v17"), so
-// an item whose gate+up blocks are done stages while others still run. Safe under programmatic
-// launch: gate+up lets the down grid launch only after each of its blocks has waited for the
-// routing kernel (so the counters were zeroed before any down block reads one) and every gate+up
-// block has started by then (no down block can keep one from running); down still calls
-// wait_for_predecessor() before its own counters and before it exits. -DTMOE_ITEM_HAND_OVER=0:
-// the grid-wide wait, for A/B runs.
-#ifndef TMOE_ITEM_HAND_OVER
-#define TMOE_ITEM_HAND_OVER 1
-#endif
-inline constexpr bool kItemHandOver = TMOE_ITEM_HAND_OVER != 0;
-
-// Thread 0 polls the item's arrival count (acquire, gpu scope), then the block goes on.
-__device__ __forceinline__ void wait_for_gate_up_item(const GateUpSums& s, int item_index) {
-  if (threadIdx.x == 0) {
-    const int32_t* count = s.ready + static_cast<int64_t>(item_index) * s.ready_stride;
-    int32_t seen;
-    for (;;) {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
-      if (seen >= s.arrivals) break;
-      __nanosleep(32);
-    }
-  }
-  __syncthreads();
-}
-
 // h[pos][k .. k + 3] of a deferred gate+up finish (GateUpSums), times su[k ..] * norm as
 // load_whole_tile_row scales its values: the finishing block's operations in its order (the
 // splits added in order from zero, then sv, then SwiGLU), so h is bitwise the h it would have
@@ -207,11 +180,8 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
   const float norm = hadamard ? rsqrtf(static_cast<float>(hadamard)) : 1.0f;
   const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
   const uint16_t* su = w.su + static_cast<int64_t>(item.expert) * K;
+  if (!a.src_by_token) wait_for_predecessor();  // rows by position: h or its sums, from the gate+up pass
   const bool deferred = DEFERRABLE && a.gate_up_sums.partial != nullptr;
-  if (deferred && kItemHandOver)
-    wait_for_gate_up_item(a.gate_up_sums, blockIdx.x);  // this item's sums (grid x: the item)
-  else if (!a.src_by_token)
-    wait_for_predecessor();  // rows by position: h or its sums, from the gate+up pass
   if (deferred) {
     const int quads = min(count, rows) * k_tiles * 4;
     for (int i = threadIdx.x; i < quads; i += blockDim.x) {
@@ -260,10 +230,6 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
   if constexpr (std::is_same_v<RowStore, Fp32RowStore>)
     if (hadamard > kTileDim)
       shared_hadamard_passes(store.xs, min(count, rows), k_tiles * kTileDim, store.xs_stride, hadamard, kTileDim);
-  if (kItemHandOver && a.defer_finish) {  // gate+up: the down grid launches once routing is done
-    wait_for_predecessor();               // (wait_for_gate_up_item)
-    allow_dependents();
-  }
 }
 
 // Splits whose partial sums a finishing thread loads before adding them (memory-level parallelism:
@@ -361,14 +327,7 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
   const int fg = col_group / groups_per_finish;
   const int fg_groups = min(groups_per_finish, a.col_groups - fg * groups_per_finish);
   wait_for_predecessor();  // the routing kernel zeroed the counters
-  if (a.defer_finish) {      // the down pass finishes these sums (GateUpSums)
-    if (kItemHandOver) {     // and waits for this item's blocks (wait_for_gate_up_item)
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(&a.counters[static_cast<int64_t>(item_index) * a.num_finish_groups], 1);
-    }
-    return;
-  }
+  if (a.defer_finish) return;  // the down pass finishes these sums (GateUpSums)
   if (!in_block) {
     __threadfence();
     __syncthreads();
@@ -390,7 +349,7 @@ __device__ __forceinline__ void finish_if_last(const PassArgs& a, int item_index
 // the item has rows (an empty one has still waited for its predecessor: launch.hpp's rule, no
 // block exits before that).
 __device__ __forceinline__ bool begin_pass_block(const PassArgs& a, PassItem& item) {
-  if (!(kItemHandOver && a.defer_finish)) allow_dependents();  // else after the routing wait (staging)
+  allow_dependents();
   find_pass_item(a.routing, a.items, a.num_items, a.order, static_cast<int>(a.pairs), blockIdx.x, item);
   if (a.combine.out != nullptr && blockIdx.y == 0 && blockIdx.z == 0)
     zero_unrouted_rows(a.combine, a.top_k, a.proj[0].w.N, blockIdx.x, gridDim.x);

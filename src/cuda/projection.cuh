@@ -115,12 +115,6 @@ struct GateUpSums {
   const float* partial = nullptr;       // gate+up's partial sums [2][k_splits][P][I]; null: h is src
   int k_splits = 1;
   const uint16_t* sv[2] = {nullptr, nullptr};  // gate's and up's sv, [E][I]
-  // Per-item hand-over (kItemHandOver): gate+up blocks that wrote an item's sums, counted at
-  // ready[item * ready_stride] (gate+up's finish counters, zeroed by the routing kernel); a down
-  // block stages once all `arrivals` (2 x splits x column groups) are in, not the whole grid.
-  const int32_t* ready = nullptr;
-  int ready_stride = 1;
-  int arrivals = 0;
 };
 
 struct PassArgs {

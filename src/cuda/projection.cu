@@ -108,30 +108,21 @@ struct FragmentRowStore : StagedRows {
   }
 };
 
-// Splits of gate+up's partial sums a staging thread loads at once when it forms h (GateUpSums):
-// 2 x this many float4 loads in flight. 4 (32 registers of loads) made ptxas spill inside the main
-// loop of the 3-bit dense 1-row kernel (sass-loops: 24 local loads/stores per iteration); at 2 the
-// 3-bit kernels' main loops hold none, as before. -DTMOE_DEFERRED_SPLIT_BATCH=N: another value, for
-// A/B runs.
-#ifndef TMOE_DEFERRED_SPLIT_BATCH
-#define TMOE_DEFERRED_SPLIT_BATCH 2
-#endif
-inline constexpr int kDeferredSplitBatch = TMOE_DEFERRED_SPLIT_BATCH;
-
 // h[pos][k .. k + 3] of a deferred gate+up finish (GateUpSums), times su[k ..] * norm as
 // load_whole_tile_row scales its values: the finishing block's operations in its order (the
 // splits added in order from zero, then sv, then SwiGLU), so h is bitwise the h it would have
 // written. I is a multiple of 16 and k of 4: every load is aligned.
+template <int SPLIT_BATCH>
 __device__ __forceinline__ float4 deferred_h_quad(const GateUpSums& s, int64_t pairs, int64_t I, int expert,
                                                   int64_t pos, int64_t k, const uint16_t* su_k, float norm) {
   const int64_t split_stride = pairs * I / 4;  // float4s between one split's sums and the next's
   float sum[2][4] = {};
-  for (int sp0 = 0; sp0 < s.k_splits; sp0 += kDeferredSplitBatch) {
-    float4 part[2][kDeferredSplitBatch];
+  for (int sp0 = 0; sp0 < s.k_splits; sp0 += SPLIT_BATCH) {
+    float4 part[2][SPLIT_BATCH];
 #pragma unroll
     for (int pr = 0; pr < 2; ++pr)
 #pragma unroll
-      for (int u = 0; u < kDeferredSplitBatch; ++u)
+      for (int u = 0; u < SPLIT_BATCH; ++u)
         if (sp0 + u < s.k_splits)
           part[pr][u] = __ldcg(reinterpret_cast<const float4*>(
                                    s.partial + ((static_cast<int64_t>(pr) * s.k_splits + sp0) * pairs + pos) * I + k) +
@@ -139,7 +130,7 @@ __device__ __forceinline__ float4 deferred_h_quad(const GateUpSums& s, int64_t p
 #pragma unroll
     for (int pr = 0; pr < 2; ++pr)
 #pragma unroll
-      for (int u = 0; u < kDeferredSplitBatch; ++u)
+      for (int u = 0; u < SPLIT_BATCH; ++u)
         if (sp0 + u < s.k_splits)
           sum[pr][0] += part[pr][u].x, sum[pr][1] += part[pr][u].y, sum[pr][2] += part[pr][u].z, sum[pr][3] += part[pr][u].w;
   }
@@ -167,9 +158,9 @@ __device__ __forceinline__ float4 deferred_h_quad(const GateUpSums& s, int64_t p
 // and step, with divisions). With a deferred gate+up finish (a.gate_up_sums) a first phase forms
 // a . su / sqrt(block) from gate+up's partial sums, 4 values per thread (a row's 16 would keep too
 // many loads in one thread), into the rows' slots, where the per-row phase reads them back (only in
-// kernels built with DEFERRABLE: deferred_staging_built). Every thread calls it; it ends with a
+// kernels built with a DEFERRED_BATCH: deferred_split_batch). Every thread calls it; it ends with a
 // barrier.
-template <bool DEFERRABLE, typename RowStore>
+template <int DEFERRED_BATCH, typename RowStore>
 __device__ __forceinline__ void stage_activations(const PassArgs& a, const DeviceProjection& w, const PassItem& item,
                                                   int rows, int k_tile0, int k_tiles, int kt_alloc,
                                                   const RowStore& store) {
@@ -181,16 +172,18 @@ __device__ __forceinline__ void stage_activations(const PassArgs& a, const Devic
   const int register_block = hadamard ? min(hadamard, kTileDim) : 1;
   const uint16_t* su = w.su + static_cast<int64_t>(item.expert) * K;
   if (!a.src_by_token) wait_for_predecessor();  // rows by position: h or its sums, from the gate+up pass
-  const bool deferred = DEFERRABLE && a.gate_up_sums.partial != nullptr;
-  if (deferred) {
-    const int quads = min(count, rows) * k_tiles * 4;
-    for (int i = threadIdx.x; i < quads; i += blockDim.x) {
-      const int t = i / (k_tiles * 4), rest = i - t * k_tiles * 4, kt = rest / 4, q = rest % 4;
-      const int64_t k = k0 + static_cast<int64_t>(kt) * kTileDim + 4 * q;
-      reinterpret_cast<float4*>(store.slot(t, kt))[q] =
-          deferred_h_quad(a.gate_up_sums, a.pairs, K, item.expert, first + t, k, su + k, norm);
+  const bool deferred = DEFERRED_BATCH > 0 && a.gate_up_sums.partial != nullptr;
+  if constexpr (DEFERRED_BATCH > 0) {
+    if (deferred) {
+      const int quads = min(count, rows) * k_tiles * 4;
+      for (int i = threadIdx.x; i < quads; i += blockDim.x) {
+        const int t = i / (k_tiles * 4), rest = i - t * k_tiles * 4, kt = rest / 4, q = rest % 4;
+        const int64_t k = k0 + static_cast<int64_t>(kt) * kTileDim + 4 * q;
+        reinterpret_cast<float4*>(store.slot(t, kt))[q] =
+            deferred_h_quad<DEFERRED_BATCH>(a.gate_up_sums, a.pairs, K, item.expert, first + t, k, su + k, norm);
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
   for (int i = threadIdx.x; i < rows * kt_alloc; i += blockDim.x) {
     const int t = i / kt_alloc, kt = i - t * kt_alloc;
@@ -591,7 +584,7 @@ projection_kernel(const __grid_constant__ PassArgs a) {
   }
 
   if (threadIdx.x < 16) grid[threadIdx.x] = threadIdx.x < (1 << w.bits) ? w.grid[threadIdx.x] : 0.0f;
-  stage_activations<deferred_staging_built(false, TC, 0)>(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{{xs, xs_stride}});
+  stage_activations<deferred_split_batch(false, TC, 0)>(a, w, item, TC, k_tile0, k_tiles, kr, Fp32RowStore{{xs, xs_stride}});
   if (AFFINE) {
     for (int i = threadIdx.x; i < TC * kr; i += blockDim.x) {
       const int t = i / kr, kt = i % kr;
@@ -730,9 +723,9 @@ TMOE_HD constexpr int mma_xs_stride(int kr) { return kr * kTileDim + kTileDim; }
 
 // One block of the tensor-core kernel for a projection of BITS bits; CB 8-column mma blocks
 // (items of up to 4 CB rows). QUAD_GROUPS: the scale group is a multiple of 64 (whole units), so
-// the group-boundary test runs once per unit instead of once per k-tile. DEFERRABLE: the kernel
-// holds the deferred staging of h (deferred_staging_built of the kernel's bits, not the block's).
-template <int BITS, int CB, bool QUAD_GROUPS, bool DEFERRABLE>
+// the group-boundary test runs once per unit instead of once per k-tile. DEFERRED_BATCH: the
+// kernel's deferred staging of h (deferred_split_batch of the kernel's bits, not the block's).
+template <int BITS, int CB, bool QUAD_GROUPS, int DEFERRED_BATCH>
 __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item_index, const PassItem& item, int p,
                                                      int split, int col_group, BlockTrace& trace) {
   const int expert = item.expert, first = item.first, count = item.count;
@@ -804,9 +797,9 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
   const int staged_rows = kMmaStageCountRows ? count : used_rows;
   const FragmentRowStore fragment_store{{xs, xs_stride}, tile_sums, kr};
   if (kMmaFusedStaging && w.hadamard <= kTileDim) {
-    stage_activations<DEFERRABLE>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
+    stage_activations<DEFERRED_BATCH>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
   } else {
-    stage_activations<DEFERRABLE>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles,
+    stage_activations<DEFERRED_BATCH>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles,
                                    Fp32RowStore{{xs, xs_stride}});
     const int kt_staged = quads * kQuadTiles;
     for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
@@ -982,14 +975,14 @@ mma_projection_kernel(const __grid_constant__ PassArgs a) {
   }
   const int item_index = blockIdx.x;
   const int p = blockIdx.z / a.k_splits, split = blockIdx.z % a.k_splits;
-  constexpr bool kDeferrable = deferred_staging_built(true, CB * kMmaRowsPerBlock, BITS);
+  constexpr int kDeferredBatch = deferred_split_batch(true, CB * kMmaRowsPerBlock, BITS);
   if constexpr (BITS != 0) {
-    mma_projection_block<BITS, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace);
+    mma_projection_block<BITS, CB, QUAD_GROUPS, kDeferredBatch>(a, item_index, item, p, split, blockIdx.y, trace);
   } else {
     switch (a.proj[p == 0 ? 0 : 1].w.bits) {
-      case 2: mma_projection_block<2, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace); break;
-      case 4: mma_projection_block<4, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace); break;
-      default: mma_projection_block<3, CB, QUAD_GROUPS, kDeferrable>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      case 2: mma_projection_block<2, CB, QUAD_GROUPS, kDeferredBatch>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      case 4: mma_projection_block<4, CB, QUAD_GROUPS, kDeferredBatch>(a, item_index, item, p, split, blockIdx.y, trace); break;
+      default: mma_projection_block<3, CB, QUAD_GROUPS, kDeferredBatch>(a, item_index, item, p, split, blockIdx.y, trace); break;
     }
   }
   trace.write(pass, projection_trace_sink());

@@ -101,14 +101,26 @@ TMOE_HD constexpr bool finishes_in_block(int nproj, int k_splits, int finish_col
 TMOE_HD constexpr bool can_defer_gate_up_finish(int gate_hadamard, int up_hadamard) {
   return gate_hadamard == 0 && up_hadamard == 0;
 }
-// The down-pass kernels that can form h so: the CUDA-core kernel and the 2- and 3-bit tensor-core
-// kernels for items of up to 4 rows (a one-wave gate+up pass has few pairs). `bits` is the kernel's
-// (0: the mixed-bit kernel, which only gate+up passes launch). It is compiled out of the 8- and
-// 16-row tensor-core kernels, whose register allocation it disturbed (mixtral 16 tokens, which
-// never defers, ran ~2% slower with it in: notes-cuda.md "v21"), and out of the 4-bit and
-// mixed-bit ones, where ptxas then spilled inside the main loop.
+// The down-pass kernels that can form h so, and how many splits' partial sums a staging thread
+// loads at once there (2 x that many float4 loads in flight; 0: not built). The CUDA-core kernel
+// and the 2- and 3-bit tensor-core kernels for items of up to 4 rows (a one-wave gate+up pass has
+// few pairs) load 2 splits at once: 4 made ptxas spill inside the 3-bit dense 1-row kernel's main
+// loop (24 local loads/stores per iteration). The 4-bit ones load 1: at 2 they spilled in the main
+// loop (6 per iteration; an H100: mixtral 4 tokens 3% slower than without the deferred staging,
+// while deferring is 4-7% faster at 1 token). Not built into the 8- and 16-row tensor-core kernels,
+// whose register allocation it disturbed (mixtral 16 tokens, which never defers, ran ~2% slower:
+// notes-cuda.md "v21"), nor into the mixed-bit kernel (bits 0), which only gate+up passes launch.
+// `bits` is the kernel's. -DTMOE_DEFERRED_SPLIT_BATCH=N: another batch for 2 and 3 bits (A/B runs).
+#ifndef TMOE_DEFERRED_SPLIT_BATCH
+#define TMOE_DEFERRED_SPLIT_BATCH 2
+#endif
+TMOE_HD constexpr int deferred_split_batch(bool tensor_core, int tokens_per_item, int bits) {
+  if (!tensor_core) return TMOE_DEFERRED_SPLIT_BATCH;
+  if (tokens_per_item > kMmaRowsPerBlock || bits == 0) return 0;
+  return bits == 4 ? 1 : TMOE_DEFERRED_SPLIT_BATCH;
+}
 TMOE_HD constexpr bool deferred_staging_built(bool tensor_core, int tokens_per_item, int bits) {
-  return !tensor_core || (tokens_per_item <= kMmaRowsPerBlock && (bits == 2 || bits == 3));
+  return deferred_split_batch(tensor_core, tokens_per_item, bits) > 0;
 }
 // What the down pass reads to form h when gate+up deferred its finish.
 struct GateUpSums {

@@ -103,7 +103,8 @@ __global__ void combine_rows(const __nv_bfloat16* y, const int32_t* pair_row, co
 
 // The stream floor (BenchRow::floor_us, stream_us): kernels that only read a case's bytes, no decode,
 // no arithmetic. One block of kStreamThreads per SM per phase, so a dependent phase's blocks fit
-// beside the phase before it (<= 64 registers a thread) and start reading while it still runs.
+// beside the phase before it (launch bounds of 2 blocks per SM; ptxas gives them 32 registers) and
+// start reading while it still runs.
 constexpr int kStreamThreads = 512, kStreamLoads = 8;  // 16-byte loads in flight per thread
 
 // Reads n16 16-byte words (kStreamLoads in flight per thread, streaming: not kept in L1) and folds
@@ -111,7 +112,7 @@ constexpr int kStreamThreads = 512, kStreamLoads = 8;  // 16-byte loads in fligh
 // down pass's order: read first, then wait for the phase before it (programmatic dependent launch)
 // and fold in what it wrote.
 template <bool kAfterPhase>
-__global__ void __launch_bounds__(kStreamThreads) stream_phase(const uint4* __restrict__ src, int64_t n16,
+__global__ void __launch_bounds__(kStreamThreads, 2) stream_phase(const uint4* __restrict__ src, int64_t n16,
                                                                uint32_t* sink) {
   cuda::allow_dependents();
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;

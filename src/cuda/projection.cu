@@ -800,7 +800,7 @@ __device__ __forceinline__ void mma_projection_block(const PassArgs& a, int item
     stage_activations<DEFERRED_BATCH>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles, fragment_store);
   } else {
     stage_activations<DEFERRED_BATCH>(a, w, item, staged_rows, k_tile0, k_tiles, quads * kQuadTiles,
-                                   Fp32RowStore{{xs, xs_stride}});
+                                      Fp32RowStore{{xs, xs_stride}});
     const int kt_staged = quads * kQuadTiles;
     for (int i = threadIdx.x; i < count * kt_staged; i += blockDim.x) {
       const int t = i / kt_staged, kt = i - t * kt_staged;

@@ -231,8 +231,9 @@ TEST(CudaMoe, ManySlotsAndSplits) {
 // each other (the staging does the finishing block's operations in its order). Cases: a gate+up
 // pass of many K splits at one token (a full and a partial batch of split loads: checked through
 // the plan), partial scale groups, mixed bits, half precision, skipped slots, the CUDA-core kernel
-// (custom grids), items of 1 to 16 rows, a 4-bit layer (its kernels load one split at a time). TMOE_DEFER_FINISH_WAVES picks the path (0: never; a large
-// number: whenever the layer and the down kernel allow it) and the plan must say which one ran.
+// (custom grids), items of 1 to 16 rows, a 4-bit layer (its kernels load one split at a time).
+// TMOE_DEFER_FINISH_WAVES picks the path (0: never; a large number: whenever the layer and the
+// down kernel allow it) and the plan must say which one ran.
 TEST(CudaMoe, DeferredGateUpFinishMatchesCounted) {
   TMOE_REQUIRE_GPU();
   const MoeCase cases[] = {
